@@ -1,0 +1,36 @@
+"""Typed errors. Every user-facing failure is one of these: the CLI prints the one-line
+message and exits with ``exit_code``; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class EdgepipeError(Exception):
+    """Base of all errors edgepipe reports to a user. The message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class InputError(EdgepipeError):
+    """Bad input: a flag, a file, a model folder, a target name."""
+
+
+class TargetError(InputError):
+    """A target profile is unknown or does not match the schema."""
+
+
+class ModelError(InputError):
+    """A model folder is missing, half-written, corrupt or of an unsupported architecture."""
+
+
+class ArtifactError(EdgepipeError):
+    """An artifact folder failed verification (manifest, hashes, sizes, paths)."""
+
+
+class DeviceError(EdgepipeError):
+    """A device runner could not be set up or reached."""
+
+
+class StageError(EdgepipeError):
+    """A build stage failed for a reason outside the user's input (disk full, out of memory)."""
+
+    exit_code = 1
