@@ -1,0 +1,158 @@
+"""Block-wise weight quantization in numpy, in the layout of onnxruntime's MatMulNBits.
+
+A MatMul weight ``B`` [K, N] is quantized in blocks of ``block_size`` along K, one scale and
+one integer zero point per (column n, block b): ``w ~= scale * (q - zp)``. The packed data is
+[N, n_blocks, block_size * bits / 8] uint8 (low nibble first for 4 bits), scales [N * n_blocks],
+zero points [N * ceil(n_blocks * bits / 8)] uint8 — the same tensor serves GatherBlockQuantized
+for a tied embedding table (rows = vocabulary, blocks along the hidden size).
+
+Algorithms:
+- ``rtn``: round to nearest on the block's min/max (symmetric: absmax, as llama.cpp Q4_0).
+- ``mse``: search the clipping range per block that minimises the squared error, then refit the
+  scale by least squares; ``importance`` (per-K weights, e.g. the mean square of the activations
+  that multiply each input channel, as llama.cpp's imatrix) turns it into a weighted error, which is
+  what ``imatrix`` means here. Everything is vectorised over all blocks of a matrix at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QuantizedBlocks:
+    """Packed MatMulNBits tensors for a weight of logical shape [K, N] (K padded to blocks)."""
+
+    data: np.ndarray  # uint8 [N, n_blocks, blob]
+    scales: np.ndarray  # float32 [N, n_blocks]
+    zero_points: np.ndarray | None  # uint8 packed [N, ceil(n_blocks*bits/8)], None if symmetric
+    bits: int
+    block_size: int
+    K: int
+    N: int
+
+    def dequantize(self) -> np.ndarray:
+        """Back to float [K, N] (for tests and error measurement)."""
+        q = unpack(self.data.reshape(self.N, -1), self.bits).reshape(self.N, -1, self.block_size).astype(np.float32)
+        nb = q.shape[1]
+        if self.zero_points is None:
+            zp = np.full((self.N, nb), 1 << (self.bits - 1), dtype=np.float32)
+        else:
+            zp = unpack(self.zero_points, self.bits)[:, :nb].astype(np.float32)
+        w = (q - zp[..., None]) * self.scales[..., None]
+        return w.reshape(self.N, -1)[:, : self.K].T
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint8 values < 2**bits along the last axis (pairs for 4 bits, low nibble first)."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), dtype=q.dtype)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(p: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return p
+    out = np.empty((*p.shape[:-1], p.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
+    inv = np.where(scale != 0, 1.0 / np.where(scale == 0, 1, scale), 0)
+    return np.clip(np.rint(w * inv[..., None]) + zp[..., None], 0, qmax)
+
+
+def _rtn(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    qmax = (1 << bits) - 1
+    if symmetric:
+        # llama.cpp Q4_0 / Q8_0 style: the value of largest magnitude maps to -2**(bits-1)
+        idx = np.abs(w).argmax(axis=-1)
+        mx = np.take_along_axis(w, idx[..., None], axis=-1)[..., 0]
+        scale = mx / -(1 << (bits - 1))
+        zp = np.full(scale.shape, 1 << (bits - 1), dtype=np.float32)
+        return scale.astype(np.float32), zp
+    lo = np.minimum(w.min(axis=-1), 0)
+    hi = np.maximum(w.max(axis=-1), 0)
+    scale = (hi - lo) / qmax
+    zp = np.clip(np.rint(-lo / np.where(scale == 0, 1, scale)), 0, qmax)
+    return scale.astype(np.float32), zp.astype(np.float32)
+
+
+def _mse(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted-MSE search over shrunk clipping ranges, then a least-squares scale refit."""
+    qmax = (1 << bits) - 1
+    best_s, best_z = _rtn(w, bits, symmetric)
+    best_err = _err(w, imp, best_s, best_z, qmax)
+    lo0 = np.minimum(w.min(axis=-1), 0)
+    hi0 = np.maximum(w.max(axis=-1), 0)
+    for shrink in np.linspace(1.0, 0.55, steps):
+        for skew in ((0.0,) if symmetric else (-0.08, 0.0, 0.08)):
+            if symmetric:
+                s, z = _rtn(w, bits, True)
+                s = s * shrink
+            else:
+                lo, hi = lo0 * (shrink - skew), hi0 * (shrink + skew)
+                s = ((hi - lo) / qmax).astype(np.float32)
+                z = np.clip(np.rint(-lo / np.where(s == 0, 1, s)), 0, qmax).astype(np.float32)
+            q = _quantize(w, s, z, qmax)
+            # least-squares refit of the scale for the chosen integers: min sum imp*(w - s*(q-z))^2
+            d = q - z[..., None]
+            num = (imp * w * d).sum(-1)
+            den = (imp * d * d).sum(-1)
+            s = np.where(den > 0, num / np.where(den == 0, 1, den), s).astype(np.float32)
+            err = _err(w, imp, s, z, qmax)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _err(w: np.ndarray, imp: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: int) -> np.ndarray:
+    q = _quantize(w, s, z, qmax)
+    r = w - (q - z[..., None]) * s[..., None]
+    return (imp * r * r).sum(-1)
+
+
+def quantize_matrix(
+    weight: np.ndarray,
+    *,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    algorithm: str = "rtn",
+    importance: np.ndarray | None = None,
+) -> QuantizedBlocks:
+    """Quantize a MatMul weight ``weight`` [K, N] block-wise along K."""
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    K, N = weight.shape
+    nb = -(-K // block_size)
+    w = np.zeros((N, nb * block_size), dtype=np.float32)
+    w[:, :K] = weight.T
+    w = w.reshape(N, nb, block_size)
+    if importance is None:
+        imp = np.ones((1, nb, block_size), dtype=np.float32)
+    else:
+        imp = np.zeros(nb * block_size, dtype=np.float32)
+        imp[:K] = np.maximum(importance.astype(np.float32), 1e-12)
+        imp = imp.reshape(1, nb, block_size)
+    if algorithm == "rtn":
+        scale, zp = _rtn(w, bits, symmetric)
+    elif algorithm in ("mse", "imatrix"):
+        scale, zp = _mse(w, imp, bits, symmetric)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    qmax = (1 << bits) - 1
+    q = _quantize(w, scale, zp, qmax).astype(np.uint8)
+    data = pack(q.reshape(N, nb, block_size), bits)
+    zps = None if symmetric else pack(zp.astype(np.uint8), bits)
+    return QuantizedBlocks(data, scale.astype(np.float32), zps, bits, block_size, K, N)

@@ -1,0 +1,56 @@
+"""Text generation: greedy or sampled (temperature, top-k, top-p), KV cache carried between steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgepipe.runtime.model import CausalLM
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    if cfg.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < z.size:
+        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def generate(lm: CausalLM, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
+    """Yield new token ids until EOS, ``max_new_tokens`` or the context length."""
+    rng = np.random.default_rng(cfg.seed)
+    cache = lm.empty_cache()
+    ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
+    limit = min(cfg.max_new_tokens, lm.spec.context_length - len(prompt_ids))
+    eos = set(lm.spec.eos_token_ids)
+    for _ in range(max(limit, 0)):
+        logits, cache = lm.forward(ids, cache)
+        token = sample_next(logits[0, -1], cfg, rng)
+        if token in eos:
+            return
+        yield token
+        ids = np.array([[token]], dtype=np.int64)

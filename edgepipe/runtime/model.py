@@ -1,0 +1,131 @@
+"""A causal LM session over an onnxruntime-genai-style decoder graph, with plain onnxruntime.
+
+The graph (as the onnxruntime-genai model builder writes it) takes ``input_ids``,
+``attention_mask`` and ``past_key_values.{i}.key/value`` and returns ``logits`` and
+``present.{i}.key/value``. We drive it ourselves because onnxruntime-genai has no aarch64
+Linux wheel, so a Raspberry Pi cannot use its generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepipe.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the runtime needs to know about a decoder graph (from ``genai_config.json``)."""
+
+    filename: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+
+    @classmethod
+    def from_genai_config(cls, path: Path) -> "DecoderSpec":
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            model = cfg["model"]
+            dec = model["decoder"]
+            eos = model.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),) if eos is not None else ()
+            return cls(
+                filename=str(dec["filename"]),
+                num_layers=int(dec["num_hidden_layers"]),
+                num_kv_heads=int(dec["num_key_value_heads"]),
+                head_size=int(dec["head_size"]),
+                vocab_size=int(model["vocab_size"]),
+                context_length=int(model.get("context_length", 2048)),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                bos_token_id=model.get("bos_token_id"),
+                past_key=dec["inputs"]["past_key_names"],
+                past_value=dec["inputs"]["past_value_names"],
+                present_key=dec["outputs"]["present_key_names"],
+                present_value=dec["outputs"]["present_value_names"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{path} is missing or malformed ({type(e).__name__}: {e}); rebuild the artifact") from None
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Never load custom-op libraries named by an artifact: the runtime registers none.
+    so.log_severity_level = 3
+    return so
+
+
+class CausalLM:
+    """One decoder session and its KV cache layout."""
+
+    def __init__(self, model_dir: Path | str, *, threads: int = 0):
+        self.dir = Path(model_dir)
+        self.spec = DecoderSpec.from_genai_config(self.dir / GENAI_CONFIG)
+        path = self.dir / self.spec.filename
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the artifact")
+        try:
+            self.session = ort.InferenceSession(
+                str(path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            msg = str(e).splitlines()[0][:300]
+            raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from None
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        out = self.session.get_outputs()
+        self._output_names = [o.name for o in out]
+        self._present_names = [
+            n for i in range(self.spec.num_layers) for n in (self.spec.present_key % i, self.spec.present_value % i)
+        ]
+        self._past_names = [
+            n for i in range(self.spec.num_layers) for n in (self.spec.past_key % i, self.spec.past_value % i)
+        ]
+        dtypes = {i.name: i.type for i in self.session.get_inputs()}
+        self.kv_dtype = np.float16 if dtypes.get(self._past_names[0]) == "tensor(float16)" else np.float32
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self._past_names]
+
+    def forward(self, input_ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run ``input_ids`` [batch, seq] after ``cache``; return logits [batch, seq, vocab] and the new cache."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        past_len = cache[0].shape[2]
+        feeds: dict[str, Any] = {"input_ids": input_ids}
+        if "attention_mask" in self._input_names:
+            feeds["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
+        if "position_ids" in self._input_names:
+            feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :].repeat(batch, 0)
+        feeds.update(zip(self._past_names, cache))
+        outputs = self.session.run(["logits", *self._present_names], feeds)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits for a whole sequence from an empty cache (prefill only)."""
+        logits, _ = self.forward(np.asarray(input_ids)[None, :], self.empty_cache())
+        return logits[0]
