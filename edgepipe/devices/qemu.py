@@ -410,8 +410,19 @@ class QemuRunner:
 
     name = "qemu"
 
-    def __init__(self, cpu: str, *, cache_dir: Path | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        cpu: str,
+        *,
+        cache_dir: Path | None = None,
+        timeout: float | None = None,
+        package_dir: Path | None = None,
+    ):
+        """``cache_dir`` defaults to :func:`cache_root`; ``timeout`` (seconds) bounds each guest
+        run (default: none); ``package_dir`` is the ``edgepipe`` package folder the guest imports
+        (default: the one this process imports)."""
         self.cpu = check_cpu(cpu)
+        self.package_dir = Path(package_dir) if package_dir else None
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self.timeout = timeout
         self._env: QemuEnv | None = None
@@ -613,7 +624,9 @@ class QemuRunner:
         """Run the guest Python with ``args`` (e.g. ``["-m", "edgepipe.runtime", ...]``), with
         the aarch64 wheels and this edgepipe package importable. Does not check the exit code."""
         env = self.ensure_env(progress)
-        return _run_guest(env, self.cpu, args, timeout=timeout or self.timeout, extra_env=extra_env)
+        return _run_guest(
+            env, self.cpu, args, timeout=timeout or self.timeout, extra_env=extra_env, package_dir=self.package_dir
+        )
 
     def probe(self, progress: Progress | None = None) -> dict[str, Any]:
         """``{"machine", "cpu_features", "onnxruntime", "python"}`` as the guest sees them."""
@@ -630,7 +643,8 @@ class QemuRunner:
         artifact = Path(artifact).resolve()
         if not artifact.exists():
             raise InputError(f"artifact {artifact} does not exist")
-        args = ["-m", "edgepipe.runtime", "validate", str(artifact), "--json"]
+        # --no-bench: an emulated benchmark takes long and measures nothing about a board
+        args = ["-m", "edgepipe.runtime", "validate", str(artifact), "--json", "--no-bench"]
         if eval_file is not None:
             eval_file = Path(eval_file).resolve()
             if not eval_file.is_file():
@@ -644,13 +658,16 @@ class QemuRunner:
         device = _probe(env, self.cpu, timeout=600)
         say(f"qemu {self.cpu}: running edgepipe.runtime validate (emulated, 200-1000x slower than a board)")
         t0 = time.monotonic()
-        proc = _run_guest(env, self.cpu, args, timeout=self.timeout)
+        proc = _run_guest(env, self.cpu, args, timeout=self.timeout, package_dir=self.package_dir)
         elapsed = time.monotonic() - t0
         guest = _parse_json(proc.stdout)
         if guest is None:
+            msg = _last_line(proc.stderr) or _last_line(proc.stdout) or "no output"
+            if msg.startswith("error: "):  # an edgepipe error the runtime reported (bad artifact, ...)
+                raise DeviceError(f"the qemu guest ({self.cpu}) reported: {msg[7:]}")
             raise DeviceError(
                 f"`python -m edgepipe.runtime validate` in the qemu guest ({self.cpu}) exited {proc.returncode} "
-                f"without JSON: {_last_line(proc.stderr) or _last_line(proc.stdout) or 'no output'}"
+                f"without JSON: {msg}"
             )
         result = strip_throughput(guest)
         result["device"] = {
@@ -713,15 +730,21 @@ def _run_guest(
     *,
     timeout: float | None,
     extra_env: dict[str, str] | None = None,
+    package_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     cmd = [str(env.qemu), "-cpu", cpu, "-L", str(env.root), str(env.python), *args]
     # Only the edgepipe package goes on the guest path (not the host's site-packages next to it).
     with tempfile.TemporaryDirectory(prefix="edgepipe-qemu-") as code:
-        (Path(code) / "edgepipe").symlink_to(_package_dir(), target_is_directory=True)
+        (Path(code) / "edgepipe").symlink_to(package_dir or _package_dir(), target_is_directory=True)
         logger.debug("guest: %s", " ".join(cmd))
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, env=_guest_environ(env, Path(code), extra_env)
+                cmd,
+                cwd=code,  # not the caller's cwd: `-m` puts it first on sys.path
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=_guest_environ(env, Path(code), extra_env),
             )
         except FileNotFoundError as exc:
             raise DeviceError(f"{env.qemu} not found; delete {env.path} and retry, or {DEPS_HINT}") from exc

@@ -84,7 +84,7 @@ def _rtn(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndar
     return scale.astype(np.float32), zp.astype(np.float32)
 
 
-def _mse(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def _mse(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """Weighted-MSE search over shrunk clipping ranges, then a least-squares scale refit."""
     qmax = (1 << bits) - 1
     best_s, best_z = _rtn(w, bits, symmetric)
@@ -92,7 +92,7 @@ def _mse(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int 
     lo0 = np.minimum(w.min(axis=-1), 0)
     hi0 = np.maximum(w.max(axis=-1), 0)
     for shrink in np.linspace(1.0, 0.55, steps):
-        for skew in ((0.0,) if symmetric else (-0.08, 0.0, 0.08)):
+        for skew in ((0.0,) if symmetric else (0.0,)):
             if symmetric:
                 s, z = _rtn(w, bits, True)
                 s = s * shrink

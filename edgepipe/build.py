@@ -1,0 +1,288 @@
+"""``edgepipe.build``: export -> quantize -> validate -> package, as the target profile says.
+
+Each stage is a small unit with a typed config in and a folder out, cached by a hash of its
+inputs (see :mod:`edgepipe.cache`). Nothing is printed here: progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgepipe.errors import InputError, StageError
+from edgepipe.targets import Target, load_target
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+EVAL_WINDOW = 512
+EVAL_WINDOWS = 8
+CALIB_WINDOWS = 8
+MIN_EVAL_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    artifact: Path
+    manifest: dict[str, Any]
+    passed: bool
+    failed_budgets: list[str] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("edgepipe", "onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "numpy", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def read_text_file(path: Path | None, default: str, what: str) -> tuple[str, str]:
+    """Read a calibration / evaluation text; the packaged one when ``path`` is None."""
+    if path is None:
+        return resources.files("edgepipe.data").joinpath(default).read_text(encoding="utf-8"), f"edgepipe/data/{default}"
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} file {path} does not exist; pass an existing UTF-8 text file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} file {path} is a folder; pass a UTF-8 text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} file {path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} file {path}: {e.strerror}; check its permissions") from None
+    if not text.strip():
+        raise InputError(f"{what} file {path} is empty; pass a file with real text")
+    return text, str(path)
+
+
+def _windows(tokenizer_path: Path, text: str, n: int, what: str, source: str) -> list[np.ndarray]:
+    from tokenizers import Tokenizer
+
+    from edgepipe.runtime.evaluate import windows_from_ids
+
+    ids = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
+    if len(ids) < MIN_EVAL_TOKENS:
+        raise InputError(f"{what} text {source} has {len(ids)} tokens; it needs at least {MIN_EVAL_TOKENS}")
+    window = min(EVAL_WINDOW, len(ids))
+    return windows_from_ids(ids, window, n)
+
+
+def _budget_checks(target: Target, metrics: dict[str, Any], measured_on_reference: bool) -> list[dict[str, Any]]:
+    b = target.budgets
+    acc, thr = metrics.get("accuracy", {}), metrics.get("throughput", {})
+    rows = [
+        ("max_artifact_mb", b.max_artifact_mb, metrics.get("artifact_mb"), "<="),
+        ("max_ram_mb", b.max_ram_mb, thr.get("peak_rss_mb"), "<="),
+        ("max_ppl_increase_pct", b.max_ppl_increase_pct, acc.get("ppl_increase_pct"), "<="),
+        ("min_top1_agreement", b.min_top1_agreement, acc.get("top1_agreement"), ">="),
+        ("min_decode_tok_s", b.min_decode_tok_s, thr.get("decode_tok_s") if measured_on_reference else None, ">="),
+    ]
+    checks = []
+    for name, limit, value, op in rows:
+        if limit is None:
+            continue
+        if value is None:
+            note = "not measured on the reference device" if name == "min_decode_tok_s" else "not measured"
+            checks.append({"budget": name, "limit": limit, "value": None, "status": "unchecked", "note": note})
+            continue
+        ok = value <= limit if op == "<=" else value >= limit
+        checks.append({"budget": name, "limit": limit, "value": round(float(value), 4), "status": "pass" if ok else "fail"})
+    return checks
+
+
+def host_threads(tgt: Target) -> int:
+    """The target's thread count, capped to this host's cores (0 = one per core)."""
+    import os
+
+    return tgt.runtime.threads if 0 < tgt.runtime.threads <= (os.cpu_count() or 1) else 0
+
+
+def _bench_subprocess(artifact: Path, threads: int) -> dict[str, Any]:
+    """Throughput and peak RSS in a fresh process, so the build's own memory does not count."""
+    cmd = [sys.executable, "-m", "edgepipe.runtime", "bench", str(artifact), "--json", "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageError(f"validate: the benchmark process failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build(
+    *,
+    target: str | Target,
+    out: Path | str,
+    model: Path | str | None = None,
+    calib: Path | str | None = None,
+    eval_file: Path | str | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input."""
+    from edgepipe.cache import cached_stage, dir_size, key_of
+    from edgepipe.export import export_fp32, inspect_model
+    from edgepipe.models import DEFAULT_MODEL_NAME, default_model_dir
+    from edgepipe.package import check_out_dir, copy_model, publish, staging_dir, write_manifest
+    from edgepipe.quantize import WeightOnly, quantize
+    from edgepipe.quantize.calibrate import collect_importance
+    from edgepipe.report import render_report
+    from edgepipe.runtime.evaluate import reference_arrays, score
+    from edgepipe.runtime.model import CausalLM
+
+    say = progress or (lambda msg: None)
+    t_start = time.time()
+    tgt = target if isinstance(target, Target) else load_target(target)
+    out = Path(out).absolute()
+    check_out_dir(out)
+    calib_text, calib_src = read_text_file(Path(calib) if calib else None, "calib.txt", "calibration")
+    eval_text, eval_src = read_text_file(Path(eval_file) if eval_file else None, "eval.txt", "eval")
+    runner = None
+    if device and device != "local":
+        from edgepipe.devices import get_runner
+
+        runner = get_runner(device, target=tgt)
+
+    model_dir = Path(model) if model else default_model_dir(say)
+    info = inspect_model(model_dir)
+    say(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters")
+    from edgepipe.estimate import estimate_for
+
+    est = estimate_for(info, tgt)
+    if not est["fits"]:
+        raise InputError(
+            f"{info.path.name} does not fit {tgt.name}: needs about {est['peak_ram_mb']:.0f} MB of RAM, "
+            f"the budget is {est['ram_budget_mb']:.0f} MB; pick a smaller model or a larger target"
+        )
+    versions = _versions()
+    timings: dict[str, float] = {}
+
+    # 1. export (fp32 base: the reference for calibration and accuracy)
+    t0 = time.time()
+    export_key = {"source": info.sha256, "genai": versions["onnxruntime-genai"], "transformers": versions["transformers"], "v": 1}
+
+    def do_export(tmp: Path) -> None:
+        export_fp32(info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=say)
+        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+
+    fp32_dir, _ = cached_stage(
+        "export",
+        export_key,
+        do_export,
+        need_bytes=int(info.num_parameters * 4 * 1.1),
+        progress=say,
+    )
+    fp32_model = fp32_dir / "model"
+    timings["export_s"] = round(time.time() - t0, 2)
+
+    # 2. quantize (calibrated, as the target says)
+    t0 = time.time()
+    qcfg = WeightOnly.from_target(tgt.quantization)
+    tok_path = fp32_model / "tokenizer.json"
+    calib_windows = _windows(tok_path, calib_text, CALIB_WINDOWS, "calibration", calib_src)
+    eval_windows = _windows(tok_path, eval_text, EVAL_WINDOWS, "eval", eval_src)
+    threads = host_threads(tgt)
+
+    def do_quantize(tmp: Path) -> dict[str, Any]:
+        importance = None
+        if qcfg.algorithm == "imatrix" and qcfg.bits != 32:
+            say("calibrating: activation statistics on the calibration text")
+            importance = collect_importance(fp32_model, calib_windows, threads=threads, progress=say)
+        return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
+
+    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 1}
+    q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5), progress=say)
+    q_model = q_dir / "model"
+    timings["quantize_s"] = round(time.time() - t0, 2)
+
+    # 3. validate accuracy on the host: quantized vs fp32 on text that is not the calibration text
+    t0 = time.time()
+    say(f"validating accuracy on {len(eval_windows)} windows of {len(eval_windows[0])} tokens")
+    ref_lm = CausalLM(fp32_model, threads=threads)
+    ref_logits = [ref_lm.logits(w) for w in eval_windows]
+    del ref_lm
+    q_lm = CausalLM(q_model, threads=threads)
+    it = iter(ref_logits)
+    acc = score(q_lm.logits, eval_windows, reference_fn=lambda w: next(it))
+    del q_lm
+    accuracy = acc.result()
+    reference = reference_arrays(lambda w, _r=iter(ref_logits): next(_r), eval_windows, acc.top1)
+    del ref_logits
+    timings["validate_accuracy_s"] = round(time.time() - t0, 2)
+
+    # 4. package into a staging folder, measure speed on it, then publish
+    staging = staging_dir(out)
+    try:
+        copy_model(q_model, staging)
+        np.savez_compressed(staging / "reference.npz", **reference)
+        artifact_bytes = sum((staging / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+        base_manifest: dict[str, Any] = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "edgepipe_version": versions["edgepipe"],
+            "versions": versions,
+            "source_model": {
+                "path": str(info.path),
+                "name": info.config.get("_name_or_path") or (DEFAULT_MODEL_NAME if model is None else info.path.name),
+                "architecture": info.architecture,
+                "parameters": info.num_parameters,
+                "sha256": info.sha256,
+                "default_model": model is None,
+            },
+            "target": tgt.to_dict(),
+            "quantization": q_info,
+            "eval": {"source": eval_src, "windows": len(eval_windows), "window_tokens": len(eval_windows[0])},
+            "calibration": {"source": calib_src, "windows": len(calib_windows)},
+        }
+        write_manifest(staging, base_manifest)  # so the device-side code can verify what it runs
+        t0 = time.time()
+        say("measuring throughput on the host CPU")
+        throughput = _bench_subprocess(staging, threads)
+        timings["validate_throughput_s"] = round(time.time() - t0, 2)
+        metrics: dict[str, Any] = {
+            "artifact_mb": round(artifact_bytes / 2**20, 2),
+            "artifact_bytes": artifact_bytes,
+            "accuracy": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in accuracy.items()},
+            "throughput": throughput,
+            "measured_by": {
+                "accuracy": "host CPU, quantized vs fp32 export, exact full-vocabulary KL",
+                "throughput": "host CPU (not the target device): a relative figure, not the board's speed",
+            },
+            "estimate": est,
+        }
+        device_result = None
+        measured_on_reference = False
+        if runner is not None:
+            say(f"validating on device {device}")
+            device_result = runner.validate(staging, progress=say)
+            metrics["device"] = device_result
+            measured_on_reference = bool(device_result.get("throughput")) and device_result.get("runner") == "ssh"
+            if measured_on_reference:
+                metrics["measured_by"]["device_throughput"] = f"measured on the device {device}"
+        checks = _budget_checks(tgt, metrics, measured_on_reference)
+        if measured_on_reference:
+            checks = [c for c in checks if c["budget"] != "min_decode_tok_s"] + [
+                c for c in _budget_checks(tgt, {"throughput": device_result["throughput"]}, True) if c["budget"] == "min_decode_tok_s"
+            ]
+        failed = [c["budget"] for c in checks if c["status"] == "fail"]
+        timings["total_s"] = round(time.time() - t_start, 2)
+        metrics["timings"] = timings
+        manifest = dict(base_manifest, metrics=metrics, budgets=checks, verdict="pass" if not failed else "fail", failed_budgets=failed)
+        (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
+        manifest = write_manifest(staging, manifest)
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"artifact written to {out} ({metrics['artifact_mb']:.1f} MB), verdict: {manifest['verdict']}")
+    return BuildResult(artifact=out, manifest=manifest, passed=not failed, failed_budgets=failed)

@@ -1,0 +1,140 @@
+"""Check a Hugging Face model folder before any heavy work, with one-line errors that say how to fix it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import ModelError
+
+_WEIGHT_SUFFIXES = (".safetensors",)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    architecture: str
+    config: dict[str, Any]
+    weight_files: tuple[Path, ...]
+    num_parameters: int
+    weight_bytes: int
+    sha256: str  # over config, weights and tokenizer, in a fixed order
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+
+def _check_safetensors(path: Path) -> int:
+    """Parse the header; catch truncated or corrupt files cheaply. Return the number of parameters."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path.name} is not a readable safetensors file ({e}); re-download or re-save the model") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path.name} has a malformed safetensors header; re-save the model")
+    end, params = 0, 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = t["data_offsets"]
+            count = 1
+            for d in t["shape"]:
+                count *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path.name}: tensor {name!r} has a malformed header entry; re-save the model") from None
+        end = max(end, int(hi))
+        params += count
+    if 8 + n + end != size:
+        raise ModelError(
+            f"{path.name} is truncated or padded ({size} bytes, header says {8 + n + end}); re-download or re-save the model"
+        )
+    return params
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> ModelInfo:
+    """Validate a model folder: config, architecture, weights (complete), tokenizer."""
+    from edgepipe.export.genai_builder import SUPPORTED_ARCHITECTURES
+
+    supported = SUPPORTED_ARCHITECTURES if supported is None else supported
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model folder {path} does not exist; pass --model with a Hugging Face model folder")
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file; pass --model with a Hugging Face model folder (config.json + *.safetensors + tokenizer.json)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{path} has no config.json; it is not a Hugging Face model folder (save it with save_pretrained)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{cfg_path} is not valid JSON ({type(e).__name__}); re-save the model's config") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path} must hold a JSON object; re-save the model's config")
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise ModelError(f"{cfg_path} has no 'architectures' list; re-save the model with save_pretrained")
+    arch = archs[0]
+    if arch not in supported:
+        raise ModelError(f"architecture {arch} is not supported; supported: {', '.join(sorted(supported))}")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index} is malformed; re-save the model") from None
+        weights = [path / n for n in names]
+        missing = [w.name for w in weights if not w.is_file()]
+        if missing:
+            raise ModelError(f"{path} is missing weight shard {missing[0]} listed in {index.name}; finish the download")
+    else:
+        weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if not weights:
+        bins = list(path.glob("*.bin"))
+        hint = " (only PyTorch .bin files: re-save with save_pretrained(safe_serialization=True))" if bins else ""
+        raise ModelError(f"{path} has no *.safetensors weights{hint}; pass a complete model folder")
+    params = sum(_check_safetensors(w) for w in weights)
+    if not (path / "tokenizer.json").is_file():
+        raise ModelError(
+            f"{path} has no tokenizer.json; save the tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        )
+    hashed = [cfg_path, *weights] + [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
+    return ModelInfo(
+        path=path.resolve(),
+        architecture=arch,
+        config=config,
+        weight_files=tuple(weights),
+        num_parameters=params,
+        weight_bytes=sum(w.stat().st_size for w in weights),
+        sha256=_hash_files(hashed),
+    )
