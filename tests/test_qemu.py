@@ -322,3 +322,16 @@ def test_env_is_complete_and_reused(tmp_path):
     assert q.QemuRunner("cortex-a72").ensure_env().path == env.path
     assert time.monotonic() - t0 < 5
     assert os.access(env.qemu, os.X_OK)
+
+
+@pytest.mark.slow
+def test_device_entry_imports_only_runtime_deps():
+    """``python -m edgepipe.runtime`` must import with onnxruntime, numpy, tokenizers and stdlib."""
+    code = (
+        "import sys, edgepipe.runtime, edgepipe.runtime.__main__\n"
+        "heavy = ('yaml', 'click', 'torch', 'transformers', 'onnx', 'onnxruntime_genai', 'huggingface_hub')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    proc = q.QemuRunner("cortex-a76", timeout=600).run_python(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
