@@ -20,7 +20,7 @@ import pytest
 
 from edgepipe.devices import get_runner
 from edgepipe.devices import qemu as q
-from edgepipe.errors import DeviceError, InputError
+from edgepipe.errors import ArtifactError, DeviceError, InputError
 
 # --------------------------------------------------------------------------- fast
 
@@ -185,7 +185,7 @@ def test_validate_merges_device_facts_and_claims(monkeypatch, tmp_path):
     assert dev["runner"] == "qemu" and dev["cpu"] == "cortex-a76" and dev["machine"] == "aarch64"
     assert dev["cpu_features"] == ["fp", "asimd", "asimddp"] and dev["onnxruntime"] == "1.31.1"
     assert dev["ram_mb"] == 1  # the guest's own facts are kept
-    assert res["claims"] == q.CLAIMS and msgs
+    assert res["claims"] == q.CLAIMS and res["runner"] == "qemu" and msgs
 
     # a runtime error in the guest becomes a one-line DeviceError
     def failing(env, cpu, args, *, timeout, extra_env=None, package_dir=None):
@@ -194,7 +194,7 @@ def test_validate_merges_device_facts_and_claims(monkeypatch, tmp_path):
         return SimpleNamespace(returncode=2, stdout="", stderr="error: manifest.json is missing; rebuild\n")
 
     monkeypatch.setattr(q, "_run_guest", failing)
-    with pytest.raises(DeviceError, match=r"^the qemu guest \(cortex-a76\) reported: manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"^validation in the qemu guest \(cortex-a76\): manifest.json is missing"):
         runner.validate(artifact)
     with pytest.raises(InputError):
         runner.validate(tmp_path / "nope")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from edgepipe.errors import DeviceError, InputError
+from edgepipe.errors import ArtifactError, DeviceError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -664,7 +664,8 @@ class QemuRunner:
         if guest is None:
             msg = _last_line(proc.stderr) or _last_line(proc.stdout) or "no output"
             if msg.startswith("error: "):  # an edgepipe error the runtime reported (bad artifact, ...)
-                raise DeviceError(f"the qemu guest ({self.cpu}) reported: {msg[7:]}")
+                err = ArtifactError if proc.returncode == 2 else DeviceError
+                raise err(f"validation in the qemu guest ({self.cpu}): {msg.removeprefix('error: ')}")
             raise DeviceError(
                 f"`python -m edgepipe.runtime validate` in the qemu guest ({self.cpu}) exited {proc.returncode} "
                 f"without JSON: {msg}"
@@ -682,6 +683,7 @@ class QemuRunner:
             "exit_code": proc.returncode,
             "emulated_seconds": round(elapsed, 1),
         }
+        result["runner"] = "qemu"  # as the local runner reports it
         result["claims"] = CLAIMS
         return result
 
