@@ -19,6 +19,7 @@ from edgepipe.errors import TargetError
 __all__ = [
     "Budgets",
     "Cpu",
+    "Npu",
     "Quantization",
     "RuntimeOptions",
     "Target",
@@ -79,6 +80,26 @@ class Budgets:
 
 
 @dataclasses.dataclass(frozen=True)
+class Npu:
+    """A Qualcomm Hexagon NPU (HTP) and the QDQ scheme it is given (used by ``edgepipe.npu``).
+
+    The HTP runs only static shapes, so ``seq_len`` fixes the encoder's sequence length.
+    ``soc_model`` is QNN's SoC id (e.g. 57 = SM8650), passed to the compiler when known.
+    """
+
+    htp_arch: Literal[68, 69, 73, 75, 79, 81]
+    soc_model: int | None = None
+    activation_type: Literal["uint8", "uint16"] = "uint16"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    per_channel: bool = True
+    seq_len: int = 128
+    allow_cpu_fallback: bool = False
+    min_cosine: float = 0.99  # every eval sentence: cosine(NPU, fp32 CPU) at least this
+    min_retrieval_agreement: float = 0.9  # nearest-neighbour top-1 agreement with fp32
+    calibration_samples: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -88,6 +109,7 @@ class Target:
     budgets: Budgets
     device_runner: Literal["local", "qemu", "ssh"] = "local"
     alias_of: str | None = None
+    npu: Npu | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -180,6 +202,8 @@ def parse_target(data: Any, source: str = "target") -> Target:
     q = target.quantization
     if q.block_size not in (16, 32, 64, 128, 256):
         raise TargetError(f"{source}.quantization.block_size is {q.block_size}; use 16, 32, 64, 128 or 256")
+    if target.npu is not None and target.runtime.execution_provider != "QNNExecutionProvider":
+        raise TargetError(f"{source}: a profile with an npu section needs runtime.execution_provider: QNNExecutionProvider")
     return target
 
 
