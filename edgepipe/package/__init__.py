@@ -24,8 +24,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def check_out_dir(out: Path) -> None:
     """``--out`` may be absent, an empty folder, or a previous edgepipe artifact; nothing else."""
     if not out.exists():
-        if not out.parent.exists():
-            raise InputError(f"the parent folder of --out {out} does not exist; create it first")
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError(f"--out {out} lies under {parent}, which is a file; choose another --out")
+                break
         return
     if not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder path")

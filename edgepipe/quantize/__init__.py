@@ -111,7 +111,7 @@ def quantize(
     layers = {int(m.group(1)) for n in inits if (m := _LAYER_RE.search(n))}
     num_layers = max(layers) + 1 if layers else 0
     importance = importance or {}
-    alg = cfg.algorithm if importance or cfg.algorithm != "imatrix" else "mse"
+    alg = cfg.algorithm if importance or cfg.algorithm not in ("imatrix", "gptq") else "mse"
 
     def load(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name], base_dir=str(src_dir))
@@ -139,7 +139,14 @@ def quantize(
             block = _embedding_block(w.shape[0], cfg.block_size) or cfg.block_size
         # 8-bit blocks gain nothing from the search; the 4-bit ones are where the error is
         algo = alg if bits == 4 else "rtn"
-        qb = quantize_matrix(w, bits=bits, block_size=block, symmetric=cfg.symmetric, algorithm=algo, importance=importance.get(wname))
+        hessian = importance.get(f"{wname}@H")
+        if algo == "gptq" and hessian is not None and w.shape[0] % block == 0:
+            from edgepipe.quantize.gptq import gptq_matrix
+
+            qb = gptq_matrix(w, hessian, bits=bits, block_size=block, symmetric=cfg.symmetric)
+        else:
+            algo = "imatrix" if algo == "gptq" else algo
+            qb = quantize_matrix(w, bits=bits, block_size=block, symmetric=cfg.symmetric, algorithm=algo, importance=importance.get(wname))
         del w
         quantized[wname] = qb
         counts[bits] += 1

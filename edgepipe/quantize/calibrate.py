@@ -31,9 +31,14 @@ def collect_importance(
     windows: Iterable[np.ndarray],
     *,
     threads: int = 0,
+    hessians: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Mean square of each input channel of every weight MatMul, over the token ``windows``."""
+    """Mean square of each input channel of every weight MatMul, over the token ``windows``.
+
+    With ``hessians``, also ``"<weight>@H"``: the mean of x x^T over tokens (for GPTQ), one per
+    distinct activation (MatMuls that share an input share the array).
+    """
     import onnx
     import onnxruntime as ort
 
@@ -51,7 +56,8 @@ def collect_importance(
     # the external weights stay where the fp32 export wrote them; nothing is copied
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sums = {name: None for name in wanted}
+    sums: dict[str, np.ndarray | None] = {name: None for name in wanted}
+    outer: dict[str, np.ndarray] = {}
     count = 0
     spec = DecoderSpec.from_genai_config(Path(model_dir) / GENAI_CONFIG)
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_size), dtype=np.float32)
@@ -62,11 +68,19 @@ def collect_importance(
         feeds.update({name: empty for name in past})
         outs = sess.run(wanted, feeds)
         for name, val in zip(wanted, outs):
-            sq = np.square(val.reshape(-1, val.shape[-1]).astype(np.float64)).sum(0)
+            x = val.reshape(-1, val.shape[-1]).astype(np.float64)
+            sq = np.square(x).sum(0)
             sums[name] = sq if sums[name] is None else sums[name] + sq
+            if hessians:
+                xtx = x.T @ x
+                outer[name] = xtx if name not in outer else outer[name] + xtx
         count += ids.shape[1]
         if progress:
             progress(f"calibration window {n + 1}")
     if not count:
         return {}
-    return {w: (sums[a] / count).astype(np.float32) for w, a in acts.items() if sums[a] is not None}
+    out = {w: (sums[a] / count).astype(np.float32) for w, a in acts.items() if sums[a] is not None}
+    if hessians:
+        shared = {a: (h / count) for a, h in outer.items()}
+        out.update({f"{w}@H": shared[a] for w, a in acts.items() if a in shared})
+    return out

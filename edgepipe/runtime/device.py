@@ -129,6 +129,14 @@ def device_facts() -> dict[str, Any]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set. VmHWM belongs to the process image, unlike ru_maxrss,
+    which Linux carries over from the parent across fork + exec (a 2 GB build would show through)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 if platform.system() != "Darwin" else r / 2**20
 

@@ -1,0 +1,71 @@
+"""GPTQ (Frantar et al., 2022) for MatMulNBits blocks, in numpy.
+
+Quantize the input channels of a weight one at a time and push each one's rounding error onto
+the channels not yet quantized, weighted by the inverse Hessian of the layer's calibration
+activations (H = X^T X). Block scales and zero points are chosen when a block starts, from the
+error-updated weights, with the same weighted-MSE search as ``blockwise``. Same packed layout
+as :func:`edgepipe.quantize.blockwise.quantize_matrix`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgepipe.quantize.blockwise import QuantizedBlocks, _mse, pack
+
+BATCH = 128  # lazy-batch width: columns whose updates are applied together
+
+
+def gptq_matrix(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    damp: float = 0.01,
+) -> QuantizedBlocks:
+    """Quantize ``weight`` [K, N] with the activation Hessian ``hessian`` [K, K]."""
+    K, N = weight.shape
+    if K % block_size:
+        raise ValueError(f"K={K} is not a multiple of block {block_size}")
+    qmax = (1 << bits) - 1
+    W = weight.astype(np.float32).copy()
+    H = hessian.astype(np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[dead, :] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
+    # upper Cholesky factor of H^-1, as in the reference implementation
+    L = np.linalg.cholesky(H)
+    Linv = np.linalg.solve_triangular(L, np.eye(K), lower=True) if hasattr(np.linalg, "solve_triangular") else np.linalg.inv(L)
+    Hinv = Linv.T @ Linv
+    U = np.linalg.cholesky(Hinv).T.astype(np.float32)
+    imp = np.diag(H).astype(np.float32)
+    nb = K // block_size
+    Q = np.zeros((K, N), dtype=np.uint8)
+    scales = np.zeros((N, nb), dtype=np.float32)
+    zps = np.zeros((N, nb), dtype=np.float32)
+    for b0 in range(0, K, BATCH):
+        b1 = min(b0 + BATCH, K)
+        Err = np.zeros((b1 - b0, N), dtype=np.float32)
+        for k in range(b0, b1):
+            if k % block_size == 0:
+                g = k // block_size
+                blk = W[k : k + block_size, :].T[:, None, :]  # [N, 1, block]
+                s, z = _mse(blk, imp[None, None, k : k + block_size], bits, symmetric)
+                scales[:, g], zps[:, g] = s[:, 0], z[:, 0]
+            g = k // block_size
+            s, z = scales[:, g], zps[:, g]
+            inv = np.where(s != 0, 1.0 / np.where(s == 0, 1, s), 0)
+            q = np.clip(np.rint(W[k] * inv) + z, 0, qmax)
+            Q[k] = q.astype(np.uint8)
+            err = (W[k] - (q - z) * s) / U[k, k]
+            Err[k - b0] = err
+            if k + 1 < b1:
+                W[k + 1 : b1] -= np.outer(U[k, k + 1 : b1], err)
+        if b1 < K:
+            W[b1:] -= U[b0:b1, b1:].T @ Err
+    data = pack(Q.T.reshape(N, nb, block_size), bits)
+    zp = None if symmetric else pack(zps.astype(np.uint8), bits)
+    return QuantizedBlocks(data, scales, zp, bits, block_size, K, N)
