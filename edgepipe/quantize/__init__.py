@@ -44,6 +44,7 @@ class WeightOnly:
     accuracy_level: int = 4
     algorithm: str = "imatrix"
     embedding_bits: int = 8
+    embedding_block_size: int | None = None
     eight_bit_layers: tuple[str, ...] = ()
     eight_bit_ops: tuple[str, ...] = ()
 
@@ -56,6 +57,7 @@ class WeightOnly:
             accuracy_level=q.accuracy_level,
             algorithm=q.algorithm,
             embedding_bits=q.embedding_bits,
+            embedding_block_size=q.embedding_block_size,
             eight_bit_layers=tuple(q.eight_bit_layers),
             eight_bit_ops=tuple(q.eight_bit_ops),
         )
@@ -67,6 +69,18 @@ class WeightOnly:
         return d
 
 
+def _layer_matches(spec: str, layer: int, num_layers: int) -> bool:
+    """``spec`` is "first", "last", "N" or "A-B" (inclusive); a comma joins several."""
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "first" and layer == 0 or part == "last" and layer == num_layers - 1:
+            return True
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (hi.isdigit() or not hi) and int(lo) <= layer <= int(hi or lo):
+            return True
+    return False
+
+
 def plan_bits(weight_name: str, num_layers: int, cfg: WeightOnly) -> int:
     """Bits for one MatMul weight under ``cfg`` (32 = leave in fp32)."""
     if LM_HEAD in weight_name:
@@ -74,13 +88,13 @@ def plan_bits(weight_name: str, num_layers: int, cfg: WeightOnly) -> int:
     if cfg.bits == 32:
         return 32
     m = _LAYER_RE.search(weight_name)
-    if m:
-        layer = int(m.group(1))
-        for spec in cfg.eight_bit_layers:
-            if (spec == "first" and layer == 0) or (spec == "last" and layer == num_layers - 1) or spec == str(layer):
-                return 8
-    if any(op in weight_name for op in cfg.eight_bit_ops):
+    layer = int(m.group(1)) if m else None
+    if layer is not None and any(_layer_matches(s, layer, num_layers) for s in cfg.eight_bit_layers):
         return 8
+    for spec in cfg.eight_bit_ops:
+        op, _, layers = spec.partition("@")
+        if op in weight_name and (not layers or (layer is not None and _layer_matches(layers, layer, num_layers))):
+            return 8
     return cfg.bits
 
 
@@ -136,7 +150,7 @@ def quantize(
         w = load(wname)
         block = cfg.block_size
         if LM_HEAD in wname:
-            block = _embedding_block(w.shape[0], cfg.block_size) or cfg.block_size
+            block = _embedding_block(w.shape[0], cfg.embedding_block_size or cfg.block_size) or cfg.block_size
         # 8-bit blocks gain nothing from the search; the 4-bit ones are where the error is
         algo = alg if bits == 4 else "rtn"
         hessian = importance.get(f"{wname}@H")

@@ -57,8 +57,9 @@ class Quantization:
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     algorithm: Literal["rtn", "mse", "imatrix", "gptq"] = "imatrix"
     embedding_bits: Literal[4, 8, 32] = 8
-    eight_bit_layers: tuple[str, ...] = ()  # e.g. ("first", "last") or ("0", "29")
-    eight_bit_ops: tuple[str, ...] = ()  # e.g. ("down_proj", "v_proj")
+    embedding_block_size: int | None = None  # default: block_size
+    eight_bit_layers: tuple[str, ...] = ()  # whole layers: "first", "last", "3", "0-3"
+    eight_bit_ops: tuple[str, ...] = ()  # "down_proj" everywhere, or "down_proj@0-3,26-29" in those layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +201,10 @@ def parse_target(data: Any, source: str = "target") -> Target:
             raise TargetError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     target = _build(Target, data, source)
     q = target.quantization
-    if q.block_size not in (16, 32, 64, 128, 256):
-        raise TargetError(f"{source}.quantization.block_size is {q.block_size}; use 16, 32, 64, 128 or 256")
+    for key in ("block_size", "embedding_block_size"):
+        v = getattr(q, key)
+        if v is not None and v not in (16, 32, 64, 128, 256):
+            raise TargetError(f"{source}.quantization.{key} is {v}; use 16, 32, 64, 128 or 256")
     if target.npu is not None and target.runtime.execution_provider != "QNNExecutionProvider":
         raise TargetError(f"{source}: a profile with an npu section needs runtime.execution_provider: QNNExecutionProvider")
     return target
