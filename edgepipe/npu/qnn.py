@@ -175,18 +175,25 @@ def create_session(
     allow_cpu_fallback: bool = False,
 ) -> Any:
     """An inference session on the (simulated) HTP. Without fallback every node must go to QNN,
-    otherwise session creation fails: that is how 'wholly on the NPU' is enforced at run time."""
+    otherwise session creation fails: that is how 'wholly on the NPU' is enforced at run time.
+
+    onnxruntime's Python wrapper retries a failed run on the CPU EP (printing to stdout); that is
+    switched off, so an HTP failure is an error, never a silent CPU result. Keep one HTP session
+    alive at a time: with two live sessions the simulator fails at run time (QNN error 1100).
+    """
     import onnxruntime as ort
 
     so = session_options(htp_arch, soc_model, allow_cpu_fallback=allow_cpu_fallback)
     with capture_stderr() as captured:
         try:
-            return ort.InferenceSession(str(model), so)
+            sess = ort.InferenceSession(str(model), so)
         except Exception as e:
             detail = _reasons_text(captured.text())
             raise NpuCoverageError(
                 f"{model.name} cannot run wholly on HTP v{htp_arch}: {e}{detail}"
             ) from None
+    sess.disable_fallback()
+    return sess
 
 
 class _Captured:
