@@ -1,0 +1,127 @@
+"""A build killed with SIGKILL at any point resumes from the last complete stage and produces the
+same artifact as an uninterrupted build; two builds of the same inputs are byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reliability_support import TARGET, built_artifact, run_cli, sha256, tiny_model, tree_state
+
+COMPARED = ("model.onnx", "model.onnx.data", "reference.npz", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def _start_build(model: Path, out: Path, cache: Path) -> subprocess.Popen:
+    env = dict(os.environ, EDGEPIPE_CACHE=str(cache))
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", TARGET, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, cond, what: str, timeout: float = 300) -> None:
+    """SIGKILL the build's whole process group (build + export subprocess) as soon as ``cond()``."""
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the build ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
+        if time.time() - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _manifest_files(artifact: Path) -> dict:
+    files = json.loads((artifact / "manifest.json").read_text())["files"]
+    return {k: v for k, v in files.items() if k != "report.md"}  # the report carries metrics and timings
+
+
+def _assert_same_artifact(a: Path, b: Path) -> None:
+    for name in COMPARED:
+        if (a / name).exists() or (b / name).exists():
+            assert sha256(a / name) == sha256(b / name), f"{name} differs between two builds of the same inputs"
+    assert _manifest_files(a) == _manifest_files(b)
+
+
+def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path):
+    ref = built_artifact()  # uninterrupted, with its own (shared) cache: an independent export
+    model = tiny_model()
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    export_dir = cache / "export"
+
+    # 1. killed in the middle of export: only a .tmp-* folder is left, never taken as complete
+    proc = _start_build(model, out, cache)
+    _kill_when(proc, lambda: export_dir.is_dir() and any(export_dir.glob(".tmp-*/model")), "export to start writing")
+    assert not any(export_dir.glob("*/.complete")), "a killed export left a folder marked complete"
+    assert not any(p for p in export_dir.iterdir() if not p.name.startswith(".tmp-"))
+    assert not out.exists(), "a killed build published something at --out"
+    ls = run_cli("cache", "ls", "--json", cache=cache)
+    assert ls.returncode == 0, ls.stderr
+    entries = json.loads(ls.stdout)
+    assert entries and all(not e["complete"] for e in entries), entries
+
+    # 2. killed right after export completed (the marker is the last thing written before the rename)
+    proc = _start_build(model, out, cache)
+    _kill_when(proc, lambda: any(export_dir.glob("[!.]*/.complete")), "the export stage to complete")
+    complete = [p.parent for p in export_dir.glob("[!.]*/.complete")]
+    assert len(complete) == 1 and (complete[0] / "model" / "model.onnx").is_file()
+    assert not out.exists()
+
+    # 3. run again: export comes from the cache, and the artifact equals the uninterrupted build's
+    proc = _start_build(model, out, cache)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "export: cached" in stderr, stderr
+    assert "exporting fp32 ONNX" not in stderr
+    assert "Traceback" not in stderr
+    _assert_same_artifact(ref, out)
+    v = run_cli("verify", str(out))
+    assert v.returncode == 0, v.stderr
+
+    # 4. killed while packaging over a previous artifact: the previous one survives intact
+    before = tree_state(out)
+    proc = _start_build(model, out, cache)
+    _kill_when(proc, lambda: any(p.is_dir() for p in tmp_path.glob(".out.tmp-*")), "packaging to start")
+    assert tree_state(out) == before, "a build killed while packaging changed the previous artifact"
+    assert run_cli("verify", str(out)).returncode == 0
+    # and the next run publishes over it cleanly
+    proc = _start_build(model, out, cache)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "quantize: cached" in stderr
+    _assert_same_artifact(ref, out)
+
+    # 5. the killed runs' leftovers are visible to `cache ls` and removed by `cache prune`
+    leftovers = list(export_dir.glob(".tmp-*"))
+    assert leftovers
+    pr = run_cli("cache", "prune", "--max-mb", "1000", cache=cache)
+    assert pr.returncode == 0 and "removed" in pr.stdout, pr.stderr
+    assert not any(export_dir.glob(".tmp-*"))
+    assert any(export_dir.glob("[!.]*/.complete")), "prune with room to spare removed a complete entry"
+
+
+def test_rebuild_in_same_cache_is_byte_identical(tmp_path):
+    """Same inputs, same cache, another --out: every model file and the manifest's hashes agree."""
+    from edgepipe.build import build
+
+    from reliability_support import env, shared_cache
+
+    ref = built_artifact()
+    out = tmp_path / "again"
+    msgs: list[str] = []
+    with env(EDGEPIPE_CACHE=str(shared_cache())):
+        build(target=TARGET, out=out, model=tiny_model(), progress=msgs.append)
+    assert any("export: cached" in m for m in msgs) and any("quantize: cached" in m for m in msgs)
+    _assert_same_artifact(ref, out)
