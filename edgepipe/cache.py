@@ -49,12 +49,42 @@ def dir_size(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
+def human_bytes(n: float) -> str:
+    """``123 KB`` / ``45.6 MB`` / ``1.2 GB``: a tiny model's needs must not read as "0 MB"."""
+    if n < 2**20:
+        return f"{max(n, 0) / 2**10:.0f} KB"
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MB"
+    return f"{n / 2**30:.1f} GB"
+
+
 def disk_full(stage: str, where: Path, need_bytes: int | None = None) -> StageError:
-    free = shutil.disk_usage(where if where.exists() else where.parent).free
-    need = f"; it needs about {need_bytes / 2**20:.0f} MB" if need_bytes else ""
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = human_bytes(shutil.disk_usage(probe).free)
+    except OSError:
+        free = "unknown"
+    need = f"; it needs about {human_bytes(need_bytes)}" if need_bytes else ""
     return StageError(
-        f"{stage}: the disk is full at {where} ({free / 2**20:.0f} MB free{need}); free some space "
+        f"{stage}: the disk is full at {where} ({free} free{need}); free some space "
         "or point EDGEPIPE_CACHE / --out elsewhere"
+    )
+
+
+def out_of_memory(stage: str, need_bytes: int | None = None) -> StageError:
+    try:
+        from edgepipe.runtime.device import mem_available_mb
+
+        avail = mem_available_mb()
+    except Exception:  # noqa: BLE001 - only for the message
+        avail = None
+    have = f"{human_bytes(avail * 2**20)} available" if avail is not None else "available memory unknown"
+    need = f", it needs about {human_bytes(need_bytes)}" if need_bytes else ""
+    return StageError(
+        f"{stage}: out of memory ({have}{need}); close other programs, build on a machine with more RAM "
+        "or use a smaller model"
     )
 
 
@@ -64,9 +94,14 @@ def cached_stage(
     produce: Callable[[Path], dict[str, Any] | None],
     *,
     need_bytes: int | None = None,
+    need_ram_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Return the folder of ``stage`` for inputs ``parts``, producing it with ``produce(tmp)`` if absent."""
+    """Return the folder of ``stage`` for inputs ``parts``, producing it with ``produce(tmp)`` if absent.
+
+    Disk full (ENOSPC) or out of memory while producing becomes a :class:`StageError` naming the stage
+    and what it needed; the temporary folder is removed, so the cache holds only complete entries.
+    """
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
@@ -74,36 +109,75 @@ def cached_stage(
     if marker.is_file():
         try:
             info = json.loads(marker.read_text())
+            damaged = _damaged_file(final, info.get("files"))
+            if damaged:
+                raise ValueError(f"{damaged} is missing or changed")
             os.utime(final)  # for `cache prune`: least recently used goes first
             if progress:
                 progress(f"{stage}: cached ({key[:12]})")
             return final, info.get("info") or {}
-        except (OSError, ValueError):
-            logger.warning("unreadable marker in %s; rebuilding", final)
+        except (OSError, ValueError, AttributeError) as e:
+            logger.warning("damaged cache entry %s (%s); rebuilding", final, e)
     base.mkdir(parents=True, exist_ok=True)
     for stale in base.glob(".tmp-*"):
         # a killed build's leftovers; only sweep ones old enough not to belong to a live build
-        if time.time() - stale.stat().st_mtime > 6 * 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            if time.time() - stale.stat().st_mtime > 6 * 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # swept by a concurrent build
+            pass
     if need_bytes and shutil.disk_usage(base).free < need_bytes:
         raise disk_full(stage, base, need_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(stage, base, need_bytes) from None
+        raise
     try:
         info = produce(tmp) or {}
-        (tmp / COMPLETE).write_text(json.dumps({"stage": stage, "parts": parts, "info": info}, sort_keys=True, default=str))
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE).write_text(
+            json.dumps({"stage": stage, "parts": parts, "info": info, "files": files}, sort_keys=True, default=str)
+        )
         fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError as e:
+            # a concurrent build of the same inputs renamed its complete copy into place first
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not marker.is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise disk_full(stage, base, need_bytes) from None
         raise
+    except StageError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left on device" in str(e) or "Errno 28" in str(e):  # ENOSPC inside a stage's subprocess
+            raise disk_full(stage, base, need_bytes) from None
+        raise
+    except MemoryError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise out_of_memory(stage, need_ram_bytes) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, info
+
+
+def _damaged_file(entry: Path, files: Any) -> str | None:
+    """The first file recorded in an entry's marker that is now missing or of another size."""
+    if not isinstance(files, dict):
+        return None  # an entry written before sizes were recorded
+    for rel, size in files.items():
+        p = entry / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return rel
+    return None
 
 
 def list_cache() -> list[dict[str, Any]]:
