@@ -6,6 +6,7 @@ inputs (see :mod:`edgepipe.cache`). Nothing is printed here: progress goes to a 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -181,6 +182,7 @@ def build(
         export_key,
         do_export,
         need_bytes=int(info.num_parameters * 4 * 1.1),
+        need_ram_bytes=int(info.num_parameters * 4 * 3),
         progress=say,
     )
     fp32_model = fp32_dir / "model"
@@ -202,7 +204,8 @@ def build(
         return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
 
     quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 1}
-    q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5), progress=say)
+    q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5),
+                                 need_ram_bytes=int(info.num_parameters * 4 * 2), progress=say)
     q_model = q_dir / "model"
     timings["quantize_s"] = round(time.time() - t0, 2)
 
@@ -281,8 +284,12 @@ def build(
         (staging / "report.md").write_text(render_report(manifest), encoding="utf-8")
         manifest = write_manifest(staging, manifest)
         publish(staging, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the previous artifact at --out is untouched
+            from edgepipe.cache import disk_full
+
+            raise disk_full("package", out.parent, dir_size(q_model) + 2**20) from None
         raise
     say(f"artifact written to {out} ({metrics['artifact_mb']:.1f} MB), verdict: {manifest['verdict']}")
     return BuildResult(artifact=out, manifest=manifest, passed=not failed, failed_budgets=failed)
