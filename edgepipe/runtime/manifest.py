@@ -16,6 +16,7 @@ from typing import Any
 from edgepipe.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
+GENAI_CONFIG = "genai_config.json"
 SCHEMA_VERSION = 1
 KIND = "edgepipe-artifact"
 _CHUNK = 1 << 20
@@ -37,16 +38,18 @@ def _safe_member(root: Path, rel: Any) -> Path:
     if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
         raise ArtifactError(f"manifest path {rel!r} escapes the artifact folder; refusing to load it")
     full = root.joinpath(*p.parts)
-    # check each component, so that a symlinked sub-folder is caught too
-    cur = root
-    for part in p.parts:
-        cur = cur / part
-        if cur.is_symlink():
-            raise ArtifactError(f"{rel} is a symlink; an artifact must hold real files (rebuild or copy it with -L)")
     try:
+        # check each component, so that a symlinked sub-folder is caught too
+        cur = root
+        for part in p.parts:
+            cur = cur / part
+            if cur.is_symlink():
+                raise ArtifactError(f"{rel} is a symlink; an artifact must hold real files (rebuild or copy it with -L)")
         full.resolve().relative_to(root.resolve())
     except ValueError:
         raise ArtifactError(f"manifest path {rel!r} escapes the artifact folder; refusing to load it") from None
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise ArtifactError(f"manifest lists an unusable file name {rel[:80]!r} ({type(e).__name__}); rebuild the artifact") from None
     return full
 
 
@@ -62,7 +65,7 @@ def read_manifest(artifact: Path | str) -> dict[str, Any]:
         raise ArtifactError(f"{root} has no {MANIFEST_NAME}: not an edgepipe artifact, or an incomplete one; rebuild it")
     try:
         data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({type(e).__name__}); the artifact is damaged, rebuild it") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{mpath} must hold a JSON object; the artifact is damaged, rebuild it")
@@ -89,6 +92,13 @@ def read_manifest(artifact: Path | str) -> dict[str, Any]:
             or entry["size"] < 0
         ):
             raise ArtifactError(f"{mpath}: entry for {rel!r} needs a 64-hex sha256 and an integer size; rebuild")
+    # sections the runtime reads: wrong types must be refused here, not crash it later
+    for section in ("target", "metrics", "source_model", "quantization"):
+        if section in data and not isinstance(data[section], dict):
+            raise ArtifactError(f"{mpath}: {section!r} must be a JSON object, got {type(data[section]).__name__}; rebuild")
+    for section, sub in (("metrics", "throughput"), ("target", "runtime")):
+        if sub in data.get(section, {}) and not isinstance(data[section][sub], dict):
+            raise ArtifactError(f"{mpath}: '{section}.{sub}' must be a JSON object; rebuild the artifact")
     return data
 
 
@@ -105,7 +115,47 @@ def verify_artifact(artifact: Path | str) -> dict[str, Any]:
             raise ArtifactError(f"{rel} has {size} bytes, the manifest says {entry['size']}; re-copy the artifact")
         if sha256_file(path) != entry["sha256"]:
             raise ArtifactError(f"{rel} does not match its sha256 in the manifest; the file is corrupt, re-copy the artifact")
+    check_loaded_files(root, data["files"])
     return data
+
+
+def _keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _keys(v)
+
+
+def check_loaded_files(root: Path, files: dict[str, Any]) -> None:
+    """What the runtime loads must be listed (so hashed) and may name no code to run.
+
+    ``genai_config.json`` names the decoder graph: it must be a listed file inside the folder. A
+    ``custom_ops_library`` (a shared library onnxruntime would dlopen) is refused: the runtime never
+    loads code that an artifact names.
+    """
+    for name in (GENAI_CONFIG, "tokenizer.json"):
+        if (root / name).exists() and name not in files:
+            raise ArtifactError(f"{name} is in {root} but not in the manifest; refusing an unverified file, rebuild")
+    if GENAI_CONFIG not in files:
+        return
+    try:
+        cfg = json.loads((root / GENAI_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{GENAI_CONFIG} is not valid JSON ({type(e).__name__}); rebuild the artifact") from None
+    if any(k == "custom_ops_library" for k in _keys(cfg)):
+        raise ArtifactError(
+            f"{GENAI_CONFIG} names a custom_ops_library; edgepipe never loads code named by an artifact, refusing it"
+        )
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    filename = decoder.get("filename") if isinstance(decoder, dict) else None
+    if filename is not None:
+        _safe_member(root, filename)
+        if PurePosixPath(filename).as_posix() not in files:
+            raise ArtifactError(f"{GENAI_CONFIG} names the model file {filename!r}, which the manifest does not list; rebuild")
 
 
 def file_entries(root: Path) -> dict[str, dict[str, Any]]:
