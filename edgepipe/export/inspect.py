@@ -32,6 +32,35 @@ class ModelInfo:
         return int(self.config.get("num_hidden_layers", 0))
 
 
+# float dtypes of safetensors -> (numpy view dtype, exponent mask): all exponent bits set = NaN or Inf
+_FLOAT_DTYPES = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_finite(path: Path, start: int, tensors: list[tuple[str, str, int, int]]) -> None:
+    """Refuse NaN or Inf weights: they export fine and then produce garbage on every device."""
+    import numpy as np
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        for name, dtype, lo, hi in tensors:
+            if dtype not in _FLOAT_DTYPES or hi <= lo:
+                continue
+            view, mask = _FLOAT_DTYPES[dtype]
+            size = np.dtype(view).itemsize
+            raw = data[start + lo: start + hi]
+            chunk = 1 << 24
+            for off in range(0, len(raw) - len(raw) % size, chunk):
+                part = np.asarray(raw[off: off + chunk]).view(view)
+                if np.any((part & np.array(mask, dtype=view)) == mask):
+                    raise ModelError(
+                        f"{path.name}: tensor {name!r} holds NaN or Inf values; the checkpoint is broken, re-train or re-save it"
+                    )
+    finally:
+        del data
+
+
 def _check_safetensors(path: Path) -> int:
     """Parse the header; catch truncated or corrupt files cheaply. Return the number of parameters."""
     size = path.stat().st_size
@@ -49,22 +78,30 @@ def _check_safetensors(path: Path) -> int:
     if not isinstance(header, dict):
         raise ModelError(f"{path.name} has a malformed safetensors header; re-save the model")
     end, params = 0, 0
+    tensors = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
         try:
-            lo, hi = t["data_offsets"]
+            lo, hi = (int(v) for v in t["data_offsets"])
+            dtype = str(t["dtype"])
             count = 1
             for d in t["shape"]:
+                if isinstance(d, bool) or int(d) < 0:
+                    raise ValueError("negative dimension")
                 count *= int(d)
+            if lo < 0 or hi < lo or (dtype in _ITEMSIZE and hi - lo != count * _ITEMSIZE[dtype]):
+                raise ValueError("offsets do not match the shape")
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path.name}: tensor {name!r} has a malformed header entry; re-save the model") from None
-        end = max(end, int(hi))
+        end = max(end, hi)
         params += count
+        tensors.append((name, dtype, lo, hi))
     if 8 + n + end != size:
         raise ModelError(
             f"{path.name} is truncated or padded ({size} bytes, header says {8 + n + end}); re-download or re-save the model"
         )
+    _check_finite(path, 8 + n, tensors)
     return params
 
 
@@ -107,6 +144,10 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
         v = config.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
+    for key in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -127,6 +168,20 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
     if not (path / "tokenizer.json").is_file():
         raise ModelError(
             f"{path} has no tokenizer.json; save the tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        )
+    try:
+        from tokenizers import Tokenizer
+
+        tok_vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise ModelError(
+            f"{path / 'tokenizer.json'} cannot be read by tokenizers ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__}); "
+            "re-save the tokenizer"
+        ) from None
+    if tok_vocab > config["vocab_size"]:
+        raise ModelError(
+            f"tokenizer.json has {tok_vocab} tokens but config.json vocab_size is {config['vocab_size']}; "
+            "the tokenizer does not belong to this model"
         )
     hashed = [cfg_path, *weights] + [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
     return ModelInfo(
