@@ -231,6 +231,8 @@ def _read_yaml(path: Path) -> Any:
         raise TargetError(f"cannot read target profile {path}: {e}; fix or remove the file") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise TargetError(f"target profile {path} is nested too deeply; fix the file") from None
     except yaml.YAMLError as e:
         line = str(e).replace("\n", " ")
         raise TargetError(f"target profile {path} is not valid YAML ({line}); fix the file") from None
@@ -240,26 +242,37 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in targets_dir().glob("*.yaml"))
 
 
-def load_target(name_or_path: str) -> Target:
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        return False
+
+
+def load_target(name_or_path: str, _seen: tuple[str, ...] = ()) -> Target:
     """Load a shipped profile by name (``raspberrypi5``) or a profile file by path.
 
     An alias profile (``alias_of: raspberrypi5``) resolves to the profile it names, keeping
     its own name so that the manifest records what the user asked for.
     """
+    if not isinstance(name_or_path, str):
+        raise TargetError(f"a target is a profile name or a .yaml path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise TargetError(f"target profile file {path} does not exist")
+    if name_or_path.endswith((".yaml", ".yml")) or _is_file(path):
+        if not _is_file(path):
+            raise TargetError(f"target profile file {name_or_path[:200]} does not exist")
     else:
         path = targets_dir() / f"{name_or_path}.yaml"
-        if not path.is_file():
+        if not _is_file(path):
             names = ", ".join(list_targets())
-            raise TargetError(f"unknown target {name_or_path!r}; choose one of: {names}")
+            raise TargetError(f"unknown target {name_or_path[:100]!r}; choose one of: {names}")
+    if str(path.resolve()) in _seen or len(_seen) > 8:
+        raise TargetError(f"{path}: alias_of forms a cycle ({' -> '.join(Path(p).name for p in _seen)} -> {path.name})")
     data = _read_yaml(path)
     if isinstance(data, dict) and set(data) <= {"name", "alias_of", "description", "schema_version"} and data.get("alias_of"):
         alias = data["alias_of"]
         if not isinstance(alias, str) or alias == path.stem:
             raise TargetError(f"{path}: alias_of must name another target")
-        base = load_target(alias)
+        base = load_target(alias, _seen + (str(path.resolve()),))
         return dataclasses.replace(base, name=str(data.get("name", path.stem)), alias_of=base.name)
     return parse_target(data, source=path.name)
