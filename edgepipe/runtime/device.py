@@ -56,8 +56,10 @@ def mem_available_mb() -> float | None:
 def check_free_ram(artifact: Path, manifest: dict[str, Any] | None = None) -> None:
     """Refuse to load when the device has clearly too little free memory for the model."""
     need = artifact_bytes(artifact) / 2**20 * 1.3 + 64
-    measured = ((manifest or {}).get("metrics") or {}).get("throughput", {}).get("peak_rss_mb")
-    if isinstance(measured, (int, float)):
+    metrics = (manifest or {}).get("metrics")
+    throughput = metrics.get("throughput") if isinstance(metrics, dict) else None
+    measured = throughput.get("peak_rss_mb") if isinstance(throughput, dict) else None
+    if isinstance(measured, (int, float)) and not isinstance(measured, bool) and 0 < measured < 1e7:
         need = max(need, float(measured))
     avail = mem_available_mb()
     if avail is not None and avail < need:
