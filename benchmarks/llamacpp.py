@@ -1,0 +1,216 @@
+"""A cached CPU build of llama.cpp, taken from the ``llama-cpp-python`` sdist on PyPI.
+
+The sdist vendors llama.cpp under ``vendor/llama.cpp`` (sources, ``convert_hf_to_gguf.py``,
+``gguf-py``). We build only the command-line tools the benchmark needs, once, into
+``$EDGEPIPE_CACHE/llamacpp/<version>/`` (or ``~/.cache/edgepipe/llamacpp/<version>/``)::
+
+    from benchmarks.llamacpp import ensure_llamacpp
+    paths = ensure_llamacpp(print)
+    subprocess.run([paths.quantize, "in.gguf", "out.gguf", "Q4_0"])
+
+The build is not "native": ``-DGGML_NATIVE=ON`` turns on the AMX kernels on Sapphire Rapids class
+CPUs, which crash on quantized models here. We pin AVX2/AVX-512/VNNI/FMA/F16C and switch AMX off.
+
+Run ``python benchmarks/llamacpp.py`` to build (or just print the paths of) the cached tools.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# the converter imports sentencepiece before it looks for a tokenizer.model (llama.cpp's
+# requirements-convert pins sentencepiece>=0.1.98,<0.3.0); kept out of the host environment
+CONVERT_PYDEPS = ("sentencepiece==0.2.1",)
+TARGETS = ("llama-quantize", "llama-bench", "llama-perplexity")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_AVX512=ON",
+    "-DGGML_AVX512_VNNI=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_AMX_TILE=OFF",
+    "-DGGML_AMX_INT8=OFF",
+    "-DGGML_AMX_BF16=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DGGML_OPENMP=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path  # $cache/llamacpp/<version>
+    src: Path  # the vendored llama.cpp tree
+    bin: Path
+    quantize: Path
+    bench: Path
+    perplexity: Path
+    convert: Path  # convert_hf_to_gguf.py
+    gguf_py: Path  # the vendored gguf package, to put first on PYTHONPATH for the converter
+    pydeps: Path  # the converter's own Python needs that the host may lack (sentencepiece), pip --target
+    version: str
+    commit: str  # llama.cpp build number / commit as the tools report it, if known
+
+    def convert_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.gguf_py), str(self.pydeps), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return env
+
+    def convert_cmd(self, model_dir: Path, out: Path, outtype: str = "f32") -> list[str]:
+        """The host python runs the vendored converter (use with ``env=self.convert_env()``)."""
+        return [sys.executable, str(self.convert), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+
+
+def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    base = Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe")
+    return base / "llamacpp" / version
+
+
+def _paths(root: Path, version: str, commit: str = "") -> Paths:
+    src = root / "src" / "vendor" / "llama.cpp"
+    bin_ = root / "build" / "bin"
+    return Paths(
+        root=root,
+        src=src,
+        bin=bin_,
+        quantize=bin_ / "llama-quantize",
+        bench=bin_ / "llama-bench",
+        perplexity=bin_ / "llama-perplexity",
+        convert=src / "convert_hf_to_gguf.py",
+        gguf_py=src / "gguf-py",
+        pydeps=root / "pydeps",
+        version=version,
+        commit=commit,
+    )
+
+
+def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION) -> Paths | None:
+    """The cached build if it is complete, else None (never builds)."""
+    root = cache_dir(version)
+    marker = root / ".complete"
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except ValueError:
+        return None
+    p = _paths(root, version, info.get("commit", ""))
+    if all(x.is_file() for x in (p.quantize, p.bench, p.perplexity, p.convert)) and (p.pydeps / ".complete").is_file():
+        return p
+    return None
+
+
+def _ensure_pydeps(p: Paths, log, say: Progress) -> None:
+    if (p.pydeps / ".complete").is_file():
+        return
+    say(f"llama.cpp: installing the converter's Python needs ({', '.join(CONVERT_PYDEPS)}) into {p.pydeps}")
+    shutil.rmtree(p.pydeps, ignore_errors=True)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", p.pydeps, *CONVERT_PYDEPS], log)
+    (p.pydeps / ".complete").write_text("\n".join(CONVERT_PYDEPS))
+
+
+def _run(cmd: list[str], log, cwd: Path | None = None) -> None:
+    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.flush()
+    r = subprocess.run(list(map(str, cmd)), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log.name}")
+
+
+def ensure_llamacpp(progress: Progress | None = None, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Paths:
+    """Return the cached llama.cpp tools, downloading the sdist and building them first if needed."""
+    say = progress or (lambda _m: None)
+    found = cached_llamacpp(version)
+    if found:
+        return found
+    root = cache_dir(version)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits for the first build
+        found = cached_llamacpp(version)
+        if found:
+            return found
+        marker = root / ".complete"
+        if marker.is_file():  # tools built, only the converter's Python needs are missing
+            p = _paths(root, version, json.loads(marker.read_text()).get("commit", ""))
+            with open(root / "pydeps.log", "w") as log:
+                _ensure_pydeps(p, log, say)
+            return p
+        for name in ("src", "build"):
+            shutil.rmtree(root / name, ignore_errors=True)
+        t0 = time.time()
+        with open(root / "build.log", "w") as log:
+            say(f"llama.cpp: downloading the llama-cpp-python {version} sdist")
+            with tempfile.TemporaryDirectory() as dl:
+                # only this package as source: `--no-binary :all:` would also build every build
+                # dependency (scikit-build-core, setuptools, ...) from source, recursively
+                _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                      "-d", dl, f"llama-cpp-python=={version}"], log)
+                sdists = list(Path(dl).glob("llama_cpp_python-*.tar.gz")) + list(Path(dl).glob("llama-cpp-python-*.tar.gz"))
+                if not sdists:
+                    raise RuntimeError(f"no sdist downloaded into {dl}: {os.listdir(dl)}")
+                with tarfile.open(sdists[0]) as tf:
+                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-src-", dir=root))
+                    tf.extractall(tmp, filter="data")
+                top = next(tmp.iterdir())
+                os.replace(top, root / "src")
+                shutil.rmtree(tmp, ignore_errors=True)
+            p = _paths(root, version)
+            if not (p.src / "CMakeLists.txt").is_file():
+                raise RuntimeError(f"{p.src} has no CMakeLists.txt: not the expected sdist layout")
+            say(f"llama.cpp: configuring ({' '.join(CMAKE_FLAGS)})")
+            gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+            _run(["cmake", "-S", p.src, "-B", root / "build", *gen, *CMAKE_FLAGS], log)
+            say(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs} (several minutes on 2 cores)")
+            _run(["cmake", "--build", root / "build", "--config", "Release", f"-j{jobs}", "--target", *TARGETS], log)
+            _ensure_pydeps(p, log, say)
+        commit = _tool_version(p.quantize)
+        seconds = time.time() - t0
+        (root / ".complete").write_text(json.dumps({
+            "version": version, "commit": commit, "build_seconds": round(seconds, 1),
+            "cmake_flags": list(CMAKE_FLAGS), "targets": list(TARGETS), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }, indent=2))
+        say(f"llama.cpp: built in {seconds:.0f} s into {root}")
+        return _paths(root, version, commit)
+
+
+def build_info(version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
+    marker = cache_dir(version) / ".complete"
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
+def _tool_version(exe: Path) -> str:
+    """llama.cpp's build number and commit, e.g. 'b6999 (abc1234)', as ``--version`` prints them."""
+    try:
+        r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for line in (r.stdout + r.stderr).splitlines():
+        if line.startswith("version:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+if __name__ == "__main__":
+    paths = ensure_llamacpp(lambda m: print(m, flush=True))
+    print(json.dumps({k: str(v) for k, v in asdict(paths).items()}, indent=2))

@@ -1,0 +1,621 @@
+"""edgepipe vs llama.cpp on the same weights, on this machine, in one run.
+
+    python benchmarks/vs_llamacpp.py [--model HF_FOLDER] [--threads 2] [--eval FILE] [--reps 3]
+                                     [--no-speed] [--no-edgepipe] [--json OUT.json] [--markdown OUT.md]
+
+What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sha>/``):
+
+1. llama.cpp tools from the llama-cpp-python sdist (``benchmarks/llamacpp.py``, built once).
+2. The HF folder -> GGUF f32 with llama.cpp's own converter (the full-precision reference), then
+   ``llama-quantize`` to Q8_0, Q4_0 and Q4_K_M (no imatrix: llama.cpp's plain recipe).
+3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
+   ``edgepipe.build.build`` (its stage cache makes a rebuild cheap; an artifact already built for
+   the same target config and model is reused).
+4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
+   * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
+     ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
+     512-token chunk, scoring the second half of each chunk (positions 256..510 predict 257..511).
+   * edgepipe, same protocol: the token ids are read back from llama.cpp's base-logits file, so
+     both engines see identical tokens; each chunk is run through the edgepipe artifact and its own
+     fp32 ONNX export, and PPL ratio / exact KL / top-1 agreement are taken on the same positions.
+     The f32 GGUF's stored log-probs give a cross-check (KL of edgepipe's quant and fp32 export
+     against llama.cpp's f32 reference).
+   * edgepipe's own figures from the artifact manifest (``metrics.accuracy``: first 8 windows of
+     512 tokens, every position scored, vs the fp32 export) are reported alongside.
+5. Speed, interleaved A B A B for ``--reps`` rounds with the same thread count: llama-bench
+   ``-p 128,512 -n 128 -r 1`` per round, and for edgepipe a fresh process that times a 128- and a
+   512-token prefill from an empty cache and 128 single-token decode steps (warm-up first, like
+   llama-bench). Peak RSS of each process by ``/usr/bin/time -v``; edgepipe's own
+   ``python -m edgepipe.runtime bench --json`` figure is reported too.
+6. This machine's read bandwidth (a small C program, OpenMP, the same thread count), and decode
+   speed as a fraction of the bandwidth limit: bytes of weights read per generated token (all
+   tensors, minus an embedding table that is only gathered from, i.e. not tied to the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.llamacpp import Paths, build_info, ensure_llamacpp  # noqa: E402
+
+QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
+EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
+# which llama.cpp quant each edgepipe artifact is compared with
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
+CTX = 512
+PP = (128, 512)
+TG = 128
+
+Progress = Callable[[str], None]
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[Any], *, log: Path | None = None, env: dict[str, str] | None = None, check: bool = True) -> str:
+    cmd = [str(c) for c in cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = r.stdout + r.stderr
+    if log:
+        log.write_text(f"$ {' '.join(cmd)}\n{out}")
+    if check and r.returncode:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+
+
+def convert_and_quantize(lc: Paths, model_dir: Path, work: Path, threads: int) -> dict[str, Path]:
+    ggufs: dict[str, Path] = {}
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        say(f"converting {model_dir} to GGUF f32 with llama.cpp's convert_hf_to_gguf.py")
+        tmp = work / "f32.gguf.tmp"
+        run(lc.convert_cmd(model_dir, tmp, "f32"), log=work / "convert.log", env=lc.convert_env())
+        os.replace(tmp, f32)
+    ggufs["f32"] = f32
+    for q in QUANTS:
+        out = work / f"{q}.gguf"
+        if not out.is_file():
+            say(f"llama-quantize f32 -> {q}")
+            tmp = work / f"{q}.gguf.tmp"
+            run([lc.quantize, f32, tmp, q, threads], log=work / f"quantize-{q}.log")
+            os.replace(tmp, out)
+        ggufs[q] = out
+    return ggufs
+
+
+def gguf_tensors(path: Path, lc: Paths) -> dict[str, Any]:
+    """Tensor bytes by type, and the bytes a decode step reads (the embedding is skipped unless tied)."""
+    sys.path.insert(0, str(lc.gguf_py))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    r = GGUFReader(str(path))
+    by_type: dict[str, int] = {}
+    total = 0
+    names = {}
+    for t in r.tensors:
+        n = int(t.n_bytes)
+        total += n
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+        names[t.name] = (t.tensor_type.name, n)
+    tied = "output.weight" not in names
+    embd = names.get("token_embd.weight", ("", 0))
+    read = total if tied else total - embd[1]
+    return {
+        "tensor_bytes": total,
+        "bytes_by_type": by_type,
+        "token_embd_type": embd[0],
+        "output_type": names["output.weight"][0] if not tied else embd[0] + " (tied to token_embd)",
+        "tied_embeddings": tied,
+        "read_bytes_per_token": read,
+    }
+
+
+# --------------------------------------------------------------------------- llama-perplexity / KLD
+
+_NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
+def _grab(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def llama_quality(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int) -> dict[str, Any]:
+    base = work / f"kld-base-c{CTX}.bin"
+    stamp = work / f"kld-base-c{CTX}.json"
+    ev_key = {"eval": str(eval_file), "mtime": eval_file.stat().st_mtime_ns, "size": eval_file.stat().st_size}
+    res: dict[str, Any] = {}
+    if not (base.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == ev_key):
+        say(f"llama-perplexity: f32 reference logits on {eval_file.name} (-c {CTX})")
+        out = run([lc.perplexity, "-m", ggufs["f32"], "-f", eval_file, "-c", CTX, "-b", CTX, "-t", threads,
+                   "--kl-divergence-base", base], log=work / "ppl-f32.log")
+        stamp.write_text(json.dumps({"key": ev_key, "ppl": _grab(r"Final estimate: PPL = " + _NUM, out)}))
+    out = (work / "ppl-f32.log").read_text()
+    res["f32"] = {
+        "perplexity": _grab(r"Final estimate: PPL = " + _NUM, out),
+        "chunks": int(_grab(r"calculating perplexity over (\d+) chunks", out) or 0),
+    }
+    for q in QUANTS:
+        log = work / f"kld-{q}-c{CTX}.log"
+        if not (log.is_file() and "Mean    KLD" in log.read_text() and log.stat().st_mtime > base.stat().st_mtime):
+            say(f"llama-perplexity --kl-divergence: {q} vs f32")
+            run([lc.perplexity, "-m", ggufs[q], "-c", CTX, "-b", CTX, "-t", threads,
+                 "--kl-divergence-base", base, "--kl-divergence"], log=log)
+        out = log.read_text()
+        ratio = _grab(r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*" + _NUM, out)
+        res[q] = {
+            "perplexity": _grab(r"Mean PPL\(Q\)\s*:\s*" + _NUM, out),
+            "reference_perplexity": _grab(r"Mean PPL\(base\)\s*:\s*" + _NUM, out),
+            "ppl_increase_pct": None if ratio is None else 100.0 * (ratio - 1.0),
+            "kl_divergence": _grab(r"Mean    KLD:\s*" + _NUM, out),
+            "kl_divergence_99pct": _grab(r"99\.0%\s+KLD:\s*" + _NUM, out),
+            "top1_agreement": (lambda v: None if v is None else v / 100.0)(_grab(r"Same top p:\s*" + _NUM, out)),
+        }
+    return res
+
+
+def read_kld_base(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    """llama-perplexity's ``--kl-divergence-base`` file: (n_ctx, tokens [chunks, n_ctx], log-probs of
+    the scored positions [chunks, n_ctx - 1 - n_ctx/2, n_vocab] as float32).
+
+    Layout: b"_logits_", u32 n_ctx, i32 n_vocab, i32 n_chunk, i32 tokens[n_chunk * n_ctx], then per
+    chunk and scored position ``2*((n_vocab+1)//2) + 4`` uint16: two float32 (scale, min log-prob)
+    and n_vocab uint16 q, log p = scale * q + min (floored 16 nats below the maximum).
+    """
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ValueError(f"{path} is not a llama-perplexity logits file")
+        n_ctx = int(np.frombuffer(f.read(4), np.uint32)[0])
+        n_vocab, n_chunk = (int(x) for x in np.frombuffer(f.read(8), np.int32))
+        tokens = np.frombuffer(f.read(4 * n_chunk * n_ctx), np.int32).reshape(n_chunk, n_ctx)
+        nv = 2 * ((n_vocab + 1) // 2) + 4
+        n_pos = n_ctx - 1 - n_ctx // 2
+        raw = np.frombuffer(f.read(2 * nv * n_pos * n_chunk), np.uint16).reshape(n_chunk, n_pos, nv)
+    head = np.ascontiguousarray(raw[:, :, :4]).view(np.float32)  # [chunk, pos, 2]
+    lp = raw[:, :, 4 : 4 + n_vocab].astype(np.float32) * head[:, :, :1] + head[:, :, 1:2]
+    return n_ctx, tokens.astype(np.int64), lp
+
+
+# ------------------------------------------------------------------------------------- edgepipe
+
+
+def edgepipe_artifacts(model_dir: Path, work: Path, progress: Progress) -> dict[str, Path]:
+    from edgepipe.build import build
+    from edgepipe.export import inspect_model
+    from edgepipe.targets import load_target
+
+    sha = inspect_model(model_dir).sha256
+    out: dict[str, Path] = {}
+    for target, label in EDGEPIPE_TARGETS.items():
+        art = work / f"edgepipe-{target}"
+        tgt = load_target(target).to_dict()
+        mpath = art / "manifest.json"
+        reuse = False
+        if mpath.is_file():
+            try:
+                m = json.loads(mpath.read_text())
+                reuse = m.get("target") == tgt and (m.get("source_model") or {}).get("sha256") == sha
+            except ValueError:
+                reuse = False
+        if reuse:
+            progress(f"edgepipe {target}: reusing {art}")
+        else:
+            progress(f"edgepipe build --target {target} (stage cache)")
+            build(model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}"))
+        out[label] = art
+    return out
+
+
+def fp32_export_dir(model_dir: Path, progress: Progress) -> Path:
+    """edgepipe's fp32 ONNX export of the model (the stage ``build`` keys it by; exported if absent)."""
+    from edgepipe.build import _versions
+    from edgepipe.cache import cached_stage
+    from edgepipe.export import export_fp32, inspect_model
+
+    info = inspect_model(model_dir)
+    versions = _versions()
+    key = {"source": info.sha256, "genai": versions["onnxruntime-genai"], "transformers": versions["transformers"], "v": 1}
+
+    def do_export(tmp: Path) -> None:
+        export_fp32(info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=progress)
+        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+
+    d, _ = cached_stage("export", key, do_export, progress=progress)
+    return d / "model"
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def edgepipe_quality_matched(
+    arts: dict[str, Path], fp32_dir: Path, base_file: Path, threads: int, progress: Progress
+) -> dict[str, Any]:
+    """edgepipe's models on llama-perplexity's exact tokens and scored positions."""
+    from edgepipe.runtime.model import CausalLM
+
+    n_ctx, tokens, llama_lp = read_kld_base(base_file)
+    first = n_ctx // 2
+    tgt = tokens[:, first + 1 :]  # [chunk, n_pos]
+    pos = np.arange(tgt.shape[1])
+
+    def run_model(d: Path) -> list[np.ndarray]:
+        lm = CausalLM(d, threads=threads)
+        return [_log_softmax(lm.logits(tokens[c])[first : n_ctx - 1]).astype(np.float32) for c in range(tokens.shape[0])]
+
+    def compare(lp_q: list[np.ndarray], lp_ref: list[np.ndarray] | np.ndarray) -> dict[str, float]:
+        nll = nll_ref = kl = 0.0
+        agree = n = 0
+        for c, q in enumerate(lp_q):
+            r = np.asarray(lp_ref[c], dtype=np.float64)
+            q = q.astype(np.float64)
+            nll -= q[pos, tgt[c]].sum()
+            nll_ref -= r[pos, tgt[c]].sum()
+            kl += float((np.exp(r) * (r - q)).sum())
+            agree += int((q.argmax(-1) == r.argmax(-1)).sum())
+            n += len(pos)
+        ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
+        return {"perplexity": ppl, "reference_perplexity": ppl_ref, "ppl_increase_pct": 100.0 * (ppl / ppl_ref - 1.0),
+                "kl_divergence": kl / n, "top1_agreement": agree / n, "scored_tokens": n}
+
+    progress(f"edgepipe quality on llama-perplexity's tokens: fp32 export ({tokens.shape[0]} chunks of {n_ctx})")
+    ref = run_model(fp32_dir)
+    res: dict[str, Any] = {"fp32_vs_llama_f32": compare(ref, llama_lp)}
+    for label, art in arts.items():
+        progress(f"edgepipe quality on llama-perplexity's tokens: {label}")
+        q = run_model(art)
+        res[label] = compare(q, ref)
+        res[label]["vs_llama_f32"] = compare(q, llama_lp)
+    return res
+
+
+EDGEPIPE_SPEED_CODE = r"""
+import json, sys, time
+import numpy as np
+from pathlib import Path
+from edgepipe.runtime.model import CausalLM
+from edgepipe.runtime.device import peak_rss_mb
+art, threads, pps, tg = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
+lm = CausalLM(art, threads=threads)
+vocab = lm.spec.vocab_size
+ids = (np.arange(max(pps), dtype=np.int64) * 7919 + 13) % max(vocab - 1, 1) + 1   # as device.bench
+def decode(n):
+    logits, cache = lm.forward(ids[None, :1], lm.empty_cache())
+    nxt = int(np.argmax(logits[0, -1]))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits, cache = lm.forward(np.array([[nxt]], dtype=np.int64), cache)
+        nxt = int(np.argmax(logits[0, -1]))
+    return n / (time.perf_counter() - t0)
+out = {}
+for p in pps:   # warm-up once per shape, like llama-bench's warm-up run per test
+    lm.forward(ids[None, :p], lm.empty_cache())
+decode(4)
+for p in pps:
+    t0 = time.perf_counter()
+    lm.forward(ids[None, :p], lm.empty_cache())
+    out[f"pp{p}"] = p / (time.perf_counter() - t0)
+out[f"tg{tg}"] = decode(tg)
+out["vmhwm_mb"] = peak_rss_mb()
+out["threads"] = lm.session.get_session_options().intra_op_num_threads
+print(json.dumps(out))
+"""
+
+
+def _time_v(cmd: list[Any]) -> tuple[str, float]:
+    """Run under /usr/bin/time -v; return stdout and the peak RSS in MB."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        r = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr.strip()[-800:]}")
+        rss = _grab(r"Maximum resident set size \(kbytes\):\s*(\d+)", tf.read())
+    return r.stdout, (rss or 0) / 1024
+
+
+def llama_speed(lc: Paths, gguf: Path, threads: int) -> dict[str, float]:
+    out, rss = _time_v([lc.bench, "-m", gguf, "-p", ",".join(map(str, PP)), "-n", TG, "-t", threads, "-r", 1, "-o", "json"])
+    res: dict[str, float] = {"peak_rss_mb": rss}
+    for row in json.loads(out):
+        key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+        res[key] = float(row["avg_ts"])
+    return res
+
+
+def edgepipe_speed(art: Path, threads: int) -> dict[str, float]:
+    out, rss = _time_v([sys.executable, "-c", EDGEPIPE_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG])
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mb"] = rss
+    return res
+
+
+def edgepipe_runtime_bench(art: Path, threads: int) -> dict[str, Any]:
+    out, rss = _time_v([sys.executable, "-m", "edgepipe.runtime", "bench", art, "--json", "--threads", threads])
+    res = json.loads(out.strip().splitlines()[-1])
+    res["time_v_peak_rss_mb"] = rss
+    return res
+
+
+def onnx_read_bytes(art: Path) -> dict[str, int]:
+    """Initializer bytes of an artifact, and those a decode step reads: tables used only as the data
+    input of a Gather / GatherBlockQuantized (one row per token) are left out."""
+    import onnx
+
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(np.prod(t.dims) * 4)
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name in sizes:
+                uses.setdefault(name, []).append((node.op_type, i))
+    gathered = [n for n, u in uses.items() if u and all(op.startswith("Gather") and i == 0 for op, i in u)]
+    # a GatherBlockQuantized table's scales/zero points go with it
+    skip = set(gathered)
+    for node in m.graph.node:
+        if node.op_type == "GatherBlockQuantized":
+            for name in node.input[2:]:
+                if name in sizes and all(op == "GatherBlockQuantized" for op, _ in uses.get(name, [])):
+                    skip.add(name)
+    total = sum(sizes.values())
+    return {"tensor_bytes": total, "read_bytes_per_token": total - sum(sizes[n] for n in skip), "gather_only": sorted(skip)}
+
+
+# ------------------------------------------------------------------------------------ bandwidth
+
+BW_C = r"""
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)1 << 27;  /* 1 GiB of uint64 */
+    int reps = argc > 1 ? atoi(argv[1]) : 10;
+    uint64_t *a = aligned_alloc(64, n * sizeof(uint64_t));
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = i;
+    double best = 1e30; uint64_t sink = 0;
+    for (int r = 0; r < reps; r++) {
+        double t0 = omp_get_wtime(); uint64_t s = 0;
+        #pragma omp parallel for schedule(static) reduction(+:s)
+        for (size_t i = 0; i < n; i++) s += a[i];
+        double dt = omp_get_wtime() - t0; sink += s;
+        if (dt < best) best = dt;
+    }
+    printf("%.3f %llu %d\n", n * sizeof(uint64_t) / best / 1e9, (unsigned long long)(sink & 1), omp_get_max_threads());
+    return 0;
+}
+"""
+
+
+def read_bandwidth_gbs(work: Path, threads: int) -> dict[str, Any]:
+    exe = work / "bwread"
+    if not exe.is_file():
+        src = work / "bwread.c"
+        src.write_text(BW_C)
+        run(["gcc", "-O3", "-march=native", "-fopenmp", src, "-o", exe])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="close")
+    best = max(float(run([exe, 10], env=env).split()[0]) for _ in range(3))
+    return {"read_gbs": best, "threads": threads, "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes"}
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def machine_facts() -> dict[str, Any]:
+    facts: dict[str, Any] = {"cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        facts["cpu_model"] = (re.search(r"Model name:\s*(.+)", lscpu) or [None, "?"])[1].strip()
+    except OSError:
+        facts["cpu_model"] = platform.processor()
+    try:
+        facts["ram_gb"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    facts["loadavg"] = os.getloadavg()
+    return facts
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "–"
+    return format(v, spec)
+
+
+def _med(rows: list[dict[str, float]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(R: dict[str, Any]) -> str:
+    lines: list[str] = []
+    bw = (R.get("bandwidth") or {}).get("read_gbs")
+    rows = []
+    for name in ["f32", *QUANTS]:
+        g = R["llama"]["files"][name]
+        q = R["llama"]["quality"].get(name, {})
+        sp = R.get("speed", {}).get(name, [])
+        rows.append(("llama.cpp", name, g, q, sp))
+    for label in R.get("edgepipe", {}).get("artifacts", {}):
+        g = R["edgepipe"]["files"][label]
+        q = R["edgepipe"]["quality_matched"].get(label, {})
+        sp = R.get("speed", {}).get(label, [])
+        rows.append(("edgepipe", label, g, q, sp))
+    lines.append("| engine | weights | file MB | read/token MB | pp128 tok/s | pp512 tok/s | tg128 tok/s | decode % of BW | peak RSS MB | PPL | PPL +% | mean KL | top-1 agree |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for eng, name, g, q, sp in rows:
+        tg = _med(sp, f"tg{TG}")
+        frac = (tg * g["read_bytes_per_token"] / (bw * 1e9) * 100) if (tg and bw) else None
+        lines.append(
+            f"| {eng} | {name} | {g['file_bytes'] / 1e6:.1f} | {g['read_bytes_per_token'] / 1e6:.1f} | "
+            f"{_fmt(_med(sp, 'pp128'), '.0f')} | {_fmt(_med(sp, 'pp512'), '.0f')} | {_fmt(tg, '.1f')} | {_fmt(frac, '.0f')} | "
+            f"{_fmt(_med(sp, 'peak_rss_mb'), '.0f')} | {_fmt(q.get('perplexity'), '.3f')} | {_fmt(q.get('ppl_increase_pct'), '.2f')} | "
+            f"{_fmt(q.get('kl_divergence'), '.4f')} | {_fmt(q.get('top1_agreement'), '.3f')} |"
+        )
+    lines.append("")
+    if R.get("edgepipe"):
+        lines.append("Ratios edgepipe / llama.cpp (speed: higher is faster for edgepipe; size, PPL increase, KL: lower is better for edgepipe):")
+        lines.append("")
+        lines.append("| edgepipe vs llama.cpp | tg128 | pp512 | file size | PPL increase | mean KL |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for ep, lq in PAIRS:
+            if ep not in R["edgepipe"]["artifacts"]:
+                continue
+            a_sp, b_sp = R.get("speed", {}).get(ep, []), R.get("speed", {}).get(lq, [])
+            a_q, b_q = R["edgepipe"]["quality_matched"].get(ep, {}), R["llama"]["quality"].get(lq, {})
+
+            def ratio(a, b):
+                return None if a is None or b in (None, 0) else a / b
+
+            lines.append(
+                f"| {ep} / {lq} | {_fmt(ratio(_med(a_sp, f'tg{TG}'), _med(b_sp, f'tg{TG}')))} | "
+                f"{_fmt(ratio(_med(a_sp, 'pp512'), _med(b_sp, 'pp512')))} | "
+                f"{_fmt(ratio(R['edgepipe']['files'][ep]['file_bytes'], R['llama']['files'][lq]['file_bytes']))} | "
+                f"{_fmt(ratio(a_q.get('ppl_increase_pct'), b_q.get('ppl_increase_pct')))} | "
+                f"{_fmt(ratio(a_q.get('kl_divergence'), b_q.get('kl_divergence')))} |"
+            )
+        lines.append("")
+        lines.append("edgepipe's own validation (artifact manifest `metrics.accuracy`: first 8 windows of 512 tokens, all positions, vs its fp32 ONNX export):")
+        lines.append("")
+        lines.append("| artifact | target | PPL | ref PPL | PPL +% | mean KL | top-1 agree | KL vs llama.cpp f32 (matched) |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for label, m in R["edgepipe"]["manifest_accuracy"].items():
+            x = R["edgepipe"]["quality_matched"].get(label, {}).get("vs_llama_f32", {})
+            lines.append(
+                f"| {label} | {R['edgepipe']['targets'][label]} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('reference_perplexity'), '.3f')} | "
+                f"{_fmt(m.get('ppl_increase_pct'), '.2f')} | {_fmt(m.get('kl_divergence'), '.4f')} | {_fmt(m.get('top1_agreement'), '.3f')} | "
+                f"{_fmt(x.get('kl_divergence'), '.4f')} |"
+            )
+        x = R["edgepipe"]["quality_matched"].get("fp32_vs_llama_f32")
+        if x:
+            lines.append("")
+            lines.append(
+                f"Reference check on the matched positions: edgepipe fp32 ONNX PPL {x['perplexity']:.4f} vs llama.cpp f32 GGUF PPL "
+                f"{x['reference_perplexity']:.4f} ({x['ppl_increase_pct']:+.3f}%), KL {x['kl_divergence']:.5f}, top-1 agreement {x['top1_agreement']:.4f}."
+            )
+    if bw:
+        lines.append("")
+        lines.append(f"Read bandwidth ({R['bandwidth']['threads']} threads, {R['bandwidth']['method']}): {bw:.1f} GB/s.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
+    p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
+    p.add_argument("--json", type=Path, help="write every figure here (default: the work folder's results.json)")
+    p.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    args = p.parse_args(argv)
+
+    from edgepipe.export import inspect_model
+    from edgepipe.models import cache_root, default_model_dir
+
+    t_start = time.time()
+    load_before = os.getloadavg()
+    lc = ensure_llamacpp(say)
+    model_dir = (args.model or default_model_dir(say)).resolve()
+    info = inspect_model(model_dir)
+    eval_file = (args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt").resolve()
+    work = cache_root() / "vs_llamacpp" / info.sha256[:16]
+    work.mkdir(parents=True, exist_ok=True)
+    T = args.threads
+    R: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": str(model_dir),
+        "model_sha256": info.sha256,
+        "parameters": info.num_parameters,
+        "eval_file": str(eval_file),
+        "threads": T,
+        "reps": args.reps,
+        "machine": machine_facts(),
+        "llamacpp": {"llama_cpp_python": lc.version, "llama_cpp": lc.commit, **{k: v for k, v in build_info().items() if k != "version"}},
+        "work": str(work),
+    }
+
+    ggufs = convert_and_quantize(lc, model_dir, work, T)
+    R["llama"] = {"files": {}, "quality": {}}
+    for name, path in ggufs.items():
+        R["llama"]["files"][name] = {"path": str(path), "file_bytes": path.stat().st_size, **gguf_tensors(path, lc)}
+    R["llama"]["quality"] = llama_quality(lc, ggufs, eval_file, work, T)
+
+    arts: dict[str, Path] = {}
+    if not args.no_edgepipe:
+        arts = edgepipe_artifacts(model_dir, work, say)
+        R["edgepipe"] = {"artifacts": {k: str(v) for k, v in arts.items()}, "files": {}, "manifest_accuracy": {}, "targets": {}}
+        for label, art in arts.items():
+            m = json.loads((art / "manifest.json").read_text())
+            R["edgepipe"]["files"][label] = {"file_bytes": int(m["metrics"]["artifact_bytes"]), **onnx_read_bytes(art)}
+            R["edgepipe"]["manifest_accuracy"][label] = m["metrics"]["accuracy"]
+            R["edgepipe"]["targets"][label] = m["target"]["name"]
+            R["edgepipe"].setdefault("quantization", {})[label] = m["target"]["quantization"]
+        R["edgepipe"]["quality_matched"] = edgepipe_quality_matched(
+            arts, fp32_export_dir(model_dir, say), work / f"kld-base-c{CTX}.bin", T, say
+        )
+
+    if not args.no_speed:
+        R["bandwidth"] = read_bandwidth_gbs(work, T)
+        say(f"read bandwidth: {R['bandwidth']['read_gbs']:.1f} GB/s")
+        R["speed"] = {}
+        order: list[tuple[str, Callable[[], dict[str, float]]]] = []
+        # A B A B: each llama.cpp quant next to its edgepipe counterpart, f32 last
+        for ep, lq in (("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M"), (None, "f32")):
+            order.append((lq, lambda g=ggufs[lq]: llama_speed(lc, g, T)))
+            if ep and ep in arts:
+                order.append((ep, lambda a=arts[ep]: edgepipe_speed(a, T)))
+        for rep in range(args.reps):
+            for name, fn in order:
+                r = fn()
+                r["rep"] = rep
+                R["speed"].setdefault(name, []).append(r)
+                say(f"rep {rep + 1}/{args.reps} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep"))
+        if arts:
+            R["edgepipe"]["runtime_bench"] = {label: edgepipe_runtime_bench(a, T) for label, a in arts.items()}
+    R["load_before"], R["load_after"] = load_before, os.getloadavg()
+    R["seconds"] = round(time.time() - t_start, 1)
+
+    out_json = args.json or work / "results.json"
+    out_json.write_text(json.dumps(R, indent=2, default=str))
+    text = summarize(R)
+    print(text)
+    print(f"\nall figures: {out_json}; load average before {load_before[0]:.2f}, after {R['load_after'][0]:.2f}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
