@@ -208,12 +208,10 @@ def calibration_passages(text: str, samples: int) -> list[str]:
         raise InputError("calibration text is too short: give at least a few paragraphs of real sentences")
     step = max(1, len(sentences) // samples)
     out = []
-    i = 0
     for k in range(samples):
         n = 1 + (k % 4)
         start = (k * step) % len(sentences)
         out.append(" ".join(sentences[start : start + n]))
-        i += 1
     return out
 
 
@@ -275,7 +273,7 @@ def _run(sess: Any, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([sess.run(None, f)[0] for f in feeds], axis=0).astype(np.float32)
 
 
-def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
     """Cosine per sentence and nearest-neighbour (retrieval) agreement between two embedding sets.
 
     Retrieval: each sentence queries all the others; the top-1 neighbour under the NPU
@@ -288,7 +286,7 @@ def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     r, g = unit(ref.astype(np.float64)), unit(got.astype(np.float64))
     cos = np.sum(r * g, axis=1)
     n = len(r)
-    metrics = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "eval_sentences": n}
+    metrics: dict[str, Any] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "eval_sentences": n}
     if n >= 3:
         sr, sg = r @ r.T, g @ g.T
         np.fill_diagonal(sr, -np.inf)
