@@ -427,10 +427,10 @@ def sha(p):
     return h.hexdigest()
 def main(a):
     base = os.path.abspath(os.path.expanduser(a["base"]))
-    art = os.path.join(base, "artifacts", a["artifact"])
-    os.makedirs(art, exist_ok=True)
+    art = os.path.join(base, "artifacts", a["artifact"]) if a.get("artifact") else None
+    os.makedirs(art or base, exist_ok=True)
     hashes = {}
-    for rel in a["files"]:
+    for rel in a.get("files") or []:
         p = os.path.join(art, *rel.split("/"))
         os.makedirs(os.path.dirname(p), exist_ok=True)
         hashes[rel] = sha(p) if os.path.isfile(p) and not os.path.islink(p) else None
@@ -501,7 +501,7 @@ def main(a):
     py = os.path.join(venv, "bin", "python")
     marker = os.path.join(venv, "edgepipe-venv.json")
     pip = [py, os.path.join(wheels, a["pip_wheel"], "pip"), "install", "--no-index", "--find-links", wheels,
-           "--no-cache-dir", "--disable-pip-version-check", "--no-input", "--quiet"]
+           "--no-cache-dir", "--disable-pip-version-check", "--no-input", "--quiet", "--no-compile"]
     if a["fresh"]:
         shutil.rmtree(venv, ignore_errors=True)
         r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], capture_output=True, text=True)
@@ -723,6 +723,19 @@ class SshRunner:
         return venv, "created" if fresh else "edgepipe-updated"
 
     # ------------------------------------------------------------------ public
+    def probe(
+        self, *, artifact_hash: str | None = None, files: Sequence[str] = (), eval_name: str | None = None
+    ) -> dict[str, Any]:
+        """Connect and describe the board: ``machine`` (uname -m), ``python``, ``libc``, ``cpu_model``,
+        ``ram_total_mb``, ``board``, ``base`` (the remote folder, absolute), ``rsync``, ``venvs`` (their
+        markers) and, for an artifact, ``artifact_dir`` and the remote ``hashes`` of ``files``.
+        Raises :class:`DeviceError` naming the problem (unreachable, unknown host key, auth, no python3)."""
+        return self._remote_python(
+            _PROBE,
+            {"base": self.spec.remote_dir, "artifact": artifact_hash, "files": sorted(files), "eval": eval_name},
+            what="probe",
+        )
+
     def validate(
         self,
         artifact: Path,
@@ -755,11 +768,7 @@ class SshRunner:
 
         say(f"connecting to {self.spec.destination} port {self.spec.port}")
         t0 = time.monotonic()
-        probe = self._remote_python(
-            _PROBE,
-            {"base": self.spec.remote_dir, "artifact": mhash[:16], "files": sorted(wanted), "eval": eval_name},
-            what="probe",
-        )
+        probe = self.probe(artifact_hash=mhash[:16], files=sorted(wanted), eval_name=eval_name)
         seconds: dict[str, float] = {"probe": round(time.monotonic() - t0, 2)}
         say(
             f"board: {probe.get('board') or probe.get('cpu_model') or '?'} ({probe.get('machine')}, "
