@@ -1,0 +1,259 @@
+"""Bad input tried on purpose, table-driven: CLI flags, target profiles, model folders, calibration /
+eval files, artifacts and manifests. Each row asserts the exit code, a distinctive piece of the
+one-line message, no traceback, and that nothing was written (no --out, no new cache entry) or lost
+(the workspace and the stage cache hold exactly what they held before)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgepipe.cli import main
+from reliability_support import TARGET, built_artifact, env, shared_cache, tiny_model, tree_state
+
+GOOD_TARGET = (Path(__file__).resolve().parent.parent / "targets" / f"{TARGET}.yaml").read_text()
+
+
+class W:
+    """A case's workspace: a fresh folder with helpers to make the bad thing in it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.out = root / "out"
+
+    def file(self, name: str, data: str | bytes) -> str:
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return str(p)
+
+    def target(self, text: str, name: str = "t.yaml") -> str:
+        return self.file(name, text)
+
+    def target_edit(self, old: str, new: str) -> str:
+        assert old in GOOD_TARGET, old
+        return self.target(GOOD_TARGET.replace(old, new))
+
+    def model(self) -> Path:
+        m = self.root / "model"
+        shutil.copytree(tiny_model(), m)
+        return m
+
+    def config_edit(self, **changes) -> Path:
+        m = self.model()
+        cfg = json.loads((m / "config.json").read_text())
+        cfg.update(changes)
+        (m / "config.json").write_text(json.dumps(cfg))
+        return m
+
+    def artifact(self) -> Path:
+        a = self.root / "art"
+        shutil.copytree(built_artifact(), a)
+        return a
+
+    def manifest_edit(self, fn: Callable[[dict], None]) -> Path:
+        a = self.artifact()
+        m = json.loads((a / "manifest.json").read_text())
+        fn(m)
+        (a / "manifest.json").write_text(json.dumps(m))
+        return a
+
+    def build(self, *extra: str, model: Path | None = None, target: str = TARGET) -> list[str]:
+        assert model is None or isinstance(model, Path), model
+        return ["build", "--model", str(model or tiny_model()), "--target", target, "--out", str(self.out), *extra]
+
+
+def _tamper_safetensors(m: Path, fn: Callable[[bytearray, dict, int], None]) -> Path:
+    p = m / "model.safetensors"
+    raw = bytearray(p.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + n])
+    fn(raw, header, 8 + n)
+    p.write_bytes(bytes(raw))
+    return m
+
+
+def _poison(value: float, dtype=np.float32):
+    def fn(raw: bytearray, header: dict, start: int) -> None:
+        name = next(k for k, t in header.items() if k != "__metadata__" and "layers.1.mlp" in k)
+        lo = header[name]["data_offsets"][0] + start
+        raw[lo + 8: lo + 12] = np.array([value], dtype=dtype).tobytes()
+
+    return fn
+
+
+def _truncate(raw: bytearray, header: dict, start: int) -> None:
+    del raw[len(raw) - 1000:]
+
+
+def _flip_byte(a: Path, name: str) -> Path:
+    p = a / name
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    return a
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: Callable[[W], list[str]]
+    code: int
+    message: str
+
+
+def _with(thing: Path, fn: Callable[[Path], object]) -> Path:
+    fn(thing)
+    return thing
+
+
+def _art(w: W, a: Path, cmd: str = "verify") -> list[str]:
+    if cmd == "run":
+        return ["run", str(a), "--prompt", "hello", "--max-new-tokens", "2"]
+    return [cmd, str(a)]
+
+
+CASES = [
+    # ---- the command line ----
+    Case("cli-no-target", lambda w: ["build", "--out", str(w.out)], 2, "Missing option '--target'"),
+    Case("cli-unknown-command", lambda w: ["frobnicate"], 2, "No such command"),
+    Case("cli-max-new-tokens-0", lambda w: ["run", str(w.root), "--prompt", "x", "--max-new-tokens", "0"], 2, "not in the range"),
+    Case("cli-max-new-tokens-huge", lambda w: ["run", str(w.root), "--prompt", "x", "--max-new-tokens", str(10**12)], 2, "not in the range"),
+    Case("cli-temperature-negative", lambda w: ["run", str(w.root), "--prompt", "x", "--temperature", "-1"], 2, "not in the range"),
+    Case("cli-temperature-nan", lambda w: _art(w, w.artifact(), "run") + ["--temperature", "nan"], 2, "not NaN"),
+    Case("cli-top-p-zero", lambda w: ["run", str(w.root), "--prompt", "x", "--top-p", "0"], 2, "not in the range"),
+    Case("cli-prune-not-a-number", lambda w: ["cache", "prune", "--max-mb", "lots"], 2, "is not a valid float"),
+    Case("cli-empty-prompt", lambda w: ["run", str(w.artifact()), "--prompt", ""], 2, "prompt is empty"),
+    Case("cli-out-is-a-file", lambda w: w.build("--out", w.file("f.txt", "x")), 2, "is a file; choose a folder path"),
+    Case("cli-out-not-artifact", lambda w: (w.file("out/notes.txt", "mine"), w.build())[1], 2, "is not an edgepipe artifact"),
+    Case("cli-out-under-a-file", lambda w: w.build("--out", w.file("f.txt", "x") + "/sub"), 2, "which is a file"),
+    # ---- target profiles ----
+    Case("target-unknown-name", lambda w: w.build(target="nope"), 2, "unknown target 'nope'"),
+    Case("target-unicode-name", lambda w: w.build(target="ラズパイ5 🍓"), 2, "unknown target"),
+    Case("target-huge-name", lambda w: w.build(target="x" * 5000), 2, "unknown target"),
+    Case("target-missing-file", lambda w: w.build(target=str(w.root / "gone.yaml")), 2, "does not exist"),
+    Case("target-empty-file", lambda w: w.build(target=w.target("")), 2, "must be a mapping, got NoneType"),
+    Case("target-top-level-list", lambda w: w.build(target=w.target("- a\n- b\n")), 2, "must be a mapping, got list"),
+    Case("target-unknown-key", lambda w: w.build(target=w.target(GOOD_TARGET + "colour: red\n")), 2, "unknown key 'colour'"),
+    Case("target-unknown-nested-key", lambda w: w.build(target=w.target_edit("  bits: 4", "  bitz: 4")), 2, "unknown key 'bitz'"),
+    Case("target-bits-3", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: 3")), 2, "allowed values"),
+    Case("target-bits-string", lambda w: w.build(target=w.target_edit("  bits: 4", '  bits: "4"')), 2, "allowed values"),
+    Case("target-bits-bool", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: true")), 2, "allowed values"),
+    Case("target-block-48", lambda w: w.build(target=w.target_edit("block_size: 32", "block_size: 48")), 2, "use 16, 32, 64"),
+    Case("target-huge-cores", lambda w: w.build(target=w.target_edit("cores: 4", "cores: 1000000000000")), 2, "must be an integer between"),
+    Case("target-nan-ram", lambda w: w.build(target=w.target_edit("ram_gb: 16", "ram_gb: .nan")), 2, "must be a number between"),
+    Case("target-negative-budget", lambda w: w.build(target=w.target_edit("max_ram_mb: 8000", "max_ram_mb: -5")), 2, "must be a number between"),
+    Case("target-bool-as-string", lambda w: w.build(target=w.target_edit("symmetric: false", "symmetric: 'no'")), 2, "must be true or false"),
+    Case("target-empty-name", lambda w: w.build(target=w.target_edit("name: x86-avx2", 'name: ""')), 2, "must be a non-empty string"),
+    Case("target-bad-yaml", lambda w: w.build(target=w.target("cpu: [\n")), 2, "is not valid YAML"),
+    Case("target-python-tag", lambda w: w.build(target=w.target("name: !!python/object/apply:os.system ['true']\n")), 2, "is not valid YAML"),
+    Case("target-not-utf8", lambda w: w.build(target=w.target(b"name: \xff\xfe\n")), 2, "cannot read target profile"),
+    Case("target-deep-nesting", lambda w: w.build(target=w.target("a: " + _deep(1500) + "\n")), 2, "target profile"),
+    Case("target-schema-2", lambda w: w.build(target=w.target_edit("schema_version: 1", "schema_version: 2")), 2, "schema_version 2 is not supported"),
+    Case("target-missing-cpu", lambda w: w.build(target=w.target("name: t\ndescription: d\nquantization: {}\nruntime: {}\nbudgets: {}\n")), 2, "missing required key 'cpu'"),
+    Case("target-npu-on-cpu-ep", lambda w: w.build(target=w.target(GOOD_TARGET + "npu:\n  htp_arch: 75\n")), 2, "needs runtime.execution_provider"),
+    Case("target-alias-cycle", lambda w: (w.target(f"name: b\nalias_of: {w.root / 'a.yaml'}\n", "b.yaml"),
+                                          w.build(target=w.target(f"name: a\nalias_of: {w.root / 'b.yaml'}\n", "a.yaml")))[1],
+         2, "alias_of forms a cycle"),
+    # ---- model folders ----
+    Case("model-missing", lambda w: w.build(model=w.root / "nowhere"), 2, "does not exist"),
+    Case("model-is-a-file", lambda w: w.build(model=Path(w.file("m.bin", "x"))), 2, "is a file; pass --model"),
+    Case("model-no-config", lambda w: w.build(model=_with(w.model(), lambda m: (m / "config.json").unlink())), 2, "has no config.json"),
+    Case("model-config-empty", lambda w: w.build(model=_with(w.model(), lambda m: (m / "config.json").write_text(""))), 2, "is not valid JSON"),
+    Case("model-config-list", lambda w: w.build(model=_with(w.model(), lambda m: (m / "config.json").write_text("[]"))), 2, "must hold a JSON object"),
+    Case("model-unsupported-arch", lambda w: w.build(model=w.config_edit(architectures=["BertModel"])), 2, "architecture BertModel is not supported"),
+    Case("model-hidden-size-string", lambda w: w.build(model=w.config_edit(hidden_size="64")), 2, "hidden_size must be a positive integer"),
+    Case("model-zero-heads", lambda w: w.build(model=w.config_edit(num_attention_heads=0)), 2, "num_attention_heads must be a positive integer"),
+    Case("model-huge-vocab", lambda w: w.build(model=w.config_edit(vocab_size=10**12)), 2, "does not fit"),
+    Case("model-vocab-below-tokenizer", lambda w: w.build(model=w.config_edit(vocab_size=100)), 2, "the tokenizer does not belong"),
+    Case("model-only-bin", lambda w: w.build(model=_with(w.model(), lambda m: (m / "model.safetensors").rename(m / "pytorch_model.bin"))), 2, "only PyTorch .bin"),
+    Case("model-truncated-safetensors", lambda w: w.build(model=_tamper_safetensors(w.model(), _truncate)), 2, "is truncated or padded"),
+    Case("model-garbage-safetensors", lambda w: w.build(model=_with(w.model(), lambda m: (m / "model.safetensors").write_bytes(os.urandom(64)))), 2, "not a readable safetensors"),
+    Case("model-empty-safetensors", lambda w: w.build(model=_with(w.model(), lambda m: (m / "model.safetensors").write_bytes(b""))), 2, "not a readable safetensors"),
+    Case("model-nan-weights", lambda w: w.build(model=_tamper_safetensors(w.model(), _poison(float("nan")))), 2, "holds NaN or Inf"),
+    Case("model-inf-weights", lambda w: w.build(model=_tamper_safetensors(w.model(), _poison(float("-inf")))), 2, "holds NaN or Inf"),
+    Case("model-no-tokenizer", lambda w: w.build(model=_with(w.model(), lambda m: (m / "tokenizer.json").unlink())), 2, "has no tokenizer.json"),
+    Case("model-corrupt-tokenizer", lambda w: w.build(model=_with(w.model(), lambda m: (m / "tokenizer.json").write_text('{"version": '))), 2, "cannot be read by tokenizers"),
+    Case("model-index-missing-shard", lambda w: w.build(model=(lambda m: (m / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}})) and m)(w.model())), 2, "missing weight shard"),
+    # ---- calibration / eval text ----
+    Case("eval-zero-length", lambda w: w.build("--eval", w.file("e.txt", "")), 2, "is empty"),
+    Case("eval-whitespace-only", lambda w: w.build("--eval", w.file("e.txt", " \n\t\u3000\n")), 2, "is empty"),
+    Case("eval-missing", lambda w: w.build("--eval", str(w.root / "no.txt")), 2, "does not exist"),
+    Case("eval-is-folder", lambda w: w.build("--eval", str(w.root)), 2, "is a folder"),
+    Case("calib-not-utf8", lambda w: w.build("--calib", w.file("c.txt", b"\xff\xfe\x00bad")), 2, "is not UTF-8"),
+    Case("eval-too-short", lambda w: w.build("--eval", w.file("e.txt", "Hello there, édge 🍓.")), 2, "it needs at least 64"),
+    # ---- artifacts and manifests ----
+    Case("art-missing", lambda w: ["verify", str(w.root / "none")], 2, "is not an artifact folder"),
+    Case("art-no-manifest", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "manifest.json").unlink())), 2, "has no manifest.json"),
+    Case("art-manifest-empty", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "manifest.json").write_text(""))), 2, "is not valid JSON"),
+    Case("art-manifest-malformed", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "manifest.json").write_text('{"kind": "edgepipe-art'))), 2, "is not valid JSON"),
+    Case("art-manifest-deep", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "manifest.json").write_text(_deep(100000)))), 2, "is not valid JSON"),
+    Case("art-manifest-list", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "manifest.json").write_text("[1]"))), 2, "must hold a JSON object"),
+    Case("art-schema-99", lambda w: _art(w, w.manifest_edit(lambda m: m.update(schema_version=99))), 2, "has schema_version 99"),
+    Case("art-schema-bool", lambda w: _art(w, w.manifest_edit(lambda m: m.update(schema_version=True))), 2, "has schema_version True"),
+    Case("art-wrong-kind", lambda w: _art(w, w.manifest_edit(lambda m: m.update(kind="zip"))), 2, "is not an edgepipe manifest"),
+    Case("art-no-files", lambda w: _art(w, w.manifest_edit(lambda m: m.update(files={}))), 2, "lists no files"),
+    Case("art-size-string", lambda w: _art(w, w.manifest_edit(lambda m: m["files"]["model.onnx"].update(size="21882"))), 2, "needs a 64-hex sha256"),
+    Case("art-data-flipped", lambda w: _art(w, _flip_byte(w.artifact(), "model.onnx.data")), 2, "model.onnx.data does not match its sha256"),
+    Case("art-data-flipped-run", lambda w: _art(w, _flip_byte(w.artifact(), "model.onnx.data"), "run"), 2, "model.onnx.data does not match its sha256"),
+    Case("art-model-truncated", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "model.onnx").write_bytes((a / "model.onnx").read_bytes()[:100]))), 2, "model.onnx has 100 bytes, the manifest says"),
+    Case("art-tokenizer-missing", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "tokenizer.json").unlink()), "run"), 2, "tokenizer.json is missing from"),
+    Case("art-symlink-file", lambda w: _art(w, (lambda a: ((a / "tokenizer.json").unlink(), (a / "tokenizer.json").symlink_to(built_artifact() / "tokenizer.json"), a)[2])(w.artifact())), 2, "tokenizer.json is a symlink"),
+    Case("art-path-escape", lambda w: _art(w, w.manifest_edit(lambda m: m["files"].update({"../secret": m["files"]["model.onnx"]}))), 2, "escapes the artifact folder"),
+    Case("art-absolute-path", lambda w: _art(w, w.manifest_edit(lambda m: m["files"].update({"/etc/passwd": m["files"]["model.onnx"]}))), 2, "escapes the artifact folder"),
+    Case("art-overlong-name", lambda w: _art(w, w.manifest_edit(lambda m: m["files"].update({"ü" * 300: m["files"]["model.onnx"]}))), 2, "unusable file name"),
+    Case("art-metrics-list", lambda w: _art(w, w.manifest_edit(lambda m: m.update(metrics=[1, 2])), "run"), 2, "'metrics' must be a JSON object"),
+    Case("art-genai-filename-escapes", lambda w: _art(w, _genai_filename(w.artifact(), "../model.onnx")), 2, "escapes the artifact folder"),
+]
+
+
+def _genai_filename(a: Path, name: str) -> Path:
+    from edgepipe.runtime.manifest import file_entries
+
+    cfg = json.loads((a / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["filename"] = name
+    (a / "genai_config.json").write_text(json.dumps(cfg))
+    m = json.loads((a / "manifest.json").read_text())
+    m["files"] = file_entries(a)
+    (a / "manifest.json").write_text(json.dumps(m))
+    return a
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path):
+    built_artifact()  # the shared cache holds the tiny model's export: a bad eval text fails after it
+    w = W(tmp_path)
+    args = case.args(w)
+    cache = shared_cache()
+    before = tree_state(tmp_path, cache)
+    with env(EDGEPIPE_CACHE=str(cache)):
+        res = CliRunner().invoke(main, args, catch_exceptions=True)
+    out = res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), f"{res.exception!r} escaped:\n{out}"
+    assert "Traceback" not in out
+    assert res.exit_code == case.code, out
+    assert case.message in out, out
+    error_lines = [ln for ln in out.splitlines() if "error:" in ln.lower()]
+    assert len(error_lines) == 1, out
+    assert not w.out.exists() or case.id == "cli-out-not-artifact"
+    after = tree_state(tmp_path, cache)
+    assert after == before, "a refused input wrote, changed or removed files"
