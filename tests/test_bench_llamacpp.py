@@ -1,0 +1,125 @@
+"""benchmarks/vs_llamacpp.py: the parts whose errors would silently skew the comparison.
+
+* the reader of llama-perplexity's ``--kl-divergence-base`` file (fast, no llama.cpp needed);
+* with the cached llama.cpp build (``python benchmarks/llamacpp.py`` makes it; skipped otherwise,
+  and marked slow): a tiny random Llama with the default model's tokenizer goes through llama.cpp's
+  converter and ``llama-perplexity``; the tokens llama.cpp scored must be the ones edgepipe's
+  tokenizer gives for the same text, and the log-probs it stored must match the HF model's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import vs_llamacpp  # noqa: E402
+from benchmarks.llamacpp import cached_llamacpp  # noqa: E402
+
+
+def _write_kld_base(path: Path, n_ctx: int, tokens: np.ndarray, logits: np.ndarray) -> None:
+    """The writer side of llama-perplexity's logits file, as perplexity.cpp does it."""
+    n_chunk, n_pos, n_vocab = logits.shape
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    with open(path, "wb") as f:
+        f.write(b"_logits_")
+        f.write(np.uint32(n_ctx).tobytes())
+        f.write(np.array([n_vocab, n_chunk], np.int32).tobytes())
+        f.write(tokens.astype(np.int32).tobytes())
+        for c in range(n_chunk):
+            for p in range(n_pos):
+                x = logits[c, p].astype(np.float32)
+                mx = x.max()
+                mn = max(x.min(), mx - 16)
+                lse = np.log(np.exp(x - mx).astype(np.float64).sum())
+                rec = np.zeros(nv, np.uint16)
+                scale = np.float32((mx - mn) / 65535.0)
+                rec[:4] = np.array([scale, mn - mx - lse], np.float32).view(np.uint16)
+                rec[4 : 4 + n_vocab] = np.where(x > mn, np.rint((x - mn) / scale), 0).astype(np.uint16)
+                f.write(rec.tobytes())
+
+
+def test_read_kld_base_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    n_ctx, n_chunk, n_vocab = 16, 2, 33  # odd vocab: the record is padded to an even length
+    n_pos = n_ctx - 1 - n_ctx // 2
+    tokens = rng.integers(0, n_vocab, size=(n_chunk, n_ctx))
+    logits = rng.normal(0, 3, size=(n_chunk, n_pos, n_vocab)).astype(np.float32)
+    _write_kld_base(tmp_path / "base.bin", n_ctx, tokens, logits)
+    got_ctx, got_tokens, lp = vs_llamacpp.read_kld_base(tmp_path / "base.bin")
+    assert got_ctx == n_ctx
+    np.testing.assert_array_equal(got_tokens, tokens)
+    want = vs_llamacpp._log_softmax(logits)
+    kept = want > want.max(-1, keepdims=True) - 15  # below 16 nats under the top, llama.cpp stores the floor
+    np.testing.assert_allclose(lp[kept], want[kept], atol=2e-3)
+    assert (lp[~kept] <= want.max(-1, keepdims=True).repeat(want.shape[-1], -1)[~kept] - 14).all()
+
+
+def test_read_kld_base_rejects_other_files(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"not a logits file")
+    with pytest.raises(ValueError, match="not a llama-perplexity logits file"):
+        vs_llamacpp.read_kld_base(tmp_path / "x.bin")
+
+
+@pytest.mark.slow
+def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
+    lc = cached_llamacpp()
+    if lc is None:
+        pytest.skip("no cached llama.cpp build: run `python benchmarks/llamacpp.py` first (several minutes)")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from edgepipe.errors import InputError
+    from edgepipe.models import default_model_dir
+
+    try:
+        src = default_model_dir()
+    except InputError as e:
+        pytest.skip(str(e))
+    # a tiny random Llama that keeps the default model's tokenizer (and so its GGUF tokenizer metadata)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).is_file():
+            (model_dir / name).write_bytes((src / name).read_bytes())
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.5)  # large enough that the distributions are far from uniform
+    hf.save_pretrained(model_dir)
+
+    gguf = tmp_path / "tiny-f32.gguf"
+    r = subprocess.run(lc.convert_cmd(model_dir, gguf, "f32"), env=lc.convert_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (ROOT / "edgepipe" / "data" / "eval.txt").read_text()
+    base = tmp_path / "base.bin"
+    n_ctx = 64
+    r = subprocess.run([str(lc.perplexity), "-m", str(gguf), "-f", str(ROOT / "edgepipe" / "data" / "eval.txt"),
+                        "-c", str(n_ctx), "-b", str(n_ctx), "-t", "2", "--chunks", "3", "--kl-divergence-base", str(base)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got_ctx, tokens, lp = vs_llamacpp.read_kld_base(base)
+    assert got_ctx == n_ctx and tokens.shape == (3, n_ctx)
+
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
+    # same tokens, no BOS inserted (the SmolLM2 GGUF says add_bos_token = false)
+    np.testing.assert_array_equal(tokens.reshape(-1), np.asarray(ids[: 3 * n_ctx]))
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(tokens)).logits.numpy()
+    want = vs_llamacpp._log_softmax(logits[:, n_ctx // 2 : n_ctx - 1])
+    top = want > want.max(-1, keepdims=True) - 12  # llama.cpp floors log-probs 16 nats below the top
+    np.testing.assert_allclose(lp[top], want[top], atol=2e-2)
