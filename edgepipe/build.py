@@ -198,9 +198,11 @@ def build(
 
     def do_quantize(tmp: Path) -> dict[str, Any]:
         importance = None
-        if qcfg.algorithm == "imatrix" and qcfg.bits != 32:
+        if qcfg.algorithm in ("imatrix", "gptq") and qcfg.bits != 32:
             say("calibrating: activation statistics on the calibration text")
-            importance = collect_importance(fp32_model, calib_windows, threads=threads, progress=say)
+            importance = collect_importance(
+                fp32_model, calib_windows, threads=threads, hessians=qcfg.algorithm == "gptq", progress=say
+            )
         return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
 
     quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 1}

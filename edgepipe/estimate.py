@@ -22,6 +22,32 @@ def bits_per_weight(bits: int, block: int, symmetric: bool) -> float:
     return bits + 32.0 / block + (0.0 if symmetric else bits / block)
 
 
+def _eight_bit_params(config: dict[str, Any], q: Any, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """Parameters the profile keeps at 8 bits (``eight_bit_layers`` / ``eight_bit_ops``)."""
+    from edgepipe.quantize import _layer_matches
+
+    if q.bits >= 8:
+        return 0
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    per_op = {
+        "qkv_proj": hidden * (heads + 2 * kv_heads) * head_dim,
+        "o_proj": heads * head_dim * hidden,
+        "gate_proj": hidden * inter,
+        "up_proj": hidden * inter,
+        "down_proj": inter * hidden,
+    }
+    total = 0
+    for layer in range(layers):
+        if any(_layer_matches(s, layer, layers) for s in q.eight_bit_layers):
+            total += sum(per_op.values())
+            continue
+        for spec in q.eight_bit_ops:
+            op, _, where = spec.partition("@")
+            if op in per_op and (not where or _layer_matches(where, layer, layers)):
+                total += per_op[op]
+    return total
+
+
 def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dict[str, Any]:
     q = target.quantization
     hidden = int(config["hidden_size"])
@@ -35,8 +61,10 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dic
     embeddings = table if tied else 2 * table
     body = max(num_parameters - embeddings, 0)
     bpw = bits_per_weight(q.bits, q.block_size, q.symmetric)
-    emb_bpw = bits_per_weight(q.embedding_bits, q.block_size, q.symmetric)
-    body_bytes = body * bpw / 8
+    emb_bpw = bits_per_weight(q.embedding_bits, q.embedding_block_size or q.block_size, q.symmetric)
+    body8 = min(_eight_bit_params(config, q, layers, hidden, heads, kv_heads, head_dim), body)
+    bpw8 = bits_per_weight(8, q.block_size, q.symmetric)
+    body_bytes = (body - body8) * bpw / 8 + body8 * bpw8 / 8
     emb_bytes = table * emb_bpw / 8 * (1 if tied else 2)
     rope_bytes = int(config.get("max_position_embeddings", 4096)) * head_dim * 4  # cos + sin caches, fp32
     size = body_bytes + emb_bytes + rope_bytes

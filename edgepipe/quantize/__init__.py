@@ -70,10 +70,15 @@ class WeightOnly:
 
 
 def _layer_matches(spec: str, layer: int, num_layers: int) -> bool:
-    """``spec`` is "first", "last", "N" or "A-B" (inclusive); a comma joins several."""
+    """``spec`` is "first", "last", "first:N", "last:N", "N" or "A-B" (inclusive); a comma joins several."""
     for part in spec.split(","):
         part = part.strip()
         if part == "first" and layer == 0 or part == "last" and layer == num_layers - 1:
+            return True
+        where, _, count = part.partition(":")
+        if count.isdigit() and (
+            where == "first" and layer < int(count) or where == "last" and layer >= num_layers - int(count)
+        ):
             return True
         lo, _, hi = part.partition("-")
         if lo.isdigit() and (hi.isdigit() or not hi) and int(lo) <= layer <= int(hi or lo):

