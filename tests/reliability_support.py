@@ -78,18 +78,30 @@ def session_root() -> Path:
     return _memo["root"]
 
 
+def use_zoo(zoo: Any) -> None:
+    """Use the session fixtures of tests/conftest.py (TinyZoo): its tiny Llama, its artifact, its cache."""
+    if "zoo" not in _memo:
+        _memo["zoo"] = zoo
+        _memo["cache"] = Path(os.environ["EDGEPIPE_CACHE"])
+
+
 def tiny_model() -> Path:
+    if "zoo" in _memo:
+        return _memo["zoo"].model("llama")
     if "model" not in _memo:
         _memo["model"] = make_tiny_llama(session_root() / "tiny-llama")
     return _memo["model"]
 
 
 def shared_cache() -> Path:
-    return session_root() / "cache"
+    return _memo.get("cache") or session_root() / "cache"
 
 
 def built_artifact() -> Path:
     """One artifact built in-process from the tiny model with the shared cache (export + quantize cached)."""
+    if "zoo" in _memo:
+        with env(EDGEPIPE_CACHE=str(shared_cache())):
+            return _memo["zoo"].artifact("llama", TARGET)[0]
     if "artifact" not in _memo:
         from edgepipe.build import build
 
@@ -109,8 +121,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tree_state(*roots: Path) -> dict[str, tuple[int, str]]:
-    """Every regular file under ``roots`` -> (size, sha256), plus every folder -> (-1, ''); mtimes ignored."""
+def tree_state(*roots: Path, hash_files: bool = True) -> dict[str, tuple[int, str]]:
+    """Every regular file under ``roots`` -> (size, sha256), plus every folder -> (-1, '').
+
+    Folder mtimes are ignored (a cache hit touches its entry); with ``hash_files=False`` a file's
+    mtime stands in for its hash (for a large stage cache)."""
     state: dict[str, tuple[int, str]] = {}
     for root in roots:
         if not root.exists():
@@ -120,7 +135,8 @@ def tree_state(*roots: Path) -> dict[str, tuple[int, str]]:
             if p.is_symlink():
                 state[key] = (-2, os.readlink(p))
             elif p.is_file():
-                state[key] = (p.stat().st_size, sha256(p))
+                st = p.stat()
+                state[key] = (st.st_size, sha256(p) if hash_files else str(st.st_mtime_ns))
             elif p.is_dir():
                 state[key] = (-1, "")
     return state

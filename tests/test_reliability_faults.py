@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgepipe.cli import main
+from reliability_support import use_zoo
 from reliability_support import (
     TARGET,
     built_artifact,
@@ -23,6 +24,12 @@ from reliability_support import (
     tmpfs,
     tree_state,
 )
+
+
+@pytest.fixture(autouse=True)
+def _use_conftest_zoo(zoo):
+    """Reuse tests/conftest.py's session models, artifact and stage cache."""
+    use_zoo(zoo)
 
 
 def _cli(*args: str, cache: Path | None = None):

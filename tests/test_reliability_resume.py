@@ -13,9 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import TARGET, built_artifact, run_cli, sha256, tiny_model, tree_state
+from reliability_support import use_zoo
+from reliability_support import TARGET, built_artifact, env, sha256, tiny_model, tree_state
 
 COMPARED = ("model.onnx", "model.onnx.data", "reference.npz", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(autouse=True)
+def _use_conftest_zoo(zoo):
+    """Reuse tests/conftest.py's session models, artifact and stage cache."""
+    use_zoo(zoo)
 
 
 def _start_build(model: Path, out: Path, cache: Path) -> subprocess.Popen:
@@ -43,6 +50,18 @@ def _kill_when(proc: subprocess.Popen, cond, what: str, timeout: float = 300) ->
     assert proc.returncode == -signal.SIGKILL
 
 
+def _cli(*args: str, cache: Path | None = None):
+    """The CLI in-process (no interpreter start-up): exit code and output."""
+    from click.testing import CliRunner
+
+    from edgepipe.cli import main
+
+    with env(EDGEPIPE_CACHE=str(cache) if cache else None):
+        res = CliRunner().invoke(main, list(args))
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    return res
+
+
 def _manifest_files(artifact: Path) -> dict:
     files = json.loads((artifact / "manifest.json").read_text())["files"]
     return {k: v for k, v in files.items() if k != "report.md"}  # the report carries metrics and timings
@@ -67,9 +86,9 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
     assert not any(export_dir.glob("*/.complete")), "a killed export left a folder marked complete"
     assert not any(p for p in export_dir.iterdir() if not p.name.startswith(".tmp-"))
     assert not out.exists(), "a killed build published something at --out"
-    ls = run_cli("cache", "ls", "--json", cache=cache)
-    assert ls.returncode == 0, ls.stderr
-    entries = json.loads(ls.stdout)
+    ls = _cli("cache", "ls", "--json", cache=cache)
+    assert ls.exit_code == 0, ls.output
+    entries = json.loads(ls.output)
     assert entries and all(not e["complete"] for e in entries), entries
 
     # 2. killed right after export completed (the marker is the last thing written before the rename)
@@ -87,27 +106,26 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
     assert "exporting fp32 ONNX" not in stderr
     assert "Traceback" not in stderr
     _assert_same_artifact(ref, out)
-    v = run_cli("verify", str(out))
-    assert v.returncode == 0, v.stderr
+    v = _cli("verify", str(out))
+    assert v.exit_code == 0, v.output
 
     # 4. killed while packaging over a previous artifact: the previous one survives intact
     before = tree_state(out)
     proc = _start_build(model, out, cache)
     _kill_when(proc, lambda: any(p.is_dir() for p in tmp_path.glob(".out.tmp-*")), "packaging to start")
     assert tree_state(out) == before, "a build killed while packaging changed the previous artifact"
-    assert run_cli("verify", str(out)).returncode == 0
+    assert _cli("verify", str(out)).exit_code == 0
     # and the next run publishes over it cleanly
-    proc = _start_build(model, out, cache)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "quantize: cached" in stderr
+    res = _cli("build", "--model", str(model), "--target", TARGET, "--out", str(out), cache=cache)
+    assert res.exit_code == 0, res.output
+    assert "quantize: cached" in res.output
     _assert_same_artifact(ref, out)
 
     # 5. the killed runs' leftovers are visible to `cache ls` and removed by `cache prune`
     leftovers = list(export_dir.glob(".tmp-*"))
     assert leftovers
-    pr = run_cli("cache", "prune", "--max-mb", "1000", cache=cache)
-    assert pr.returncode == 0 and "removed" in pr.stdout, pr.stderr
+    pr = _cli("cache", "prune", "--max-mb", "1000", cache=cache)
+    assert pr.exit_code == 0 and "removed" in pr.output, pr.output
     assert not any(export_dir.glob(".tmp-*"))
     assert any(export_dir.glob("[!.]*/.complete")), "prune with room to spare removed a complete entry"
 
@@ -116,7 +134,7 @@ def test_rebuild_in_same_cache_is_byte_identical(tmp_path):
     """Same inputs, same cache, another --out: every model file and the manifest's hashes agree."""
     from edgepipe.build import build
 
-    from reliability_support import env, shared_cache
+    from reliability_support import shared_cache
 
     ref = built_artifact()
     out = tmp_path / "again"
