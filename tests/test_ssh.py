@@ -4,11 +4,12 @@ Fast tests: spec parsing, error classification, wheel platform tags and keys. Th
 start Debian's OpenSSH server on 127.0.0.1 (a free port, host and client keys made here, a
 known_hosts file written from the host key) and use this machine as the "board".
 
-- ``test_validate_on_loopback_board`` (default suite): validate three times and once with an eval
-  file. The host wheel cache is the real one (``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``) and
-  the board folder is ``<cache>/ssh-test-board`` (its venv is kept between runs, its artifacts are
-  not), so with cached wheels this takes ~20 s; the very first run on a machine downloads the
-  wheels (~50 MB), builds the checkout's wheel and creates the venv (~1-2 min).
+- ``test_validate_on_loopback_board`` (default suite): validate four times (again, after damaging a
+  file on the board, with an eval file) and once with a failure on the board. Its host cache (the
+  runner's wheels) and board folder are kept between sessions (``$EDGEPIPE_TEST_CACHE/ssh`` or
+  ``$TMPDIR/edgepipe-ssh-test``; the board's venv is kept, its artifacts are not), so with cached
+  wheels this takes ~20 s; the first run on a machine downloads the wheels (~50 MB), builds the
+  checkout's wheel and creates the venv (~1-2 min), and a changed checkout reinstalls its wheel (~30 s).
 - ``test_first_time_setup`` (slow): the same from nothing (empty host cache, empty board), over scp.
 
 Needs ``ssh``, ``scp``, ``rsync`` and ``sshd``: ``bash .ci/ssh-deps.sh``.
@@ -22,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -242,14 +244,12 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-def _tiny_artifact(tmp_path_factory) -> Path:
-    """The shared tiny Llama artifact of tests/reliability_support.py when it is there, else one built here
-    the same way (a random 2-layer Llama, hidden 64, byte-level BPE tokenizer; x86-avx2)."""
+def _tiny_artifact(request, tmp_path_factory) -> Path:
+    """The shared tiny Llama artifact (``llama_artifact`` of tests/conftest.py) when there is one, else one
+    built here the same way (a random 2-layer Llama, hidden 64, byte-level BPE tokenizer; x86-avx2)."""
     try:
-        import reliability_support
-
-        return reliability_support.built_artifact()
-    except ImportError:
+        return request.getfixturevalue("llama_artifact")
+    except pytest.FixtureLookupError:
         pass
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -282,8 +282,19 @@ def _tiny_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory) -> Path:
-    return _tiny_artifact(tmp_path_factory)
+def tiny_artifact(request, tmp_path_factory) -> Path:
+    return _tiny_artifact(request, tmp_path_factory)
+
+
+@pytest.fixture()
+def test_cache(monkeypatch) -> Path:
+    """A host cache kept between test sessions for the runner's wheels and the test board (its venv):
+    ``$EDGEPIPE_TEST_CACHE/ssh`` or ``$TMPDIR/edgepipe-ssh-test``; never ``~/.cache/edgepipe``."""
+    keep = os.environ.get("EDGEPIPE_TEST_CACHE")
+    root = Path(keep) / "ssh" if keep else Path(tempfile.gettempdir()) / "edgepipe-ssh-test"
+    root.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(root))
+    return root
 
 
 def _check_result(res: dict, artifact: Path) -> None:
@@ -302,8 +313,8 @@ def _check_result(res: dict, artifact: Path) -> None:
 
 
 @needs_sshd
-def test_validate_on_loopback_board(sshd, tiny_artifact):
-    board = S.cache_root() / "ssh-test-board"
+def test_validate_on_loopback_board(sshd, tiny_artifact, test_cache):
+    board = test_cache / "board"
     shutil.rmtree(board / "artifacts", ignore_errors=True)  # the venv is kept: it is the slow part
     runner = get_runner(sshd.spec(remote_dir=board))
     said: list[str] = []
@@ -436,7 +447,9 @@ def test_first_time_setup(sshd, tiny_artifact, tmp_path, monkeypatch):
         assert any(n.lower().startswith(dep) for n in names), dep
     venv = Path(first["device"]["venv"])
     marker = json.loads((venv / S.VENV_MARKER).read_text())
-    assert marker["key"] == venv.name.removeprefix("venv-") and marker["edgepipe_source"] == S.source_hash()
+    assert marker["key"] == venv.name.removeprefix("venv-") and len(marker["edgepipe_source"]) == 16
+    wheel = tmp_path / "host-cache" / "wheels" / f"edgepipe-{marker['edgepipe_source']}" / marker["edgepipe_wheel"]
+    assert wheel.is_file()
     assert not (tmp_path / "board" / "wheels" / marker["key"]).exists()  # wheels removed after install
     t0 = time.monotonic()
     second = runner.validate(tiny_artifact)
