@@ -118,8 +118,9 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     if not (math.isfinite(temperature) and math.isfinite(top_p)):  # click's FloatRange lets NaN through
         raise click.BadParameter("--temperature and --top-p must be numbers, not NaN")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    pieces = run_prompt(artifact, prompt, cfg)  # verifies the manifest before anything is printed
     click.echo(prompt, nl=False)
-    for piece in run_prompt(artifact, prompt, cfg):
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
 

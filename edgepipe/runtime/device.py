@@ -82,20 +82,25 @@ def _target_threads(manifest: dict[str, Any]) -> int:
 
 
 def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, threads: int = 0) -> Iterator[str]:
-    """Yield decoded text pieces as they are generated."""
+    """Verify and load the artifact now (errors surface before any output), then return an
+    iterator of decoded text pieces as they are generated."""
     lm, _ = open_artifact(artifact, threads=threads)
     tok = load_tokenizer(Path(artifact))
     ids = tok.encode(prompt).ids
     if not ids:
         raise InputError("the prompt is empty after tokenization; pass some text with --prompt")
-    out: list[int] = []
-    printed = ""
-    for token in generate(lm, ids, cfg):
-        out.append(token)
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-            yield text[len(printed):]
-            printed = text
+
+    def pieces() -> Iterator[str]:
+        out: list[int] = []
+        printed = ""
+        for token in generate(lm, ids, cfg):
+            out.append(token)
+            text = tok.decode(out)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                yield text[len(printed):]
+                printed = text
+
+    return pieces()
 
 
 def device_facts() -> dict[str, Any]:
