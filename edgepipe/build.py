@@ -121,6 +121,46 @@ def _bench_subprocess(artifact: Path, threads: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _build_npu(tgt: Target, out: Path, *, model: Path | str | None, calib: Path | str | None, device: str | None, say: Progress) -> BuildResult:
+    """The Hexagon NPU path (encoders): QDQ + EPContext binary, validated on the HTP simulator."""
+    from edgepipe.npu import build_npu
+    from edgepipe.npu.data import default_calib_text, default_eval_sentences
+    from edgepipe.package import publish, staging_dir, write_manifest
+
+    if model is None:
+        raise InputError(f"target {tgt.name} (NPU) needs --model: a sentence-embedding model folder (e.g. all-MiniLM-L6-v2)")
+    if device and device != "local":
+        raise InputError(f"--device {device} is not available for NPU targets; they are validated on the HTP simulator")
+    calib_text = read_text_file(Path(calib), "", "calibration")[0] if calib else default_calib_text()
+    versions = _versions()
+    staging = staging_dir(out)
+    try:
+        metrics = build_npu(Path(model), tgt, staging, calib_text=calib_text, eval_sentences=default_eval_sentences(), progress=say)
+        failed = list(metrics.get("verdict_reasons") or []) if metrics.get("verdict") != "pass" else []
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "edgepipe_version": versions["edgepipe"],
+            "versions": versions,
+            "source_model": {"path": str(Path(model).absolute()), "name": Path(model).name, "kind": "encoder"},
+            "target": tgt.to_dict(),
+            "metrics": metrics,
+            "verdict": "pass" if not failed else "fail",
+            "failed_budgets": failed,
+            "budgets": [],
+        }
+        lines = [f"# {Path(model).name} for {tgt.name} (Hexagon HTP v{tgt.npu.htp_arch})", "", f"**Verdict: {manifest['verdict'].upper()}**", ""]
+        lines += [f"- {k}: {v}" for k, v in metrics.items() if not isinstance(v, (dict, list))]
+        cov = metrics.get("coverage") or {}
+        lines += ["", f"NPU coverage: {cov}", "", "Simulator timings say nothing about a phone's speed.", ""]
+        (staging / "report.md").write_text("\n".join(lines), encoding="utf-8")
+        manifest = write_manifest(staging, manifest)
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(artifact=out, manifest=manifest, passed=not failed, failed_budgets=failed)
+
+
 def build(
     *,
     target: str | Target,
@@ -147,6 +187,8 @@ def build(
     tgt = target if isinstance(target, Target) else load_target(target)
     out = Path(out).absolute()
     check_out_dir(out)
+    if tgt.npu is not None:
+        return _build_npu(tgt, out, model=model, calib=calib, device=device, say=say)
     calib_text, calib_src = read_text_file(Path(calib) if calib else None, "calib.txt", "calibration")
     eval_text, eval_src = read_text_file(Path(eval_file) if eval_file else None, "eval.txt", "eval")
     runner = None

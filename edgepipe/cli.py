@@ -84,6 +84,15 @@ def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_f
             "artifact": str(res.artifact), "verdict": m["verdict"], "failed_budgets": m["failed_budgets"],
             "metrics": m["metrics"], "budgets": m["budgets"], "target": m["target"]["name"],
         })
+    elif "accuracy" not in m["metrics"]:  # NPU encoder artifact
+        met = m["metrics"]
+        click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))
+        cov = met.get("coverage") or {}
+        click.echo(
+            f"  NPU coverage {cov.get('npu_nodes')}/{cov.get('total_nodes')} nodes, cosine min {met.get('cosine_min')}, "
+            f"mean {met.get('cosine_mean')}, retrieval top-1 agreement {met.get('retrieval_top1_agreement')}"
+        )
+        click.echo(f"  report: {res.artifact / 'report.md'}")
     else:
         acc, thr = m["metrics"]["accuracy"], m["metrics"]["throughput"]
         click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))

@@ -250,3 +250,30 @@ def test_minilm_on_htp_v75(tmp_path: Path) -> None:
     assert metrics["cosine_min"] >= 0.99, metrics
     assert metrics["retrieval_top1_agreement"] >= 0.9, metrics
     assert metrics["verdict"] == "pass", metrics
+
+
+@pytest.mark.slow
+def test_cli_build_npu_target_publishes_verified_artifact(tiny_bert: Path, tmp_path: Path) -> None:
+    """`edgepipe build --target snapdragon-8gen3` goes down the NPU path and publishes a manifest."""
+    from click.testing import CliRunner
+
+    from edgepipe.cli import main
+    from edgepipe.runtime.manifest import verify_artifact
+
+    import yaml
+
+    from edgepipe.targets import targets_dir
+
+    profile = yaml.safe_load((targets_dir() / "snapdragon-8gen3.yaml").read_text())
+    profile["npu"].update(seq_len=16, calibration_samples=8)  # the tiny BERT has 64 positions
+    target_file = tmp_path / "tiny-8gen3.yaml"
+    target_file.write_text(yaml.safe_dump(profile))
+    out = tmp_path / "art"
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_bert), "--target", str(target_file), "--out", str(out), "--json"])
+    assert res.exit_code in (0, 3), res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["metrics"]["coverage"]["total_nodes"] > 0
+    assert summary["metrics"]["htp_arch"] == 75 and summary["target"] == "snapdragon-8gen3"
+    manifest = verify_artifact(out)
+    assert {"model_ctx_qnn.bin", "model.qdq.onnx", "report.md"} <= set(manifest["files"])
+    assert manifest["verdict"] in ("pass", "fail")
