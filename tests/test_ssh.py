@@ -4,7 +4,7 @@ Fast tests: spec parsing, error classification, wheel platform tags and keys. Th
 start Debian's OpenSSH server on 127.0.0.1 (a free port, host and client keys made here, a
 known_hosts file written from the host key) and use this machine as the "board".
 
-- ``test_validate_on_loopback_board`` (default suite): validate four times (again, after damaging a
+- ``test_validate_on_loopback_board`` (default suite): validate five times (again, after damaging a
   file on the board, with an eval file) and once with a failure on the board. Its host cache (the
   runner's wheels) and board folder are kept between sessions (``$EDGEPIPE_TEST_CACHE/ssh`` or
   ``$TMPDIR/edgepipe-ssh-test``; the board's venv is kept, its artifacts are not), so with cached
@@ -352,6 +352,19 @@ def test_validate_on_loopback_board(sshd, tiny_artifact, test_cache):
     assert third["transfer"]["files_copied"] == ["model.onnx.data"] and third["transfer"]["venv"] == "reused"
     assert data.read_bytes() == (tiny_artifact / "model.onnx.data").read_bytes()
     _check_result(third, tiny_artifact)
+
+    # a rebuilt artifact (new manifest, same model files) sends only what changed: the rest is
+    # copied on the board from the artifact folder that holds it
+    rebuilt = sshd.folder / "rebuilt"
+    shutil.rmtree(rebuilt, ignore_errors=True)
+    shutil.copytree(tiny_artifact, rebuilt)
+    m = json.loads((rebuilt / "manifest.json").read_text())
+    m["note"] = "same files, new manifest"
+    (rebuilt / "manifest.json").write_text(json.dumps(m))
+    again = runner.validate(rebuilt)
+    assert again["transfer"]["files_copied"] == ["manifest.json"]
+    assert sorted(again["transfer"]["files_seeded_on_board"]) == sorted(m["files"])
+    assert Path(again["remote_artifact"]) != remote and again["accuracy"] == first["accuracy"]
 
     # an eval file is copied and scored on the board
     text = (Path(S.__file__).resolve().parents[1] / "data" / "eval.txt").read_text(encoding="utf-8")

@@ -23,7 +23,8 @@ What happens on the board (all under the remote folder)
 --------------------------------------------------------
 ``artifacts/<manifest-hash>/``
     the artifact. The remote is asked for the sha256 of the files it already holds (one
-    ``python3`` script over ssh) and only files whose hash differs are copied (``rsync`` when
+    ``python3`` script over ssh); a file another artifact folder on the board holds with the same
+    sha256 is copied there on the board; only files still differing are sent (``rsync`` when
     both ends have it, else ``scp``); copied files are hashed again on arrival, and the device
     entry verifies the whole manifest before it loads anything.
 ``venv-<key>/``
@@ -429,11 +430,42 @@ def main(a):
     base = os.path.abspath(os.path.expanduser(a["base"]))
     art = os.path.join(base, "artifacts", a["artifact"]) if a.get("artifact") else None
     os.makedirs(art or base, exist_ok=True)
-    hashes = {}
-    for rel in a.get("files") or []:
+    hashes, seeded = {}, []
+    want = a.get("files") or {}
+    for rel in sorted(want):
         p = os.path.join(art, *rel.split("/"))
         os.makedirs(os.path.dirname(p), exist_ok=True)
         hashes[rel] = sha(p) if os.path.isfile(p) and not os.path.islink(p) else None
+    # a file another artifact on the board already holds (same sha256 in its manifest) is copied
+    # from there, on the board: a rebuilt artifact whose manifest changed does not re-send its model
+    missing = {want[r]: r for r in want if hashes[r] != want[r] and r != "manifest.json"}
+    top = os.path.join(base, "artifacts")
+    for other in (sorted(os.listdir(top)) if missing and art else []):
+        d = os.path.join(top, other)
+        if d == art or not os.path.isfile(os.path.join(d, "manifest.json")):
+            continue
+        try:
+            with open(os.path.join(d, "manifest.json")) as f:
+                files = json.load(f).get("files") or {}
+        except (OSError, ValueError):
+            continue
+        for orel, entry in files.items():
+            rel = missing.get((entry or {}).get("sha256")) if isinstance(entry, dict) else None
+            src = os.path.join(d, *str(orel).split("/"))
+            if not rel or ".." in str(orel).split("/") or not os.path.isfile(src) or os.path.islink(src):
+                continue
+            dst = os.path.join(art, *rel.split("/"))
+            try:
+                shutil.copyfile(src, dst + ".seed")
+                if sha(dst + ".seed") == want[rel]:
+                    os.replace(dst + ".seed", dst)
+                    hashes[rel] = want[rel]
+                    seeded.append(rel)
+                    del missing[want[rel]]
+                else:
+                    os.remove(dst + ".seed")
+            except OSError:
+                pass
     venvs = {}
     for name in (os.listdir(base) if os.path.isdir(base) else []):
         m = os.path.join(base, name, "edgepipe-venv.json")
@@ -472,7 +504,7 @@ def main(a):
         "python": "%d.%d" % sys.version_info[:2], "python_full": platform.python_version(),
         "implementation": sys.implementation.name, "libc": list(platform.libc_ver()),
         "executable": sys.executable, "home": os.path.expanduser("~"), "base": base, "artifact_dir": art,
-        "rsync": shutil.which("rsync") is not None, "hashes": hashes, "venvs": venvs, "eval_sha256": ev,
+        "rsync": shutil.which("rsync") is not None, "hashes": hashes, "seeded": seeded, "venvs": venvs, "eval_sha256": ev,
         "cpu_count": os.cpu_count(), **facts}))
 '''
 
@@ -724,15 +756,16 @@ class SshRunner:
 
     # ------------------------------------------------------------------ public
     def probe(
-        self, *, artifact_hash: str | None = None, files: Sequence[str] = (), eval_name: str | None = None
+        self, *, artifact_hash: str | None = None, files: dict[str, str] | None = None, eval_name: str | None = None
     ) -> dict[str, Any]:
         """Connect and describe the board: ``machine`` (uname -m), ``python``, ``libc``, ``cpu_model``,
         ``ram_total_mb``, ``board``, ``base`` (the remote folder, absolute), ``rsync``, ``venvs`` (their
-        markers) and, for an artifact, ``artifact_dir`` and the remote ``hashes`` of ``files``.
+        markers) and, for an artifact, ``artifact_dir`` and the remote ``hashes`` of ``files`` (``{rel: sha256}``)
+        after seeding missing ones from other artifacts on the board with the same sha256 (``seeded``).
         Raises :class:`DeviceError` naming the problem (unreachable, unknown host key, auth, no python3)."""
         return self._remote_python(
             _PROBE,
-            {"base": self.spec.remote_dir, "artifact": artifact_hash, "files": sorted(files), "eval": eval_name},
+            {"base": self.spec.remote_dir, "artifact": artifact_hash, "files": dict(files or {}), "eval": eval_name},
             what="probe",
         )
 
@@ -768,7 +801,7 @@ class SshRunner:
 
         say(f"connecting to {self.spec.destination} port {self.spec.port}")
         t0 = time.monotonic()
-        probe = self.probe(artifact_hash=mhash[:16], files=sorted(wanted), eval_name=eval_name)
+        probe = self.probe(artifact_hash=mhash[:16], files=wanted, eval_name=eval_name)
         seconds: dict[str, float] = {"probe": round(time.monotonic() - t0, 2)}
         say(
             f"board: {probe.get('board') or probe.get('cpu_model') or '?'} ({probe.get('machine')}, "
@@ -783,6 +816,8 @@ class SshRunner:
 
         t0 = time.monotonic()
         todo = sorted(rel for rel, sha in wanted.items() if probe["hashes"].get(rel) != sha)
+        if probe.get("seeded"):
+            say(f"{len(probe['seeded'])} artifact files were already on the board in another artifact folder")
         if todo:
             nbytes = sum((artifact / rel).stat().st_size for rel in todo)
             say(f"copying {len(todo)} of {len(wanted)} artifact files ({nbytes / 2**20:.1f} MB) with {method}")
@@ -842,6 +877,7 @@ class SshRunner:
             "files_copied": copied,
             "bytes_copied": nbytes,
             "files_unchanged": len(wanted) - len(copied),
+            "files_seeded_on_board": list(probe.get("seeded") or []),
             "venv": venv_action,
             "seconds": seconds,
         }
