@@ -5,7 +5,7 @@ start Debian's OpenSSH server on 127.0.0.1 (a free port, host and client keys ma
 known_hosts file written from the host key) and use this machine as the "board".
 
 - ``test_validate_on_loopback_board`` (default suite): validate five times (again, after damaging a
-  file on the board, with an eval file) and once with a failure on the board. Its host cache (the
+  file on the board, a rebuilt artifact, with an eval file) and once with a failure on the board. Its host cache (the
   runner's wheels) and board folder are kept between sessions (``$EDGEPIPE_TEST_CACHE/ssh`` or
   ``$TMPDIR/edgepipe-ssh-test``; the board's venv is kept, its artifacts are not), so with cached
   wheels this takes ~20 s; the first run on a machine downloads the wheels (~50 MB), builds the
