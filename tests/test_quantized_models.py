@@ -1,0 +1,140 @@
+"""Quantized artifacts of the tiny models: the graph (MatMulNBits everywhere, the tied embedding as
+GatherBlockQuantized) and the accuracy against the fp32 export, int4 (raspberrypi5) and int8 (x86-avx512)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import HIDDEN, LAYERS, TIED, VOCAB
+from edgepipe.quantize import WeightOnly, plan_bits
+from edgepipe.runtime.evaluate import log_softmax
+from edgepipe.runtime.model import CausalLM
+
+BITS = {"raspberrypi5": 4, "x86-avx512": 8}
+# Bounds on 2 x 256 tokens of eval text (the models were trained on the calibration text). Measured
+# on these tiny models (onnxruntime 1.31, profiles of Nov 2026): int4 top-1 0.96-0.99, KL 4e-5..3e-4,
+# ppl within 0.3 %; int8 top-1 0.98-0.99, KL ~1.5e-5, ppl within 0.08 %. The bounds leave ~5-10x room.
+BOUNDS = {
+    4: {"top1": 0.93, "kl": 2e-3, "ppl_pct": 1.5},
+    8: {"top1": 0.97, "kl": 2e-4, "ppl_pct": 0.4},
+}
+
+
+@pytest.fixture(params=sorted(BITS))
+def target(request) -> str:
+    return request.param
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
+def attr(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def compare(ref: CausalLM, q: CausalLM, windows: list[np.ndarray]) -> dict[str, float]:
+    agree = kl = nll_r = nll_q = 0.0
+    n = 0
+    for w in windows:
+        lr, lq = log_softmax(ref.logits(w))[:-1], log_softmax(q.logits(w))[:-1]
+        tgt = w[1:]
+        agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
+        kl += float((np.exp(lr) * (lr - lq)).sum())
+        nll_r -= float(lr[np.arange(len(tgt)), tgt].sum())
+        nll_q -= float(lq[np.arange(len(tgt)), tgt].sum())
+        n += len(tgt)
+    return {
+        "top1": agree / n,
+        "kl": kl / n,
+        "ppl_pct": 100 * (np.exp(nll_q / n) / np.exp(nll_r / n) - 1),
+        "ppl_ref": float(np.exp(nll_r / n)),
+    }
+
+
+def test_quantized_graph(zoo, arch, target):
+    art, res = zoo.artifact(arch, target)
+    bits = BITS[target]
+    q = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    f = onnx.load(str(zoo.fp32(arch) / "model.onnx"), load_external_data=False)
+    fp_weights = weight_matmuls(f)
+    assert len(fp_weights) == 5 * 2 + 1  # qkv, o, gate, up, down per layer (2 layers) + lm_head
+    ops = Counter(n.op_type for n in q.graph.node)
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(fp_weights), ops
+    assert weight_matmuls(q) == [], "a MatMul with a constant weight was left in fp32"
+    cfg = WeightOnly(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest["quantization"]["config"].items()})
+    assert cfg.bits == bits and cfg.embedding_bits == 8
+    # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
+    by_weight = {n.input[1]: n for n in nbits}
+    planned = {w.input[1]: plan_bits(w.input[1], LAYERS, cfg) for w in fp_weights}
+    got = {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "bits") for w, b in planned.items()}
+    assert got == planned
+    heads = [n for n in nbits if "lm_head" in n.input[1]]
+    assert len(heads) == 1 and attr(heads[0], "bits") == 8
+    assert sum(b == bits for b in got.values()) >= 5, "most of the body should be at the profile's bits"
+    assert all(attr(n, "block_size") == cfg.block_size for n in nbits if n is not heads[0])
+    assert all(attr(n, "accuracy_level") == cfg.accuracy_level for n in nbits)
+    counts = Counter(got.values())
+    assert res.manifest["quantization"]["matmuls"] == {"int4": counts[4], "int8": counts[8], "fp32": 0}
+
+    float_tables = [
+        t.name for t in q.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims) == sorted([VOCAB, HIDDEN])
+    ]
+    if TIED[arch]:
+        assert ops["GatherBlockQuantized"] == 1
+        assert ops["Gather"] == 0 or not any(n.op_type == "Gather" and n.input[0] in {t.name for t in q.graph.initializer} for n in q.graph.node)
+        assert float_tables == [], f"a [vocab, hidden] fp32 table is left: {float_tables}"
+        gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+        assert attr(gbq, "bits") == 8 and attr(gbq, "block_size") == attr(heads[0], "block_size")
+        assert HIDDEN % attr(gbq, "block_size") == 0
+        # the lookup and the head read the same quantized tensor (one copy of the table)
+        assert res.manifest["quantization"]["embedding"] == "int8 (shared with lm_head)"
+        assert ops["Transpose"] == Counter(n.op_type for n in f.graph.node)["Transpose"] - 1
+    else:
+        # only a tied table is quantized: an untied input embedding stays an fp32 Gather
+        assert ops["GatherBlockQuantized"] == 0
+        assert len(float_tables) == 1 and "embed_tokens" in float_tables[0]
+        assert res.manifest["quantization"]["embedding"] == "fp32"
+
+    fp_bytes = (zoo.fp32(arch) / "model.onnx.data").stat().st_size
+    q_bytes = (art / "model.onnx.data").stat().st_size + (art / "model.onnx").stat().st_size
+    if not TIED[arch]:  # the fp32 input embedding is in both
+        fp_bytes -= VOCAB * HIDDEN * 4
+        q_bytes -= VOCAB * HIDDEN * 4
+    # what was quantized shrank: matmul weights by ~32/(bits + 1.25); rope caches and norms stay fp32
+    assert q_bytes < fp_bytes * (0.45 if bits == 4 else 0.55), (q_bytes, fp_bytes)
+
+
+def test_quantized_accuracy(zoo, arch, target):
+    art, res = zoo.artifact(arch, target)
+    bits = BITS[target]
+    ref = CausalLM(zoo.fp32(arch), threads=1)
+    q = CausalLM(art, threads=1)
+    windows = [zoo.eval_ids(256, offset=o) for o in (0, 4096)]
+    m = compare(ref, q, windows)
+    b = BOUNDS[bits]
+    assert m["ppl_ref"] < 200, f"the tiny model is untrained? reference perplexity {m['ppl_ref']:.1f}"
+    assert m["top1"] >= b["top1"], m
+    assert 1e-7 < m["kl"] < b["kl"], m  # > 0: the weights really changed
+    assert abs(m["ppl_pct"]) < b["ppl_pct"], m
+    # the build's own figures (8 x 512 tokens of the same text) are within the same bounds
+    acc = res.manifest["metrics"]["accuracy"]
+    assert acc["top1_agreement"] >= b["top1"] and acc["kl_divergence"] < b["kl"] and abs(acc["ppl_increase_pct"]) < b["ppl_pct"], acc
+    assert res.manifest["verdict"] == "pass" and res.failed_budgets == []
+
+
+def test_int8_is_closer_than_int4(zoo, arch):
+    ref = CausalLM(zoo.fp32(arch), threads=1)
+    windows = [zoo.eval_ids(256, offset=2048)]
+    m4 = compare(ref, CausalLM(zoo.artifact(arch, "raspberrypi5")[0], threads=1), windows)
+    m8 = compare(ref, CausalLM(zoo.artifact(arch, "x86-avx512")[0], threads=1), windows)
+    # int8 weights still see int8 activations (accuracy_level 4), so the gap is ~3-6x, not 16x
+    assert m8["kl"] < m4["kl"] / 1.5, (m4, m8)
+    assert m8["top1"] >= m4["top1"] - 0.01, (m4, m8)
