@@ -72,3 +72,21 @@ def test_stops_at_eos_and_context(zoo):
     assert list(generate(lm, prompt, GenerationConfig(max_new_tokens=5))) == greedy[: greedy.index(eos)]
     lm.spec = type(lm.spec)(**{**lm.spec.__dict__, "eos_token_ids": (), "context_length": len(prompt) + 3})
     assert len(list(generate(lm, prompt, GenerationConfig(max_new_tokens=50)))) == 3
+
+
+def test_kv_buffer_stepper_matches_concatenating_cache(llama_artifact) -> None:
+    """The preallocated, in-place KV buffer (IO binding) gives the same logits as the
+    concatenating cache, step by step, after a multi-token prefill."""
+    import numpy as np
+
+    from edgepipe.runtime.model import CausalLM
+
+    lm = CausalLM(llama_artifact)  # the int4 artifact: MatMulNBits + GatherBlockQuantized + GQA
+    ids = np.array([5, 17, 42, 8, 99, 3, 21], dtype=np.int64)
+    logits, cache = lm.forward(ids[None, :4], lm.empty_cache())
+    state = lm.stepper(16)
+    np.testing.assert_allclose(state.step(ids[:4]), logits[0], atol=1e-5)
+    for t in ids[4:]:
+        logits, cache = lm.forward(np.array([[t]]), cache)
+        np.testing.assert_allclose(state.step(np.array([t])), logits[0], atol=1e-5)
+    assert state.length == len(ids)

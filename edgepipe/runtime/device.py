@@ -164,13 +164,12 @@ def bench(lm: CausalLM, *, prompt_tokens: int = 256, decode_tokens: int = 64, re
         lm.forward(ids[None, :], lm.empty_cache())
         prefill.append(prompt_tokens / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        logits, cache = lm.forward(short[None, :], lm.empty_cache())
-        nxt = int(np.argmax(logits[0, -1]))
+        state = lm.stepper(len(short) + decode_tokens)  # what generate() does
+        nxt = int(np.argmax(state.step(short)[-1]))
         ttft.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
-            logits, cache = lm.forward(np.array([[nxt]], dtype=np.int64), cache)
-            nxt = int(np.argmax(logits[0, -1]))
+            nxt = int(np.argmax(state.step(np.array([nxt]))[-1]))
         decode.append(decode_tokens / (time.perf_counter() - t0))
     return {
         "prefill_tokens": prompt_tokens,

@@ -43,14 +43,14 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
 def generate(lm: CausalLM, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
     """Yield new token ids until EOS, ``max_new_tokens`` or the context length."""
     rng = np.random.default_rng(cfg.seed)
-    cache = lm.empty_cache()
-    ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
-    limit = min(cfg.max_new_tokens, lm.spec.context_length - len(prompt_ids))
+    limit = max(min(cfg.max_new_tokens, lm.spec.context_length - len(prompt_ids)), 0)
+    state = lm.stepper(len(prompt_ids) + limit)
+    ids = np.asarray(prompt_ids, dtype=np.int64)
     eos = set(lm.spec.eos_token_ids)
-    for _ in range(max(limit, 0)):
-        logits, cache = lm.forward(ids, cache)
-        token = sample_next(logits[0, -1], cfg, rng)
+    for _ in range(limit):
+        logits = state.step(ids)
+        token = sample_next(logits[-1], cfg, rng)
         if token in eos:
             return
         yield token
-        ids = np.array([[token]], dtype=np.int64)
+        ids = np.array([token], dtype=np.int64)

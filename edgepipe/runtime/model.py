@@ -125,7 +125,48 @@ class CausalLM:
         outputs = self.session.run(["logits", *self._present_names], feeds)
         return outputs[0], outputs[1:]
 
+    def stepper(self, max_len: int) -> "KVStepper":
+        """A decoding state with a preallocated KV buffer of ``max_len`` positions (see KVStepper)."""
+        return KVStepper(self, max_len)
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a whole sequence from an empty cache (prefill only)."""
         logits, _ = self.forward(np.asarray(input_ids)[None, :], self.empty_cache())
         return logits[0]
+
+
+class KVStepper:
+    """Incremental decoding with one preallocated KV buffer per layer, bound with IO binding.
+
+    GroupQueryAttention writes the new keys/values in place when its past and present outputs
+    are the same buffer, so no step allocates or copies the cache (``forward`` concatenates the
+    whole cache on every step, which grows with the context). The attention mask spans the valid
+    positions; the buffer may be longer.
+    """
+
+    def __init__(self, lm: CausalLM, max_len: int):
+        self.lm = lm
+        self.max_len = int(max_len)
+        self.length = 0
+        spec = lm.spec
+        shape = (1, spec.num_kv_heads, self.max_len, spec.head_size)
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=lm.kv_dtype)) for _ in lm._past_names]
+        self._binding = lm.session.io_binding()
+        for past, present, buf in zip(lm._past_names, lm._present_names, self._kv):
+            self._binding.bind_ortvalue_input(past, buf)
+            self._binding.bind_ortvalue_output(present, buf)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ``ids`` (1-D) after what was fed before; return their logits [seq, vocab]."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        total = self.length + ids.shape[1]
+        if total > self.max_len:
+            raise ValueError(f"KV buffer of {self.max_len} positions is full")
+        b = self._binding
+        b.bind_cpu_input("input_ids", ids)
+        if "attention_mask" in self.lm._input_names:
+            b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        b.bind_output("logits", "cpu")  # re-bound each step: its shape follows the input length
+        self.lm.session.run_with_iobinding(b)
+        self.length = total
+        return b.get_outputs()[-1].numpy()[0]
