@@ -114,7 +114,7 @@ def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION) -> Paths | None:
         info = json.loads(marker.read_text())
     except ValueError:
         return None
-    p = _paths(root, version, info.get("commit", ""))
+    p = _paths(root, version, info.get("commit") or _tool_version(root / "build" / "bin" / "llama-bench"))
     if all(x.is_file() for x in (p.quantize, p.bench, p.perplexity, p.convert)) and (p.pydeps / ".complete").is_file():
         return p
     return None
@@ -184,7 +184,7 @@ def ensure_llamacpp(progress: Progress | None = None, version: str = LLAMA_CPP_P
             say(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs} (several minutes on 2 cores)")
             _run(["cmake", "--build", root / "build", "--config", "Release", f"-j{jobs}", "--target", *TARGETS], log)
             _ensure_pydeps(p, log, say)
-        commit = _tool_version(p.quantize)
+        commit = _tool_version(p.bench)
         seconds = time.time() - t0
         (root / ".complete").write_text(json.dumps({
             "version": version, "commit": commit, "build_seconds": round(seconds, 1),
@@ -200,13 +200,13 @@ def build_info(version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
 
 
 def _tool_version(exe: Path) -> str:
-    """llama.cpp's build number and commit, e.g. 'b6999 (abc1234)', as ``--version`` prints them."""
+    """llama.cpp's version line, e.g. '0.5.0-dev (build 1, commit 0c1e570)', as ``--version`` prints it."""
     try:
         r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     for line in (r.stdout + r.stderr).splitlines():
-        if line.startswith("version:"):
+        if line.lower().startswith("version:"):
             return line.split(":", 1)[1].strip()
     return ""
 
