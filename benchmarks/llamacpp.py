@@ -82,6 +82,9 @@ class Paths:
 
 
 def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """``$EDGEPIPE_LLAMACPP`` if set (a build folder of its own), else ``<edgepipe cache>/llamacpp/<version>``."""
+    if os.environ.get("EDGEPIPE_LLAMACPP"):
+        return Path(os.environ["EDGEPIPE_LLAMACPP"])
     base = Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe")
     return base / "llamacpp" / version
 
@@ -104,9 +107,9 @@ def _paths(root: Path, version: str, commit: str = "") -> Paths:
     )
 
 
-def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION) -> Paths | None:
-    """The cached build if it is complete, else None (never builds)."""
-    root = cache_dir(version)
+def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION, root: Path | None = None) -> Paths | None:
+    """The cached build (in ``root``, default :func:`cache_dir`) if it is complete, else None (never builds)."""
+    root = Path(root) if root else cache_dir(version)
     marker = root / ".complete"
     if not marker.is_file():
         return None

@@ -21,7 +21,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import vs_llamacpp  # noqa: E402
-from benchmarks.llamacpp import cached_llamacpp  # noqa: E402
+from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp  # noqa: E402
+
+# conftest points EDGEPIPE_CACHE at a temp dir: look for the build (and the converted default
+# model) where a developer made them too
+_HOME_CACHE = Path.home() / ".cache" / "edgepipe"
+
+
+def _find_llamacpp():
+    for root in (None, _HOME_CACHE / "llamacpp" / LLAMA_CPP_PYTHON_VERSION):
+        found = cached_llamacpp(root=root)
+        if found:
+            return found
+    return None
+
+
+def _default_model_folder() -> Path:
+    done = sorted(_HOME_CACHE.glob("models/smollm2-135m-instruct-*/.complete"))
+    if done:
+        return done[-1].parent
+    from edgepipe.models import default_model_dir
+
+    return default_model_dir()  # converts once into the test cache
 
 
 def _write_kld_base(path: Path, n_ctx: int, tokens: np.ndarray, logits: np.ndarray) -> None:
@@ -70,16 +91,15 @@ def test_read_kld_base_rejects_other_files(tmp_path):
 
 @pytest.mark.slow
 def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
-    lc = cached_llamacpp()
+    lc = _find_llamacpp()
     if lc is None:
-        pytest.skip("no cached llama.cpp build: run `python benchmarks/llamacpp.py` first (several minutes)")
+        pytest.skip("no cached llama.cpp build: run `python benchmarks/llamacpp.py` first (~40 min on 2 shared cores)")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from edgepipe.errors import InputError
-    from edgepipe.models import default_model_dir
 
     try:
-        src = default_model_dir()
+        src = _default_model_folder()
     except InputError as e:
         pytest.skip(str(e))
     # a tiny random Llama that keeps the default model's tokenizer (and so its GGUF tokenizer metadata)
@@ -122,4 +142,8 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
         logits = hf(torch.from_numpy(tokens)).logits.numpy()
     want = vs_llamacpp._log_softmax(logits[:, n_ctx // 2 : n_ctx - 1])
     top = want > want.max(-1, keepdims=True) - 12  # llama.cpp floors log-probs 16 nats below the top
-    np.testing.assert_allclose(lp[top], want[top], atol=2e-2)
+    # the stored values are rounded to 1/65535 of the kept range; the rest is float32 arithmetic
+    # of two engines on large random activations
+    diff = np.abs(lp[top] - want[top])
+    assert diff.mean() < 2e-3 and diff.max() < 0.1, (diff.mean(), diff.max())
+    assert (lp.argmax(-1) == want.argmax(-1)).mean() > 0.99
