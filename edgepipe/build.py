@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 EVAL_WINDOW = 512
-EVAL_WINDOWS = 8
+EVAL_WINDOWS = 16  # the packaged eval text has 13 windows of 512 tokens
 CALIB_WINDOWS = 8
 MIN_EVAL_TOKENS = 64
 QEMU_EVAL_TOKENS = 128
@@ -264,7 +264,7 @@ def build(
     del ref_lm
     q_lm = CausalLM(q_model, threads=threads)
     it = iter(ref_logits)
-    acc = score(q_lm.logits, eval_windows, reference_fn=lambda w: next(it))
+    acc = score(q_lm.logits, eval_windows, reference_fn=lambda w: next(it), score_from=len(eval_windows[0]) // 2)
     del q_lm
     accuracy = acc.result()
     reference = reference_arrays(lambda w, _r=iter(ref_logits): next(_r), eval_windows, acc.top1)
@@ -291,7 +291,13 @@ def build(
             },
             "target": tgt.to_dict(),
             "quantization": q_info,
-            "eval": {"source": eval_src, "windows": len(eval_windows), "window_tokens": len(eval_windows[0])},
+            "eval": {
+                "source": eval_src,
+                "windows": len(eval_windows),
+                "window_tokens": len(eval_windows[0]),
+                "scored_from_position": len(eval_windows[0]) // 2,
+                "protocol": "as llama.cpp's perplexity tool: each window's second half is scored",
+            },
             "calibration": {"source": calib_src, "windows": len(calib_windows)},
         }
         write_manifest(staging, base_manifest)  # so the device-side code can verify what it runs

@@ -51,7 +51,8 @@ def render_report(m: dict[str, Any]) -> str:
     ev = m.get("eval", {})
     lines += [
         "",
-        f"## Accuracy (host CPU, vs the fp32 export, {ev.get('windows')} windows of {ev.get('window_tokens')} tokens of `{ev.get('source')}`)",
+        f"## Accuracy (host CPU, vs the fp32 export, {ev.get('windows')} windows of {ev.get('window_tokens')} tokens of "
+        f"`{ev.get('source')}`, positions {ev.get('scored_from_position', 0)}+ of each window scored)",
         "",
         "| metric | value |",
         "|---|---|",

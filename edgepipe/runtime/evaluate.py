@@ -64,23 +64,30 @@ def score(
     windows: Iterable[np.ndarray],
     *,
     reference_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    score_from: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Accumulator:
     """Perplexity of ``logits_fn`` on ``windows``; with ``reference_fn``, exact KL(ref || model),
-    top-1 agreement and the reference's perplexity on the same positions."""
+    top-1 agreement and the reference's perplexity on the same positions.
+
+    Only predictions at positions >= ``score_from`` are scored (llama.cpp's perplexity tool scores
+    the second half of each window, so that every scored token has context); ``top1`` keeps every
+    position, for the artifact's reference arrays.
+    """
     acc = Accumulator()
     for i, win in enumerate(windows):
         targets = win[1:]
         lp = log_softmax(logits_fn(win)[:-1])
-        acc.nll -= float(lp[np.arange(len(targets)), targets].sum())
         top1 = lp.argmax(-1)
         acc.top1.append(top1.astype(np.int32))
+        pos = np.arange(min(score_from, len(targets) - 1), len(targets))
+        acc.nll -= float(lp[pos, targets[pos]].sum())
         if reference_fn is not None:
-            rlp = log_softmax(reference_fn(win)[:-1])
-            acc.ref_nll -= float(rlp[np.arange(len(targets)), targets].sum())
-            acc.agree += int((rlp.argmax(-1) == top1).sum())
-            acc.kl += float((np.exp(rlp) * (rlp - lp)).sum())
-        acc.tokens += len(targets)
+            rlp = log_softmax(reference_fn(win)[:-1])[pos]
+            acc.ref_nll -= float(rlp[np.arange(len(pos)), targets[pos]].sum())
+            acc.agree += int((rlp.argmax(-1) == top1[pos]).sum())
+            acc.kl += float((np.exp(rlp) * (rlp - lp[pos])).sum())
+        acc.tokens += len(pos)
         if progress:
             progress(f"scored window {i + 1}")
     return acc
