@@ -250,7 +250,7 @@ def build(
             )
         return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
 
-    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 1}
+    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 2}
     q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5),
                                  need_ram_bytes=int(info.num_parameters * 4 * 2), progress=say)
     q_model = q_dir / "model"
