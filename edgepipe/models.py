@@ -8,7 +8,6 @@ grid (dequantized Q4_1), so quantization loss measured on this model understates
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -47,18 +46,14 @@ def default_gguf() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     """The default model as a Hugging Face folder, converted from the GGUF on first use."""
     gguf = default_gguf()
-    key = _file_sha256(gguf)[:16]
+    from edgepipe.runtime.manifest import sha256_file
+
+    key = sha256_file(gguf)[:16]
     out = cache_root() / "models" / f"smollm2-135m-instruct-{key}"
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out

@@ -20,6 +20,31 @@ from edgepipe.errors import InputError
 Progress = Callable[[str], None]
 
 
+def last_json_object(stdout: str | None) -> dict[str, Any] | None:
+    """The device entry's JSON object: the whole output, or its last line that parses as one
+    (stray lines a device prints before it are tolerated)."""
+    import json
+
+    text = (stdout or "").strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+        return obj if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
 class Runner(Protocol):
     name: str
 

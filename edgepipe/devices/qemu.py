@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from edgepipe.devices import last_json_object
 from edgepipe.errors import ArtifactError, DeviceError, InputError
 
 logger = logging.getLogger(__name__)
@@ -660,7 +661,7 @@ class QemuRunner:
         t0 = time.monotonic()
         proc = _run_guest(env, self.cpu, args, timeout=self.timeout, package_dir=self.package_dir)
         elapsed = time.monotonic() - t0
-        guest = _parse_json(proc.stdout)
+        guest = last_json_object(proc.stdout)
         if guest is None:
             msg = _last_line(proc.stderr) or _last_line(proc.stdout) or "no output"
             if msg.startswith("error: "):  # an edgepipe error the runtime reported (bad artifact, ...)
@@ -766,7 +767,7 @@ def _run_guest(
 
 def _probe(env: QemuEnv, cpu: str, *, timeout: float) -> dict[str, Any]:
     proc = _run_guest(env, cpu, ["-c", _PROBE], timeout=timeout)
-    data = _parse_json(proc.stdout)
+    data = last_json_object(proc.stdout)
     if proc.returncode != 0 or data is None:
         raise DeviceError(
             f"the qemu guest Python ({cpu}) does not start: {_last_line(proc.stderr) or 'no output'}; "
@@ -783,25 +784,6 @@ def _probe(env: QemuEnv, cpu: str, *, timeout: float) -> dict[str, Any]:
     return data
 
 
-def _parse_json(stdout: str) -> dict[str, Any] | None:
-    text = (stdout or "").strip()
-    if not text:
-        return None
-    try:
-        obj = json.loads(text)
-        return obj if isinstance(obj, dict) else None
-    except ValueError:
-        pass
-    for line in reversed(text.splitlines()):  # tolerate stray lines before the JSON
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
 
 
 def _last_line(text: str | None) -> str:

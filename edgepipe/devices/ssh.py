@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
+from edgepipe.devices import last_json_object
 from edgepipe.errors import ArtifactError, DeviceError, InputError
 
 logger = logging.getLogger(__name__)
@@ -368,12 +369,6 @@ def edgepipe_wheel(src_hash: str, say: Progress) -> Path:
     return sorted(final.glob("edgepipe-*.whl"))[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def classify_ssh_failure(stderr: str, spec: SshSpec) -> str:
@@ -631,7 +626,7 @@ class SshRunner:
                 f"the board {self.spec.destination} has no python3 on its PATH; install it "
                 "(`sudo apt-get install python3`) and retry"
             )
-        data = _parse_json(proc.stdout)
+        data = last_json_object(proc.stdout)
         if proc.returncode != 0 or data is None:
             raise DeviceError(
                 f"{what} on {self.spec.destination} failed (exit {proc.returncode}): "
@@ -777,7 +772,7 @@ class SshRunner:
         max_tokens: int | None = None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
-        from edgepipe.runtime.manifest import MANIFEST_NAME, verify_artifact
+        from edgepipe.runtime.manifest import MANIFEST_NAME, sha256_file, verify_artifact
 
         say = progress or (lambda msg: logger.info("%s", msg))
         t_start = time.monotonic()
@@ -789,12 +784,12 @@ class SshRunner:
             eval_file = Path(eval_file).resolve()
             if not eval_file.is_file():
                 raise InputError(f"eval file {eval_file} does not exist")
-            eval_sha = _sha256(eval_file)
+            eval_sha = sha256_file(eval_file)
         if max_tokens is not None and int(max_tokens) < 2:
             raise InputError("--max-tokens must be at least 2")
         say("verifying the artifact on the host before copying")
         manifest = verify_artifact(artifact)
-        mhash = _sha256(artifact / MANIFEST_NAME)
+        mhash = sha256_file(artifact / MANIFEST_NAME)
         wanted = {rel: e["sha256"] for rel, e in manifest["files"].items()}
         wanted[MANIFEST_NAME] = mhash
         eval_name = f"{eval_sha[:16]}.txt" if eval_sha else None
@@ -845,7 +840,7 @@ class SshRunner:
         t0 = time.monotonic()
         proc = self._exec(self.ssh_command(shlex.join(args)), what="validation", timeout=self.timeout)
         seconds["validate"] = round(time.monotonic() - t0, 2)
-        out = _parse_json(proc.stdout)
+        out = last_json_object(proc.stdout)
         if proc.returncode != 0 or out is None:
             msg = _last(proc.stderr.splitlines()) or _last(proc.stdout.splitlines()) or "no output"
             if msg.startswith("error: "):  # an edgepipe error the device entry reported
@@ -893,17 +888,6 @@ class SshRunner:
 # --------------------------------------------------------------------------- internals
 
 
-def _parse_json(stdout: str | None) -> dict[str, Any] | None:
-    for line in reversed((stdout or "").strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
 
 
 def _last(lines: Sequence[str]) -> str:
