@@ -64,6 +64,7 @@ PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
 CTX = 512
 PP = (128, 512)
 TG = 128
+PASSIVE = "(OMP passive)"
 
 Progress = Callable[[str], None]
 
@@ -339,18 +340,21 @@ print(json.dumps(out))
 """
 
 
-def _time_v(cmd: list[Any]) -> tuple[str, float]:
+def _time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run under /usr/bin/time -v; return stdout and the peak RSS in MB."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        r = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True)
+        r = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr.strip()[-800:]}")
         rss = _grab(r"Maximum resident set size \(kbytes\):\s*(\d+)", tf.read())
     return r.stdout, (rss or 0) / 1024
 
 
-def llama_speed(lc: Paths, gguf: Path, threads: int) -> dict[str, float]:
-    out, rss = _time_v([lc.bench, "-m", gguf, "-p", ",".join(map(str, PP)), "-n", TG, "-t", threads, "-r", 1, "-o", "json"])
+def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> dict[str, float]:
+    """llama-bench; ``passive``: OMP_WAIT_POLICY=passive, so that OpenMP threads sleep at barriers
+    instead of spinning (spinning collapses when other processes share the cores)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="passive") if passive else None
+    out, rss = _time_v(env=env, cmd=[lc.bench, "-m", gguf, "-p", ",".join(map(str, PP)), "-n", TG, "-t", threads, "-r", 1, "-o", "json"])
     res: dict[str, float] = {"peak_rss_mb": rss}
     for row in json.loads(out):
         key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
@@ -466,73 +470,115 @@ def _med(rows: list[dict[str, float]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _span(rows: list[dict[str, float]], key: str, spec: str) -> str:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return format(vals[0], spec)
+    return f"{format(statistics.median(vals), spec)} ({format(min(vals), spec)}–{format(max(vals), spec)})"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b in (None, 0) else a / b
+
+
+def _files(R: dict[str, Any], name: str) -> dict[str, Any]:
+    return R["llama"]["files"].get(name) or R["edgepipe"]["files"][name]
+
+
+def _best_llama(speed: dict[str, list], lq: str, key: str) -> tuple[float | None, str]:
+    """The faster of llama.cpp's variants (default OpenMP spin-wait, OMP_WAIT_POLICY=passive)."""
+    cands = [(_med(speed.get(n, []), key), n) for n in (lq, f"{lq} {PASSIVE}")]
+    cands = [c for c in cands if c[0] is not None]
+    return max(cands) if cands else (None, lq)
+
+
 def summarize(R: dict[str, Any]) -> str:
     lines: list[str] = []
     bw = (R.get("bandwidth") or {}).get("read_gbs")
-    rows = []
-    for name in ["f32", *QUANTS]:
-        g = R["llama"]["files"][name]
-        q = R["llama"]["quality"].get(name, {})
-        sp = R.get("speed", {}).get(name, [])
-        rows.append(("llama.cpp", name, g, q, sp))
-    for label in R.get("edgepipe", {}).get("artifacts", {}):
-        g = R["edgepipe"]["files"][label]
-        q = R["edgepipe"]["quality_matched"].get(label, {})
-        sp = R.get("speed", {}).get(label, [])
-        rows.append(("edgepipe", label, g, q, sp))
-    lines.append("| engine | weights | file MB | read/token MB | pp128 tok/s | pp512 tok/s | tg128 tok/s | decode % of BW | peak RSS MB | PPL | PPL +% | mean KL | top-1 agree |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for eng, name, g, q, sp in rows:
-        tg = _med(sp, f"tg{TG}")
-        frac = (tg * g["read_bytes_per_token"] / (bw * 1e9) * 100) if (tg and bw) else None
+    ep = R.get("edgepipe") or {}
+    lines.append("Quality and size (llama.cpp: llama-perplexity --kl-divergence vs the f32 GGUF; edgepipe: the same tokens and "
+                 "scored positions vs its fp32 ONNX export; KL with llama.cpp's -16 log-prob cut-off):")
+    lines.append("")
+    lines.append("| engine | weights | file MB | weights read/token MB | PPL | PPL +% | mean KL | same top-1 |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("llama.cpp", n, R["llama"]["files"][n], R["llama"]["quality"].get(n, {})) for n in ["f32", *QUANTS]]
+    rows += [("edgepipe", n, ep["files"][n], ep["quality_matched"].get(n, {})) for n in ep.get("artifacts", {})]
+    for eng, name, g, q in rows:
         lines.append(
             f"| {eng} | {name} | {g['file_bytes'] / 1e6:.1f} | {g['read_bytes_per_token'] / 1e6:.1f} | "
-            f"{_fmt(_med(sp, 'pp128'), '.0f')} | {_fmt(_med(sp, 'pp512'), '.0f')} | {_fmt(tg, '.1f')} | {_fmt(frac, '.0f')} | "
-            f"{_fmt(_med(sp, 'peak_rss_mb'), '.0f')} | {_fmt(q.get('perplexity'), '.3f')} | {_fmt(q.get('ppl_increase_pct'), '.2f')} | "
+            f"{_fmt(q.get('perplexity'), '.3f')} | {_fmt(q.get('ppl_increase_pct'), '.2f')} | "
             f"{_fmt(q.get('kl_divergence'), '.4f')} | {_fmt(q.get('top1_agreement'), '.3f')} |"
         )
-    lines.append("")
-    if R.get("edgepipe"):
-        lines.append("Ratios edgepipe / llama.cpp (speed: higher is faster for edgepipe; size, PPL increase, KL: lower is better for edgepipe):")
+    for T, speed in (R.get("speed") or {}).items():
         lines.append("")
-        lines.append("| edgepipe vs llama.cpp | tg128 | pp512 | file size | PPL increase | mean KL |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
-        for ep, lq in PAIRS:
-            if ep not in R["edgepipe"]["artifacts"]:
-                continue
-            a_sp, b_sp = R.get("speed", {}).get(ep, []), R.get("speed", {}).get(lq, [])
-            a_q, b_q = R["edgepipe"]["quality_matched"].get(ep, {}), R["llama"]["quality"].get(lq, {})
-
-            def ratio(a, b):
-                return None if a is None or b in (None, 0) else a / b
-
+        lines.append(f"Speed with {T.lstrip('t')} thread(s), tokens/s, median of {R['reps']} interleaved reps (min–max); "
+                     "peak RSS from /usr/bin/time -v:")
+        lines.append("")
+        lines.append("| engine | weights | pp128 | pp512 | tg128 | decode % of read BW | peak RSS MB |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        for name, reps in speed.items():
+            base = name.split(" ")[0]
+            eng = "edgepipe" if base in ep.get("artifacts", {}) else "llama.cpp"
+            tg = _med(reps, f"tg{TG}")
+            frac = tg * _files(R, base)["read_bytes_per_token"] / (bw * 1e9) * 100 if (tg and bw) else None
             lines.append(
-                f"| {ep} / {lq} | {_fmt(ratio(_med(a_sp, f'tg{TG}'), _med(b_sp, f'tg{TG}')))} | "
-                f"{_fmt(ratio(_med(a_sp, 'pp512'), _med(b_sp, 'pp512')))} | "
-                f"{_fmt(ratio(R['edgepipe']['files'][ep]['file_bytes'], R['llama']['files'][lq]['file_bytes']))} | "
-                f"{_fmt(ratio(a_q.get('ppl_increase_pct'), b_q.get('ppl_increase_pct')))} | "
-                f"{_fmt(ratio(a_q.get('kl_divergence'), b_q.get('kl_divergence')))} |"
+                f"| {eng} | {name} | {_span(reps, 'pp128', '.0f')} | {_span(reps, 'pp512', '.0f')} | {_span(reps, f'tg{TG}', '.1f')} | "
+                f"{_fmt(frac, '.0f')} | {_fmt(_med(reps, 'peak_rss_mb'), '.0f')} |"
+            )
+    if ep:
+        lines.append("")
+        lines.append("Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, against the faster llama.cpp variant; "
+                     "size, PPL increase, KL: < 1 = edgepipe better):")
+        lines.append("")
+        Ts = list((R.get("speed") or {}).keys())
+        head = "| edgepipe vs llama.cpp | " + " | ".join(f"tg128 ({T}) | pp512 ({T})" for T in Ts) + " | file size | PPL increase | mean KL |"
+        lines.append(head)
+        lines.append("|---|" + "---:|" * (2 * len(Ts) + 3))
+        for e, lq in PAIRS:
+            if e not in ep["artifacts"]:
+                continue
+            cells = []
+            for T in Ts:
+                sp = R["speed"][T]
+                for key in (f"tg{TG}", "pp512"):
+                    b, _ = _best_llama(sp, lq, key)
+                    cells.append(_fmt(_ratio(_med(sp.get(e, []), key), b)))
+            a_q, b_q = ep["quality_matched"].get(e, {}), R["llama"]["quality"].get(lq, {})
+            lines.append(
+                f"| {e} / {lq} | " + " | ".join(cells) + " | "
+                f"{_fmt(_ratio(ep['files'][e]['file_bytes'], R['llama']['files'][lq]['file_bytes']))} | "
+                f"{_fmt(_ratio(a_q.get('ppl_increase_pct'), b_q.get('ppl_increase_pct')))} | "
+                f"{_fmt(_ratio(a_q.get('kl_divergence'), b_q.get('kl_divergence')))} |"
             )
         lines.append("")
-        lines.append("edgepipe's own validation (artifact manifest `metrics.accuracy`: first 8 windows of 512 tokens, all positions, vs its fp32 ONNX export):")
+        lines.append("edgepipe's own validation (artifact manifest `metrics.accuracy`: first 8 windows of 512 tokens, every position, "
+                     "vs its fp32 ONNX export, exact KL) next to the matched protocol:")
         lines.append("")
-        lines.append("| artifact | target | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched: PPL +% / KL vs llama.cpp f32 |")
+        lines.append("| artifact | target | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched vs llama.cpp f32: PPL +% / KL |")
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for label, m in R["edgepipe"]["manifest_accuracy"].items():
-            mq = R["edgepipe"]["quality_matched"].get(label, {})
+        for label, m in ep["manifest_accuracy"].items():
+            mq = ep["quality_matched"].get(label, {})
             x = mq.get("vs_llama_f32", {})
             lines.append(
-                f"| {label} | {R['edgepipe']['targets'][label]} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('reference_perplexity'), '.3f')} | "
+                f"| {label} | {ep['targets'][label]} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('reference_perplexity'), '.3f')} | "
                 f"{_fmt(m.get('ppl_increase_pct'), '.2f')} | {_fmt(m.get('kl_divergence'), '.4f')} | {_fmt(m.get('top1_agreement'), '.3f')} | "
                 f"{_fmt(mq.get('kl_divergence_exact'), '.4f')} | {_fmt(x.get('ppl_increase_pct'), '.2f')} / {_fmt(x.get('kl_divergence'), '.4f')} |"
             )
-        x = R["edgepipe"]["quality_matched"].get("fp32_vs_llama_f32")
+        x = ep["quality_matched"].get("fp32_vs_llama_f32")
         if x:
             lines.append("")
             lines.append(
                 f"Reference check on the matched positions: edgepipe fp32 ONNX PPL {x['perplexity']:.4f} vs llama.cpp f32 GGUF PPL "
-                f"{x['reference_perplexity']:.4f} ({x['ppl_increase_pct']:+.3f}%), KL {x['kl_divergence']:.5f}, top-1 agreement {x['top1_agreement']:.4f}."
+                f"{x['reference_perplexity']:.4f} ({x['ppl_increase_pct']:+.3f}%), KL {x['kl_divergence']:.5f}, same top-1 {x['top1_agreement']:.4f}."
             )
+        rb = ep.get("runtime_bench")
+        if rb:
+            lines.append("")
+            lines.append("`python -m edgepipe.runtime bench ARTIFACT --json` (256-token prefill, 64 decode steps, best of 2): " + "; ".join(
+                f"{k}: prefill {v['prefill_tok_s']:.0f} tok/s, decode {v['decode_tok_s']:.1f} tok/s, peak RSS {v['peak_rss_mb']:.0f} MB "
+                f"(time -v {v['time_v_peak_rss_mb']:.0f} MB)" for k, v in rb.items()) + ".")
     if bw:
         lines.append("")
         lines.append(f"Read bandwidth ({R['bandwidth']['threads']} threads, {R['bandwidth']['method']}): {bw:.1f} GB/s.")
@@ -542,11 +588,14 @@ def summarize(R: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)")
     p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
     p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
+    p.add_argument("--no-passive", action="store_true",
+                   help="do not also run llama.cpp with OMP_WAIT_POLICY=passive (threads > 1)")
+    p.add_argument("--speed-f32", action="store_true", help="also time the f32 GGUF")
     p.add_argument("--json", type=Path, help="write every figure here (default: the work folder's results.json)")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = p.parse_args(argv)
@@ -562,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_file = (args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt").resolve()
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]
     work.mkdir(parents=True, exist_ok=True)
-    T = args.threads
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    T = threads[0]
     R: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -570,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_sha256": info.sha256,
         "parameters": info.num_parameters,
         "eval_file": str(eval_file),
-        "threads": T,
+        "threads": threads,
         "reps": args.reps,
         "machine": machine_facts(),
         "llamacpp": {"llama_cpp_python": lc.version, "llama_cpp": lc.commit, **{k: v for k, v in build_info().items() if k != "version"}},
@@ -606,23 +656,28 @@ def main(argv: list[str] | None = None) -> int:
             qcache.write_text(json.dumps({"key": qkey, "result": R["edgepipe"]["quality_matched"]}, indent=2))
 
     if not args.no_speed:
-        R["bandwidth"] = read_bandwidth_gbs(work, T)
+        R["bandwidth"] = read_bandwidth_gbs(work, threads[0])
         say(f"read bandwidth: {R['bandwidth']['read_gbs']:.1f} GB/s")
         R["speed"] = {}
-        order: list[tuple[str, Callable[[], dict[str, float]]]] = []
-        # A B A B: each llama.cpp quant next to its edgepipe counterpart, f32 last
-        for ep, lq in (("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M"), (None, "f32")):
-            order.append((lq, lambda g=ggufs[lq]: llama_speed(lc, g, T)))
-            if ep and ep in arts:
-                order.append((ep, lambda a=arts[ep]: edgepipe_speed(a, T)))
-        for rep in range(args.reps):
-            for name, fn in order:
-                r = fn()
-                r["rep"] = rep
-                R["speed"].setdefault(name, []).append(r)
-                say(f"rep {rep + 1}/{args.reps} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep"))
+        for T in threads:
+            order: list[tuple[str, Callable[[], dict[str, float]]]] = []
+            # A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart
+            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")] + ([(None, "f32")] if args.speed_f32 else [])
+            for e, lq in pairs:
+                order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
+                if e and e in arts:
+                    order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
+                if T > 1 and not args.no_passive:
+                    order.append((f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True)))
+            runs = R["speed"][f"t{T}"] = {}
+            for rep in range(args.reps):
+                for name, fn in order:
+                    r = fn()
+                    r["rep"], r["load1"] = rep, os.getloadavg()[0]
+                    runs.setdefault(name, []).append(r)
+                    say(f"t{T} rep {rep + 1}/{args.reps} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep"))
         if arts:
-            R["edgepipe"]["runtime_bench"] = {label: edgepipe_runtime_bench(a, T) for label, a in arts.items()}
+            R["edgepipe"]["runtime_bench"] = {label: edgepipe_runtime_bench(a, threads[0]) for label, a in arts.items()}
     R["load_before"], R["load_after"] = load_before, os.getloadavg()
     R["seconds"] = round(time.time() - t_start, 1)
 
