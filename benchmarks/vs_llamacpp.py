@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "reps": args.reps,
         "machine": machine_facts(),
-        "llamacpp": {"llama_cpp_python": lc.version, "llama_cpp": lc.commit, **{k: v for k, v in build_info().items() if k != "version"}},
+        "llamacpp": {"llama_cpp_python": lc.version, "llama_cpp": lc.commit, **{k: v for k, v in build_info().items() if k not in ("version", "commit")}},
         "work": str(work),
     }
 
