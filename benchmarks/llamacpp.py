@@ -25,9 +25,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # the converter imports sentencepiece before it looks for a tokenizer.model (llama.cpp's
@@ -73,12 +73,22 @@ class Paths:
 
     def convert_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(self.gguf_py), str(self.pydeps), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(self.gguf_py), str(self.pydeps), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
         return env
 
     def convert_cmd(self, model_dir: Path, out: Path, outtype: str = "f32") -> list[str]:
         """The host python runs the vendored converter (use with ``env=self.convert_env()``)."""
-        return [sys.executable, str(self.convert), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+        return [
+            sys.executable,
+            str(self.convert),
+            str(model_dir),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(out),
+        ]
 
 
 def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
@@ -118,7 +128,10 @@ def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION, root: Path | None =
     except ValueError:
         return None
     p = _paths(root, version, info.get("commit") or _tool_version(root / "build" / "bin" / "llama-bench"))
-    if all(x.is_file() for x in (p.quantize, p.bench, p.perplexity, p.convert)) and (p.pydeps / ".complete").is_file():
+    if (
+        all(x.is_file() for x in (p.quantize, p.bench, p.perplexity, p.convert))
+        and (p.pydeps / ".complete").is_file()
+    ):
         return p
     return None
 
@@ -140,7 +153,9 @@ def _run(cmd: list[str], log, cwd: Path | None = None) -> None:
         raise RuntimeError(f"command failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log.name}")
 
 
-def ensure_llamacpp(progress: Progress | None = None, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2) -> Paths:
+def ensure_llamacpp(
+    progress: Progress | None = None, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2
+) -> Paths:
     """Return the cached llama.cpp tools, downloading the sdist and building them first if needed."""
     say = progress or (lambda _m: None)
     found = cached_llamacpp(version)
@@ -167,9 +182,24 @@ def ensure_llamacpp(progress: Progress | None = None, version: str = LLAMA_CPP_P
             with tempfile.TemporaryDirectory() as dl:
                 # only this package as source: `--no-binary :all:` would also build every build
                 # dependency (scikit-build-core, setuptools, ...) from source, recursively
-                _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-                      "-d", dl, f"llama-cpp-python=={version}"], log)
-                sdists = list(Path(dl).glob("llama_cpp_python-*.tar.gz")) + list(Path(dl).glob("llama-cpp-python-*.tar.gz"))
+                _run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--no-binary",
+                        "llama-cpp-python",
+                        "-d",
+                        dl,
+                        f"llama-cpp-python=={version}",
+                    ],
+                    log,
+                )
+                sdists = list(Path(dl).glob("llama_cpp_python-*.tar.gz")) + list(
+                    Path(dl).glob("llama-cpp-python-*.tar.gz")
+                )
                 if not sdists:
                     raise RuntimeError(f"no sdist downloaded into {dl}: {os.listdir(dl)}")
                 with tarfile.open(sdists[0]) as tf:
@@ -185,14 +215,35 @@ def ensure_llamacpp(progress: Progress | None = None, version: str = LLAMA_CPP_P
             gen = ["-G", "Ninja"] if shutil.which("ninja") else []
             _run(["cmake", "-S", p.src, "-B", root / "build", *gen, *CMAKE_FLAGS], log)
             say(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs} (several minutes on 2 cores)")
-            _run(["cmake", "--build", root / "build", "--config", "Release", f"-j{jobs}", "--target", *TARGETS], log)
+            _run(
+                [
+                    "cmake",
+                    "--build",
+                    root / "build",
+                    "--config",
+                    "Release",
+                    f"-j{jobs}",
+                    "--target",
+                    *TARGETS,
+                ],
+                log,
+            )
             _ensure_pydeps(p, log, say)
         commit = _tool_version(p.bench)
         seconds = time.time() - t0
-        (root / ".complete").write_text(json.dumps({
-            "version": version, "commit": commit, "build_seconds": round(seconds, 1),
-            "cmake_flags": list(CMAKE_FLAGS), "targets": list(TARGETS), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }, indent=2))
+        (root / ".complete").write_text(
+            json.dumps(
+                {
+                    "version": version,
+                    "commit": commit,
+                    "build_seconds": round(seconds, 1),
+                    "cmake_flags": list(CMAKE_FLAGS),
+                    "targets": list(TARGETS),
+                    "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+                indent=2,
+            )
+        )
         say(f"llama.cpp: built in {seconds:.0f} s into {root}")
         return _paths(root, version, commit)
 

@@ -1,7 +1,10 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
-    python benchmarks/vs_llamacpp.py [--model HF_FOLDER] [--threads 2] [--eval FILE] [--reps 3]
-                                     [--no-speed] [--no-edgepipe] [--json OUT.json] [--markdown OUT.md]
+    python benchmarks/vs_llamacpp.py [--model HF_FOLDER] [--threads 2[,1]] [--eval FILE] [--reps 3]
+                                     [--no-speed] [--no-edgepipe] [--no-passive] [--speed-f32] [--rebuild]
+                                     [--json OUT.json] [--markdown OUT.md]
+
+Results of a run: ``benchmarks/RESULTS.md``.
 
 What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sha>/``):
 
@@ -25,8 +28,10 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 5. Speed, interleaved A B A B for ``--reps`` rounds with the same thread count: llama-bench
    ``-p 128,512 -n 128 -r 1`` per round, and for edgepipe a fresh process that times a 128- and a
    512-token prefill from an empty cache and 128 single-token decode steps (warm-up first, like
-   llama-bench). Peak RSS of each process by ``/usr/bin/time -v``; edgepipe's own
-   ``python -m edgepipe.runtime bench --json`` figure is reported too.
+   llama-bench). With more than one thread llama.cpp also runs with ``OMP_WAIT_POLICY=passive``:
+   its OpenMP threads spin at barriers, which collapses when other processes share the cores;
+   ratios are taken against the faster variant. Peak RSS of each process by ``/usr/bin/time -v``;
+   edgepipe's own ``python -m edgepipe.runtime bench --json`` figure is reported too.
 6. This machine's read bandwidth (a small C program, OpenMP, the same thread count), and decode
    speed as a fraction of the bandwidth limit: bytes of weights read per generated token (all
    tensors, minus an embedding table that is only gathered from, i.e. not tied to the output).
@@ -46,8 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +79,9 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[Any], *, log: Path | None = None, env: dict[str, str] | None = None, check: bool = True) -> str:
+def run(
+    cmd: list[Any], *, log: Path | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> str:
     cmd = [str(c) for c in cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     out = r.stdout + r.stderr
@@ -147,15 +155,33 @@ def _grab(pattern: str, text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def llama_quality(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int) -> dict[str, Any]:
+def llama_quality(
+    lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int
+) -> dict[str, Any]:
     base = work / f"kld-base-c{CTX}.bin"
     stamp = work / f"kld-base-c{CTX}.json"
     ev_key = {"eval": str(eval_file), "mtime": eval_file.stat().st_mtime_ns, "size": eval_file.stat().st_size}
     res: dict[str, Any] = {}
     if not (base.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == ev_key):
         say(f"llama-perplexity: f32 reference logits on {eval_file.name} (-c {CTX})")
-        out = run([lc.perplexity, "-m", ggufs["f32"], "-f", eval_file, "-c", CTX, "-b", CTX, "-t", threads,
-                   "--kl-divergence-base", base], log=work / "ppl-f32.log")
+        out = run(
+            [
+                lc.perplexity,
+                "-m",
+                ggufs["f32"],
+                "-f",
+                eval_file,
+                "-c",
+                CTX,
+                "-b",
+                CTX,
+                "-t",
+                threads,
+                "--kl-divergence-base",
+                base,
+            ],
+            log=work / "ppl-f32.log",
+        )
         stamp.write_text(json.dumps({"key": ev_key, "ppl": _grab(r"Final estimate: PPL = " + _NUM, out)}))
     out = (work / "ppl-f32.log").read_text()
     res["f32"] = {
@@ -164,10 +190,27 @@ def llama_quality(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path
     }
     for q in QUANTS:
         log = work / f"kld-{q}-c{CTX}.log"
-        if not (log.is_file() and "Mean    KLD" in log.read_text() and log.stat().st_mtime > base.stat().st_mtime):
+        if not (
+            log.is_file() and "Mean    KLD" in log.read_text() and log.stat().st_mtime > base.stat().st_mtime
+        ):
             say(f"llama-perplexity --kl-divergence: {q} vs f32")
-            run([lc.perplexity, "-m", ggufs[q], "-c", CTX, "-b", CTX, "-t", threads,
-                 "--kl-divergence-base", base, "--kl-divergence"], log=log)
+            run(
+                [
+                    lc.perplexity,
+                    "-m",
+                    ggufs[q],
+                    "-c",
+                    CTX,
+                    "-b",
+                    CTX,
+                    "-t",
+                    threads,
+                    "--kl-divergence-base",
+                    base,
+                    "--kl-divergence",
+                ],
+                log=log,
+            )
         out = log.read_text()
         ratio = _grab(r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*" + _NUM, out)
         res[q] = {
@@ -176,7 +219,9 @@ def llama_quality(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path
             "ppl_increase_pct": None if ratio is None else 100.0 * (ratio - 1.0),
             "kl_divergence": _grab(r"Mean    KLD:\s*" + _NUM, out),
             "kl_divergence_99pct": _grab(r"99\.0%\s+KLD:\s*" + _NUM, out),
-            "top1_agreement": (lambda v: None if v is None else v / 100.0)(_grab(r"Same top p:\s*" + _NUM, out)),
+            "top1_agreement": (lambda v: None if v is None else v / 100.0)(
+                _grab(r"Same top p:\s*" + _NUM, out)
+            ),
         }
     return res
 
@@ -206,7 +251,9 @@ def read_kld_base(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------- edgepipe
 
 
-def edgepipe_artifacts(model_dir: Path, work: Path, progress: Progress, rebuild: bool = False) -> dict[str, Path]:
+def edgepipe_artifacts(
+    model_dir: Path, work: Path, progress: Progress, rebuild: bool = False
+) -> dict[str, Path]:
     import edgepipe
     from edgepipe.build import build
     from edgepipe.export import inspect_model
@@ -233,7 +280,9 @@ def edgepipe_artifacts(model_dir: Path, work: Path, progress: Progress, rebuild:
             progress(f"edgepipe {target}: reusing {art}")
         else:
             progress(f"edgepipe build --target {target} (stage cache)")
-            build(model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}"))
+            build(
+                model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}")
+            )
         out[label] = art
     return out
 
@@ -246,10 +295,21 @@ def fp32_export_dir(model_dir: Path, progress: Progress) -> Path:
 
     info = inspect_model(model_dir)
     versions = _versions()
-    key = {"source": info.sha256, "genai": versions["onnxruntime-genai"], "transformers": versions["transformers"], "v": 1}
+    key = {
+        "source": info.sha256,
+        "genai": versions["onnxruntime-genai"],
+        "transformers": versions["transformers"],
+        "v": 1,
+    }
 
     def do_export(tmp: Path) -> None:
-        export_fp32(info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=progress)
+        export_fp32(
+            info.path,
+            tmp / "model",
+            cache_dir=tmp / "hf-cache",
+            log_file=tmp / "export.log",
+            progress=progress,
+        )
         shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
 
     d, _ = cached_stage("export", key, do_export, progress=progress)
@@ -275,9 +335,14 @@ def edgepipe_quality_matched(
 
     def run_model(d: Path) -> list[np.ndarray]:
         lm = CausalLM(d, threads=threads)
-        return [_log_softmax(lm.logits(tokens[c])[first : n_ctx - 1]).astype(np.float32) for c in range(tokens.shape[0])]
+        return [
+            _log_softmax(lm.logits(tokens[c])[first : n_ctx - 1]).astype(np.float32)
+            for c in range(tokens.shape[0])
+        ]
 
-    def compare(lp_q: list[np.ndarray], lp_ref: list[np.ndarray] | np.ndarray, exact: bool = True) -> dict[str, float]:
+    def compare(
+        lp_q: list[np.ndarray], lp_ref: list[np.ndarray] | np.ndarray, exact: bool = True
+    ) -> dict[str, float]:
         """``kl_divergence`` as llama-perplexity defines it: KL(ref || q) summed over the tokens whose
         reference log-prob is above -16 (its stored log-probs are floored, the tail is left out);
         ``kl_divergence_exact`` over the whole vocabulary (only when the reference is exact)."""
@@ -295,13 +360,21 @@ def edgepipe_quality_matched(
             agree += int((q.argmax(-1) == r.argmax(-1)).sum())
             n += len(pos)
         ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
-        out = {"perplexity": ppl, "reference_perplexity": ppl_ref, "ppl_increase_pct": 100.0 * (ppl / ppl_ref - 1.0),
-               "kl_divergence": kl / n, "top1_agreement": agree / n, "scored_tokens": n}
+        out = {
+            "perplexity": ppl,
+            "reference_perplexity": ppl_ref,
+            "ppl_increase_pct": 100.0 * (ppl / ppl_ref - 1.0),
+            "kl_divergence": kl / n,
+            "top1_agreement": agree / n,
+            "scored_tokens": n,
+        }
         if exact:
             out["kl_divergence_exact"] = kl_exact / n
         return out
 
-    progress(f"edgepipe quality on llama-perplexity's tokens: fp32 export ({tokens.shape[0]} chunks of {n_ctx})")
+    progress(
+        f"edgepipe quality on llama-perplexity's tokens: fp32 export ({tokens.shape[0]} chunks of {n_ctx})"
+    )
     ref = run_model(fp32_dir)
     res: dict[str, Any] = {"fp32_vs_llama_f32": compare(ref, llama_lp, exact=False)}
     for label, art in arts.items():
@@ -348,7 +421,9 @@ print(json.dumps(out))
 def _time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run under /usr/bin/time -v; return stdout and the peak RSS in MB."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        r = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True, env=env
+        )
         if r.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {r.stderr.strip()[-800:]}")
         rss = _grab(r"Maximum resident set size \(kbytes\):\s*(\d+)", tf.read())
@@ -359,7 +434,24 @@ def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> d
     """llama-bench; ``passive``: OMP_WAIT_POLICY=passive, so that OpenMP threads sleep at barriers
     instead of spinning (spinning collapses when other processes share the cores)."""
     env = dict(os.environ, OMP_WAIT_POLICY="passive") if passive else None
-    out, rss = _time_v(env=env, cmd=[lc.bench, "-m", gguf, "-p", ",".join(map(str, PP)), "-n", TG, "-t", threads, "-r", 1, "-o", "json"])
+    out, rss = _time_v(
+        env=env,
+        cmd=[
+            lc.bench,
+            "-m",
+            gguf,
+            "-p",
+            ",".join(map(str, PP)),
+            "-n",
+            TG,
+            "-t",
+            threads,
+            "-r",
+            1,
+            "-o",
+            "json",
+        ],
+    )
     res: dict[str, float] = {"peak_rss_mb": rss}
     for row in json.loads(out):
         key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
@@ -375,7 +467,9 @@ def edgepipe_speed(art: Path, threads: int) -> dict[str, float]:
 
 
 def edgepipe_runtime_bench(art: Path, threads: int) -> dict[str, Any]:
-    out, rss = _time_v([sys.executable, "-m", "edgepipe.runtime", "bench", art, "--json", "--threads", threads])
+    out, rss = _time_v(
+        [sys.executable, "-m", "edgepipe.runtime", "bench", art, "--json", "--threads", threads]
+    )
     res = json.loads(out.strip().splitlines()[-1])
     res["time_v_peak_rss_mb"] = rss
     return res
@@ -405,7 +499,11 @@ def onnx_read_bytes(art: Path) -> dict[str, int]:
                 if name in sizes and all(op == "GatherBlockQuantized" for op, _ in uses.get(name, [])):
                     skip.add(name)
     total = sum(sizes.values())
-    return {"tensor_bytes": total, "read_bytes_per_token": total - sum(sizes[n] for n in skip), "gather_only": sorted(skip)}
+    return {
+        "tensor_bytes": total,
+        "read_bytes_per_token": total - sum(sizes[n] for n in skip),
+        "gather_only": sorted(skip),
+    }
 
 
 # ------------------------------------------------------------------------------------ bandwidth
@@ -443,7 +541,11 @@ def read_bandwidth_gbs(work: Path, threads: int) -> dict[str, Any]:
         run(["gcc", "-O3", "-march=native", "-fopenmp", src, "-o", exe])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="close")
     best = max(float(run([exe, 10], env=env).split()[0]) for _ in range(3))
-    return {"read_gbs": best, "threads": threads, "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes"}
+    return {
+        "read_gbs": best,
+        "threads": threads,
+        "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes",
+    }
 
 
 # -------------------------------------------------------------------------------------- report
@@ -503,13 +605,21 @@ def summarize(R: dict[str, Any]) -> str:
     lines: list[str] = []
     bw = (R.get("bandwidth") or {}).get("read_gbs")
     ep = R.get("edgepipe") or {}
-    lines.append("Quality and size (llama.cpp: llama-perplexity --kl-divergence vs the f32 GGUF; edgepipe: the same tokens and "
-                 "scored positions vs its fp32 ONNX export; KL with llama.cpp's -16 log-prob cut-off):")
+    lines.append(
+        "Quality and size (llama.cpp: llama-perplexity --kl-divergence vs the f32 GGUF; edgepipe: the same tokens and "
+        "scored positions vs its fp32 ONNX export; KL with llama.cpp's -16 log-prob cut-off):"
+    )
     lines.append("")
-    lines.append("| engine | weights | file MB | weights read/token MB | PPL | PPL +% | mean KL | same top-1 |")
+    lines.append(
+        "| engine | weights | file MB | weights read/token MB | PPL | PPL +% | mean KL | same top-1 |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
-    rows = [("llama.cpp", n, R["llama"]["files"][n], R["llama"]["quality"].get(n, {})) for n in ["f32", *QUANTS]]
-    rows += [("edgepipe", n, ep["files"][n], ep["quality_matched"].get(n, {})) for n in ep.get("artifacts", {})]
+    rows = [
+        ("llama.cpp", n, R["llama"]["files"][n], R["llama"]["quality"].get(n, {})) for n in ["f32", *QUANTS]
+    ]
+    rows += [
+        ("edgepipe", n, ep["files"][n], ep["quality_matched"].get(n, {})) for n in ep.get("artifacts", {})
+    ]
     for eng, name, g, q in rows:
         lines.append(
             f"| {eng} | {name} | {g['file_bytes'] / 1e6:.1f} | {g['read_bytes_per_token'] / 1e6:.1f} | "
@@ -518,8 +628,10 @@ def summarize(R: dict[str, Any]) -> str:
         )
     for T, speed in (R.get("speed") or {}).items():
         lines.append("")
-        lines.append(f"Speed with {T.lstrip('t')} thread(s), tokens/s, median of {R['reps']} interleaved reps (min–max); "
-                     "peak RSS from /usr/bin/time -v:")
+        lines.append(
+            f"Speed with {T.lstrip('t')} thread(s), tokens/s, median of {R['reps']} interleaved reps (min–max); "
+            "peak RSS from /usr/bin/time -v:"
+        )
         lines.append("")
         lines.append("| engine | weights | pp128 | pp512 | tg128 | decode % of read BW | peak RSS MB |")
         lines.append("|---|---|---:|---:|---:|---:|---:|")
@@ -534,12 +646,14 @@ def summarize(R: dict[str, Any]) -> str:
             )
     if ep:
         lines.append("")
-        lines.append("Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, against the faster llama.cpp variant; "
-                     "size, PPL increase, KL: < 1 = edgepipe better):")
+        lines.append(
+            "Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, against the faster llama.cpp variant; "
+            "size, PPL increase, KL: < 1 = edgepipe better):"
+        )
         lines.append("")
         Ts = list((R.get("speed") or {}).keys())
-        head = "| edgepipe vs llama.cpp | " + " | ".join(f"tg128 ({T}) | pp512 ({T})" for T in Ts) + " | file size | PPL increase | mean KL |"
-        lines.append(head)
+        head = ["edgepipe vs llama.cpp", *(f"{k} ({T})" for T in Ts for k in (f"tg{TG}", "pp512"))]
+        lines.append("| " + " | ".join([*head, "file size", "PPL increase", "mean KL"]) + " |")
         lines.append("|---|" + "---:|" * (2 * len(Ts) + 3))
         for e, lq in PAIRS:
             if e not in ep["artifacts"]:
@@ -551,17 +665,21 @@ def summarize(R: dict[str, Any]) -> str:
                     b, _ = _best_llama(sp, lq, key)
                     cells.append(_fmt(_ratio(_med(sp.get(e, []), key), b)))
             a_q, b_q = ep["quality_matched"].get(e, {}), R["llama"]["quality"].get(lq, {})
-            lines.append(
-                f"| {e} / {lq} | " + " | ".join(cells) + " | "
-                f"{_fmt(_ratio(ep['files'][e]['file_bytes'], R['llama']['files'][lq]['file_bytes']))} | "
-                f"{_fmt(_ratio(a_q.get('ppl_increase_pct'), b_q.get('ppl_increase_pct')))} | "
-                f"{_fmt(_ratio(a_q.get('kl_divergence'), b_q.get('kl_divergence')))} |"
-            )
+            cells += [
+                _fmt(_ratio(ep["files"][e]["file_bytes"], R["llama"]["files"][lq]["file_bytes"])),
+                _fmt(_ratio(a_q.get("ppl_increase_pct"), b_q.get("ppl_increase_pct"))),
+                _fmt(_ratio(a_q.get("kl_divergence"), b_q.get("kl_divergence"))),
+            ]
+            lines.append(f"| {e} / {lq} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("edgepipe's own validation (artifact manifest `metrics.accuracy`, vs its fp32 ONNX export, exact KL) "
-                     "next to the matched protocol:")
+        lines.append(
+            "edgepipe's own validation (artifact manifest `metrics.accuracy`, vs its fp32 ONNX export, exact KL) "
+            "next to the matched protocol:"
+        )
         lines.append("")
-        lines.append("| artifact | target | manifest eval | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched vs llama.cpp f32: PPL +% / KL |")
+        lines.append(
+            "| artifact | target | manifest eval | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched vs llama.cpp f32: PPL +% / KL |"
+        )
         lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for label, m in ep["manifest_accuracy"].items():
             mq = ep["quality_matched"].get(label, {})
@@ -581,28 +699,45 @@ def summarize(R: dict[str, Any]) -> str:
         rb = ep.get("runtime_bench")
         if rb:
             lines.append("")
-            lines.append("`python -m edgepipe.runtime bench ARTIFACT --json` (256-token prefill, 64 decode steps, best of 2): " + "; ".join(
-                f"{k}: prefill {v['prefill_tok_s']:.0f} tok/s, decode {v['decode_tok_s']:.1f} tok/s, peak RSS {v['peak_rss_mb']:.0f} MB "
-                f"(time -v {v['time_v_peak_rss_mb']:.0f} MB)" for k, v in rb.items()) + ".")
+            lines.append(
+                "`python -m edgepipe.runtime bench ARTIFACT --json` (256-token prefill, 64 decode steps, best of 2): "
+                + "; ".join(
+                    f"{k}: prefill {v['prefill_tok_s']:.0f} tok/s, decode {v['decode_tok_s']:.1f} tok/s, peak RSS {v['peak_rss_mb']:.0f} MB "
+                    f"(time -v {v['time_v_peak_rss_mb']:.0f} MB)"
+                    for k, v in rb.items()
+                )
+                + "."
+            )
     if bw:
         lines.append("")
-        lines.append(f"Read bandwidth ({R['bandwidth']['threads']} threads, {R['bandwidth']['method']}): {bw:.1f} GB/s.")
+        lines.append(
+            f"Read bandwidth ({R['bandwidth']['threads']} threads, {R['bandwidth']['method']}): {bw:.1f} GB/s."
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
-    p.add_argument("--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)")
+    p.add_argument(
+        "--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)"
+    )
     p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
     p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
-    p.add_argument("--no-passive", action="store_true",
-                   help="do not also run llama.cpp with OMP_WAIT_POLICY=passive (threads > 1)")
+    p.add_argument(
+        "--no-passive",
+        action="store_true",
+        help="do not also run llama.cpp with OMP_WAIT_POLICY=passive (threads > 1)",
+    )
     p.add_argument("--speed-f32", action="store_true", help="also time the f32 GGUF")
-    p.add_argument("--rebuild", action="store_true", help="build the edgepipe artifacts again even if current")
-    p.add_argument("--json", type=Path, help="write every figure here (default: the work folder's results.json)")
+    p.add_argument(
+        "--rebuild", action="store_true", help="build the edgepipe artifacts again even if current"
+    )
+    p.add_argument(
+        "--json", type=Path, help="write every figure here (default: the work folder's results.json)"
+    )
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = p.parse_args(argv)
 
@@ -614,7 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     lc = ensure_llamacpp(say)
     model_dir = (args.model or default_model_dir(say)).resolve()
     info = inspect_model(model_dir)
-    eval_file = (args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt").resolve()
+    eval_file = (
+        args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
+    ).resolve()
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]
     work.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
@@ -629,41 +766,66 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "reps": args.reps,
         "machine": machine_facts(),
-        "llamacpp": {"llama_cpp_python": lc.version, "llama_cpp": lc.commit, **{k: v for k, v in build_info().items() if k not in ("version", "commit")}},
+        "llamacpp": {
+            "llama_cpp_python": lc.version,
+            "llama_cpp": lc.commit,
+            **{k: v for k, v in build_info().items() if k not in ("version", "commit")},
+        },
         "work": str(work),
     }
 
     ggufs = convert_and_quantize(lc, model_dir, work, T)
     R["llama"] = {"files": {}, "quality": {}}
     for name, path in ggufs.items():
-        R["llama"]["files"][name] = {"path": str(path), "file_bytes": path.stat().st_size, **gguf_tensors(path, lc)}
+        R["llama"]["files"][name] = {
+            "path": str(path),
+            "file_bytes": path.stat().st_size,
+            **gguf_tensors(path, lc),
+        }
     R["llama"]["quality"] = llama_quality(lc, ggufs, eval_file, work, T)
 
     arts: dict[str, Path] = {}
     if not args.no_edgepipe:
         arts = edgepipe_artifacts(model_dir, work, say, rebuild=args.rebuild)
-        R["edgepipe"] = {"artifacts": {k: str(v) for k, v in arts.items()}, "files": {}, "manifest_accuracy": {}, "targets": {}}
+        R["edgepipe"] = {
+            "artifacts": {k: str(v) for k, v in arts.items()},
+            "files": {},
+            "manifest_accuracy": {},
+            "targets": {},
+        }
         for label, art in arts.items():
             m = json.loads((art / "manifest.json").read_text())
-            R["edgepipe"]["files"][label] = {"file_bytes": int(m["metrics"]["artifact_bytes"]), **onnx_read_bytes(art)}
+            R["edgepipe"]["files"][label] = {
+                "file_bytes": int(m["metrics"]["artifact_bytes"]),
+                **onnx_read_bytes(art),
+            }
             R["edgepipe"]["manifest_accuracy"][label] = m["metrics"]["accuracy"]
             R["edgepipe"]["targets"][label] = m["target"]["name"]
             ev = m.get("eval") or {}
             R["edgepipe"].setdefault("eval", {})[label] = (
                 f"{ev.get('windows')}×{ev.get('window_tokens')}, "
-                + (f"scored from position {ev['scored_from_position']}" if "scored_from_position" in ev else "every position")
+                + (
+                    f"scored from position {ev['scored_from_position']}"
+                    if "scored_from_position" in ev
+                    else "every position"
+                )
             )
             R["edgepipe"].setdefault("quantization", {})[label] = m["target"]["quantization"]
         base_file = work / f"kld-base-c{CTX}.bin"
-        qkey = {"v": 2, "base": base_file.stat().st_mtime_ns,
-                **{k: hashlib.sha256((a / "manifest.json").read_bytes()).hexdigest() for k, a in arts.items()}}
+        qkey = {
+            "v": 2,
+            "base": base_file.stat().st_mtime_ns,
+            **{k: hashlib.sha256((a / "manifest.json").read_bytes()).hexdigest() for k, a in arts.items()},
+        }
         qcache = work / "quality-matched.json"
         cached = json.loads(qcache.read_text()) if qcache.is_file() else {}
         if cached.get("key") == qkey:
             say("edgepipe quality on llama-perplexity's tokens: cached")
             R["edgepipe"]["quality_matched"] = cached["result"]
         else:
-            R["edgepipe"]["quality_matched"] = edgepipe_quality_matched(arts, fp32_export_dir(model_dir, say), base_file, T, say)
+            R["edgepipe"]["quality_matched"] = edgepipe_quality_matched(
+                arts, fp32_export_dir(model_dir, say), base_file, T, say
+            )
             qcache.write_text(json.dumps({"key": qkey, "result": R["edgepipe"]["quality_matched"]}, indent=2))
 
     if not args.no_speed:
@@ -673,27 +835,42 @@ def main(argv: list[str] | None = None) -> int:
         for T in threads:
             order: list[tuple[str, Callable[[], dict[str, float]]]] = []
             # A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart
-            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")] + ([(None, "f32")] if args.speed_f32 else [])
+            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")] + (
+                [(None, "f32")] if args.speed_f32 else []
+            )
             for e, lq in pairs:
                 order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
                 if e and e in arts:
                     order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
                 if T > 1 and not args.no_passive:
-                    order.append((f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True)))
+                    order.append(
+                        (f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True))
+                    )
             runs = R["speed"][f"t{T}"] = {}
             for rep in range(args.reps):
                 for name, fn in order:
                     r = fn()
                     r["rep"], r["load1"] = rep, os.getloadavg()[0]
                     runs.setdefault(name, []).append(r)
-                    say(f"t{T} rep {rep + 1}/{args.reps} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep"))
-                bw_runs.append(read_bandwidth_gbs(work, threads[0])["read_gbs"])  # between rounds: other jobs come and go
+                    say(
+                        f"t{T} rep {rep + 1}/{args.reps} {name}: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep")
+                    )
+                bw_runs.append(
+                    read_bandwidth_gbs(work, threads[0])["read_gbs"]
+                )  # between rounds: other jobs come and go
                 say(f"read bandwidth: {bw_runs[-1]:.1f} GB/s")
-        R["bandwidth"] = {"read_gbs": max(bw_runs), "runs_gbs": bw_runs, "threads": threads[0],
-                          "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes, highest of "
-                                    f"{len(bw_runs)} measurements spread over the run"}
+        R["bandwidth"] = {
+            "read_gbs": max(bw_runs),
+            "runs_gbs": bw_runs,
+            "threads": threads[0],
+            "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes, highest of "
+            f"{len(bw_runs)} measurements spread over the run",
+        }
         if arts:
-            R["edgepipe"]["runtime_bench"] = {label: edgepipe_runtime_bench(a, threads[0]) for label, a in arts.items()}
+            R["edgepipe"]["runtime_bench"] = {
+                label: edgepipe_runtime_bench(a, threads[0]) for label, a in arts.items()
+            }
     R["load_before"], R["load_after"] = load_before, os.getloadavg()
     R["seconds"] = round(time.time() - t_start, 1)
 
@@ -701,7 +878,9 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(R, indent=2, default=str))
     text = summarize(R)
     print(text)
-    print(f"\nall figures: {out_json}; load average before {load_before[0]:.2f}, after {R['load_after'][0]:.2f}")
+    print(
+        f"\nall figures: {out_json}; load average before {load_before[0]:.2f}, after {R['load_after'][0]:.2f}"
+    )
     if args.markdown:
         args.markdown.write_text(text + "\n")
     return 0

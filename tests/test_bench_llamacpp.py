@@ -93,7 +93,9 @@ def test_read_kld_base_rejects_other_files(tmp_path):
 def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
     lc = _find_llamacpp()
     if lc is None:
-        pytest.skip("no cached llama.cpp build: run `python benchmarks/llamacpp.py` first (~40 min on 2 shared cores)")
+        pytest.skip(
+            "no cached llama.cpp build: run `python benchmarks/llamacpp.py` first (~40 min on 2 shared cores)"
+        )
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from edgepipe.errors import InputError
@@ -104,8 +106,14 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
         pytest.skip(str(e))
     # a tiny random Llama that keeps the default model's tokenizer (and so its GGUF tokenizer metadata)
     cfg = json.loads((src / "config.json").read_text())
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16)
+    cfg.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     model_dir = tmp_path / "tiny"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(cfg))
@@ -121,14 +129,34 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
     hf.save_pretrained(model_dir)
 
     gguf = tmp_path / "tiny-f32.gguf"
-    r = subprocess.run(lc.convert_cmd(model_dir, gguf, "f32"), env=lc.convert_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        lc.convert_cmd(model_dir, gguf, "f32"), env=lc.convert_env(), capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = (ROOT / "edgepipe" / "data" / "eval.txt").read_text()
     base = tmp_path / "base.bin"
     n_ctx = 64
-    r = subprocess.run([str(lc.perplexity), "-m", str(gguf), "-f", str(ROOT / "edgepipe" / "data" / "eval.txt"),
-                        "-c", str(n_ctx), "-b", str(n_ctx), "-t", "2", "--chunks", "3", "--kl-divergence-base", str(base)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(lc.perplexity),
+            "-m",
+            str(gguf),
+            "-f",
+            str(ROOT / "edgepipe" / "data" / "eval.txt"),
+            "-c",
+            str(n_ctx),
+            "-b",
+            str(n_ctx),
+            "-t",
+            "2",
+            "--chunks",
+            "3",
+            "--kl-divergence-base",
+            str(base),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got_ctx, tokens, lp = vs_llamacpp.read_kld_base(base)
     assert got_ctx == n_ctx and tokens.shape == (3, n_ctx)
