@@ -162,24 +162,14 @@ def llama_quality(
     stamp = work / f"kld-base-c{CTX}.json"
     ev_key = {"eval": str(eval_file), "mtime": eval_file.stat().st_mtime_ns, "size": eval_file.stat().st_size}
     res: dict[str, Any] = {}
+    def ppl_cmd(model):
+        """llama-perplexity on ``model`` with the shared context, batch, threads and base-logits file."""
+        return [lc.perplexity, "-m", model, "-c", CTX, "-b", CTX, "-t", threads, "--kl-divergence-base", base]
+
     if not (base.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == ev_key):
         say(f"llama-perplexity: f32 reference logits on {eval_file.name} (-c {CTX})")
         out = run(
-            [
-                lc.perplexity,
-                "-m",
-                ggufs["f32"],
-                "-f",
-                eval_file,
-                "-c",
-                CTX,
-                "-b",
-                CTX,
-                "-t",
-                threads,
-                "--kl-divergence-base",
-                base,
-            ],
+            [*ppl_cmd(ggufs["f32"]), "-f", eval_file],
             log=work / "ppl-f32.log",
         )
         stamp.write_text(json.dumps({"key": ev_key, "ppl": _grab(r"Final estimate: PPL = " + _NUM, out)}))
@@ -195,20 +185,7 @@ def llama_quality(
         ):
             say(f"llama-perplexity --kl-divergence: {q} vs f32")
             run(
-                [
-                    lc.perplexity,
-                    "-m",
-                    ggufs[q],
-                    "-c",
-                    CTX,
-                    "-b",
-                    CTX,
-                    "-t",
-                    threads,
-                    "--kl-divergence-base",
-                    base,
-                    "--kl-divergence",
-                ],
+                [*ppl_cmd(ggufs[q]), "--kl-divergence"],
                 log=log,
             )
         out = log.read_text()

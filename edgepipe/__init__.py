@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgepipe.errors import ArtifactError, DeviceError, EdgepipeError, InputError, ModelError, StageError, TargetError
+from edgepipe.errors import (
+    ArtifactError,
+    DeviceError,
+    EdgepipeError,
+    InputError,
+    ModelError,
+    StageError,
+    TargetError,
+)
 from edgepipe.targets import Target, list_targets, load_target
 
 __all__ = [

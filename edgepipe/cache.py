@@ -190,7 +190,7 @@ def list_cache() -> list[dict[str, Any]]:
             out.append({
                 "stage": stage.name,
                 "key": entry.name,
-                "complete": (entry / COMPLETE).is_file() or (entry / ".complete").is_file(),
+                "complete": (entry / COMPLETE).is_file(),
                 "bytes": dir_size(entry),
                 "last_used": entry.stat().st_mtime,
                 "path": str(entry),

@@ -119,10 +119,10 @@ def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_f
 @_guard
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
     """Generate text from an artifact (verifies the manifest first)."""
+    import math
+
     from edgepipe.runtime.device import run_prompt
     from edgepipe.runtime.generate import GenerationConfig
-
-    import math
 
     if not (math.isfinite(temperature) and math.isfinite(top_p)):  # click's FloatRange lets NaN through
         raise click.BadParameter("--temperature and --top-p must be numbers, not NaN")

@@ -30,7 +30,9 @@ _CHAT_EOS = "<|im_end|>"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe")
+    """``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``: every stage, model and device environment lives here."""
+    env = os.environ.get("EDGEPIPE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgepipe"
 
 
 def default_gguf() -> Path:

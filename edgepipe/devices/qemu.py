@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from edgepipe.devices import last_json_object
 from edgepipe.errors import ArtifactError, DeviceError, InputError
+from edgepipe.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +95,6 @@ _CPU_NAME = re.compile(r"^[a-z0-9][a-z0-9._+-]*$", re.I)
 # --------------------------------------------------------------------------- small helpers
 
 
-def cache_root() -> Path:
-    """``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``."""
-    env = os.environ.get("EDGEPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgepipe"
 
 
 def check_cpu(cpu: str) -> str:

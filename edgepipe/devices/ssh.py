@@ -67,6 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from edgepipe.devices import last_json_object
 from edgepipe.errors import ArtifactError, DeviceError, InputError
+from edgepipe.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +194,6 @@ def parse_spec(spec: str, *, environ: dict[str, str] | None = None) -> SshSpec:
 # --------------------------------------------------------------------------- host side helpers
 
 
-def cache_root() -> Path:
-    """``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``."""
-    env = os.environ.get("EDGEPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgepipe"
 
 
 def _package_dir() -> Path:
