@@ -107,6 +107,18 @@ def _budget_checks(target: Target, metrics: dict[str, Any], device_throughput: d
     return checks
 
 
+def _hessian_bytes(config: dict[str, Any]) -> int:
+    """Disk that GPTQ's float32 Hessians take while quantizing: one per distinct MatMul input.
+
+    Per layer: the attention input, the attention output and the MLP input (hidden x hidden
+    each) and the MLP's inner activation (intermediate x intermediate).
+    """
+    hidden = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    layers = int(config.get("num_hidden_layers") or 0)
+    return layers * (3 * hidden * hidden + inter * inter) * 4
+
+
 def host_threads(tgt: Target) -> int:
     """The target's thread count, capped to this host's cores (0 = one per core)."""
     import os
@@ -176,6 +188,7 @@ def build(
     """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input."""
     from edgepipe.cache import cached_stage, dir_size, key_of
     from edgepipe.export import export_fp32, inspect_model
+    from edgepipe.export.segmented import reference_logits
     from edgepipe.models import DEFAULT_MODEL_NAME, default_model_dir
     from edgepipe.package import check_out_dir, copy_model, publish, staging_dir, write_manifest
     from edgepipe.quantize import WeightOnly, quantize
@@ -228,7 +241,9 @@ def build(
         export_key,
         do_export,
         need_bytes=int(info.num_parameters * 4 * 1.1),
-        need_ram_bytes=int(info.num_parameters * 4 * 3),
+        # the builder holds the checkpoint in its own dtype and casts one tensor at a time
+        # (measured: Granite-2B bf16, 5.07 GB of safetensors -> 6.3 GB peak)
+        need_ram_bytes=int(info.num_parameters * 2 * 1.3),
         progress=say,
     )
     fp32_model = fp32_dir / "model"
@@ -246,23 +261,30 @@ def build(
         importance = None
         if qcfg.algorithm in ("imatrix", "gptq") and qcfg.bits != 32:
             say("calibrating: activation statistics on the calibration text")
+            # Hessians go to disk and come back one at a time: 12 GB of them for a 2.5B model
             importance = collect_importance(
-                fp32_model, calib_windows, threads=threads, hessians=qcfg.algorithm == "gptq", progress=say
+                fp32_model, calib_windows, threads=threads, hessians=qcfg.algorithm == "gptq",
+                store=tmp / "hessians", progress=say,
             )
-        return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
+        try:
+            return quantize(fp32_model, tmp / "model", qcfg, importance=importance, progress=say)
+        finally:
+            del importance
+            shutil.rmtree(tmp / "hessians", ignore_errors=True)
 
-    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 2}
-    q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5),
-                                 need_ram_bytes=int(info.num_parameters * 4 * 2), progress=say)
+    # v3: Hessians accumulated in float32, piece by piece (edgepipe.export.segmented)
+    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 3}
+    hessian_bytes = _hessian_bytes(info.config) if qcfg.algorithm == "gptq" else 0
+    q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5) + hessian_bytes,
+                                 need_ram_bytes=int(info.num_parameters * 1.2) + (3 << 30), progress=say)
     q_model = q_dir / "model"
     timings["quantize_s"] = round(time.time() - t0, 2)
 
     # 3. validate accuracy on the host: quantized vs fp32 on text that is not the calibration text
     t0 = time.time()
     say(f"validating accuracy on {len(eval_windows)} windows of {len(eval_windows[0])} tokens")
-    ref_lm = CausalLM(fp32_model, threads=threads)
-    ref_logits = [ref_lm.logits(w) for w in eval_windows]
-    del ref_lm
+    # the fp32 reference runs a few layers at a time, so it never needs its whole size in RAM
+    ref_logits = reference_logits(fp32_model, eval_windows, threads=threads, progress=say)
     q_lm = CausalLM(q_model, threads=threads)
     it = iter(ref_logits)
     acc = score(q_lm.logits, eval_windows, reference_fn=lambda w: next(it), score_from=len(eval_windows[0]) // 2)

@@ -2,14 +2,21 @@
 
 For every MatMul with a constant weight we collect the mean square of each input channel of its
 activation over calibration text: a weight error on a channel that carries large activations
-costs more output error, so the quantizer weights its squared error by these numbers.
+costs more output error, so the quantizer weights its squared error by these numbers. GPTQ also
+needs each activation's Hessian, the mean of x x^T over tokens.
+
+The fp32 export runs a few layers at a time (:mod:`edgepipe.export.segmented`), so calibrating a
+2.5B-parameter model never holds its 10 GB of fp32 weights at once; Hessians (0.3 GB per layer of
+such a model) are reduced as each piece finishes and, with ``store``, written to disk and read back
+one at a time by the quantizer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -26,61 +33,96 @@ def weight_matmuls(model) -> dict[str, str]:
     return out
 
 
+class Importance(Mapping):
+    """``weight -> mean square per input channel`` and ``"weight@H" -> Hessian``.
+
+    Hessians kept in a folder are memory-mapped on access, so the quantizer holds one at a time.
+    """
+
+    def __init__(self, diag: dict[str, np.ndarray], hessians: dict[str, np.ndarray | Path]):
+        self._diag = diag
+        self._hessians = hessians
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self._diag:
+            return self._diag[key]
+        h = self._hessians[key]
+        return np.load(h, mmap_mode="r") if isinstance(h, Path) else h
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._diag
+        yield from self._hessians
+
+    def __len__(self) -> int:
+        return len(self._diag) + len(self._hessians)
+
+
 def collect_importance(
     model_dir: Path,
     windows: Iterable[np.ndarray],
     *,
     threads: int = 0,
     hessians: bool = False,
+    store: Path | None = None,
+    max_segment_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, np.ndarray]:
+) -> Importance:
     """Mean square of each input channel of every weight MatMul, over the token ``windows``.
 
     With ``hessians``, also ``"<weight>@H"``: the mean of x x^T over tokens (for GPTQ), one per
-    distinct activation (MatMuls that share an input share the array).
+    distinct activation (MatMuls that share an input share the array); with ``store``, those
+    arrays are written there as .npy files instead of kept in memory.
     """
-    import onnx
-    import onnxruntime as ort
+    from edgepipe.export.segmented import DEFAULT_SEGMENT_BYTES, SegmentedRunner, decoder_feeds
 
-    from edgepipe.runtime.model import GENAI_CONFIG, DecoderSpec, session_options
-
-    model_path = Path(model_dir) / "model.onnx"
-    model = onnx.load(str(model_path), load_external_data=False)
-    acts = weight_matmuls(model)
-    wanted = sorted(set(acts.values()))
-    existing = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = session_options(threads)
-    # the external weights stay where the fp32 export wrote them; nothing is copied
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sums: dict[str, np.ndarray | None] = {name: None for name in wanted}
-    outer: dict[str, np.ndarray] = {}
-    count = 0
-    spec = DecoderSpec.from_genai_config(Path(model_dir) / GENAI_CONFIG)
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_size), dtype=np.float32)
-    past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    for n, ids in enumerate(windows):
-        ids = np.asarray(ids, dtype=np.int64)[None, :]
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        feeds.update({name: empty for name in past})
-        outs = sess.run(wanted, feeds)
-        for name, val in zip(wanted, outs):
-            x = val.reshape(-1, val.shape[-1]).astype(np.float64)
-            sq = np.square(x).sum(0)
-            sums[name] = sq if sums[name] is None else sums[name] + sq
-            if hessians:
-                xtx = x.T @ x
-                outer[name] = xtx if name not in outer else outer[name] + xtx
-        count += ids.shape[1]
-        if progress:
-            progress(f"calibration window {n + 1}")
+    windows = list(windows)
+    runner = SegmentedRunner(model_dir, max_bytes=max_segment_bytes or DEFAULT_SEGMENT_BYTES, threads=threads)
+    acts = weight_matmuls(runner.model)
+    wanted = set(acts.values())
+    count = sum(int(np.asarray(w).shape[0]) for w in windows)
     if not count:
-        return {}
-    out = {w: (sums[a] / count).astype(np.float32) for w, a in acts.items() if sums[a] is not None}
-    if hessians:
-        shared = {a: (h / count) for a, h in outer.items()}
-        out.update({f"{w}@H": shared[a] for w, a in acts.items() if a in shared})
-    return out
+        return Importance({}, {})
+    sums: dict[str, np.ndarray] = {}
+    outer: dict[str, np.ndarray] = {}
+    done_diag: dict[str, np.ndarray] = {}
+    done_h: dict[str, np.ndarray | Path] = {}
+    if store is not None:
+        Path(store).mkdir(parents=True, exist_ok=True)
+
+    def on_watched(_feed: int, name: str, val: np.ndarray) -> None:
+        x = val.reshape(-1, val.shape[-1]).astype(np.float32, copy=False)
+        sq = np.square(x, dtype=np.float64).sum(0)
+        sums[name] = sq if name not in sums else sums[name] + sq
+        if hessians:
+            xtx = x.T @ x  # float32 GEMM; a window's 512 tokens lose nothing that matters here
+            if name in outer:
+                outer[name] += xtx
+            else:
+                outer[name] = xtx
+
+    def on_segment_done(_k: int, names: list[str]) -> None:
+        for name in names:
+            done_diag[name] = (sums.pop(name) / count).astype(np.float32)
+            if name in outer:
+                h = outer.pop(name)
+                h /= count
+                if store is not None:
+                    path = Path(store) / f"h{len(done_h):04d}.npy"
+                    np.save(path, h)
+                    done_h[name] = path
+                else:
+                    done_h[name] = h
+
+    seen = [0]
+
+    def say(msg: str) -> None:
+        seen[0] += 1
+        if progress:
+            progress(f"calibrating: {msg.removeprefix('fp32 reference: ')}")
+
+    runner.run(
+        decoder_feeds(model_dir, windows), [], watch=wanted, on_watched=on_watched, on_segment_done=on_segment_done, progress=say
+    )
+    diag = {w: done_diag[a] for w, a in acts.items() if a in done_diag}
+    hs = {f"{w}@H": done_h[a] for w, a in acts.items() if a in done_h}
+    return Importance(diag, hs)

@@ -41,6 +41,7 @@ class Accumulator:
     ref_nll: float = 0.0
     agree: int = 0
     kl: float = 0.0
+    cos: float = 0.0
     host_agree: int = 0
     host_tokens: int = 0
     top1: list[np.ndarray] = field(default_factory=list)
@@ -54,6 +55,8 @@ class Accumulator:
             out["ppl_increase_pct"] = 100.0 * (out["perplexity"] / ref - 1.0)  # type: ignore[operator]
             out["top1_agreement"] = self.agree / n
             out["kl_divergence"] = self.kl / n
+            if self.cos:
+                out["logit_cosine"] = self.cos / n
         if self.host_tokens:
             out["host_top1_agreement"] = self.host_agree / self.host_tokens
         return out
@@ -83,7 +86,9 @@ def score(
         pos = np.arange(min(score_from, len(targets) - 1), len(targets))
         acc.nll -= float(lp[pos, targets[pos]].sum())
         if reference_fn is not None:
-            rlp = log_softmax(reference_fn(win)[:-1])[pos]
+            ref_logits = reference_fn(win)[:-1][pos]
+            rlp = log_softmax(ref_logits)
+            acc.cos += _cosine_sum(ref_logits, lp[pos])
             acc.ref_nll -= float(rlp[np.arange(len(pos)), targets[pos]].sum())
             acc.agree += int((rlp.argmax(-1) == top1[pos]).sum())
             acc.kl += float((np.exp(rlp) * (rlp - lp[pos])).sum())
@@ -91,6 +96,19 @@ def score(
         if progress:
             progress(f"scored window {i + 1}")
     return acc
+
+
+def _cosine_sum(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum over positions of the cosine similarity of two logit vectors, each centred first.
+
+    Logits are defined up to a constant per position, so centring removes what softmax ignores;
+    log-probs differ from logits by exactly such a constant. On random-weight models, whose
+    next-token distributions are nearly flat, this says more than top-1 agreement does.
+    """
+    a = a.astype(np.float64) - a.mean(-1, keepdims=True)
+    b = b.astype(np.float64) - b.mean(-1, keepdims=True)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return float((np.einsum("ij,ij->i", a, b) / np.where(den == 0, 1, den)).sum())
 
 
 def reference_arrays(
