@@ -1,7 +1,7 @@
 """Granite 2B at full size: peak RSS of the whole build process tree, and wall time per stage.
 
     python benchmarks/scale_granite2b.py [--target raspberrypi5] [--out DIR] [--keep-cache]
-                                         [--interval 0.25] [--json OUT.json]
+                                         [--cache DIR] [--interval 0.25] [--json OUT.json]
 
 1. Creates (once, cached under ``$EDGEPIPE_CACHE/bench/``) a random-initialised
    ``GraniteForCausalLM`` of IBM Granite 3.x 2B's exact shape — hidden 2048, 40 layers, 32 heads /
@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="raspberrypi5")
     ap.add_argument("--out", type=Path, default=None, help="artifact folder (default: a temp folder, removed)")
     ap.add_argument("--keep-cache", action="store_true", help="keep the run's stage cache (10 GB fp32 export)")
+    ap.add_argument(
+        "--cache", type=Path, default=None,
+        help="use (and keep) this stage cache: a second run then reuses its export/quantize stages (not a cold run)",
+    )
     ap.add_argument("--interval", type=float, default=0.25, help="RSS sampling period, seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="scale-granite2b-", dir=root / "bench"))
     out = args.out or work / "artifact"
     try:
-        run = run_build(model, args.target, out, work / "cache", args.interval)
+        run = run_build(model, args.target, out, args.cache or work / "cache", args.interval)
         est = estimate(model, args.target)
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
     finally:
