@@ -135,38 +135,81 @@ def _bench_subprocess(artifact: Path, threads: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build_npu(tgt: Target, out: Path, *, model: Path | str | None, calib: Path | str | None, device: str | None, say: Progress) -> BuildResult:
-    """The Hexagon NPU path (encoders): QDQ + EPContext binary, validated on the HTP simulator."""
-    from edgepipe.npu import build_npu
-    from edgepipe.npu.data import default_calib_text, default_eval_sentences
+def _build_npu(
+    tgt: Target,
+    out: Path,
+    *,
+    model: Path | str | None,
+    calib: Path | str | None,
+    eval_file: Path | str | None = None,
+    device: str | None,
+    say: Progress,
+) -> BuildResult:
+    """The Hexagon NPU path: QDQ + EPContext binaries, validated on the HTP simulator.
+
+    The model's ``config.json`` decides the kind: a ``...ForCausalLM`` (and the default model,
+    when there is no ``--model``) takes the decoder path (prefill + decode graphs), anything else
+    the sentence-embedding encoder path.
+    """
+    from edgepipe.npu.decoder import is_causal_lm
     from edgepipe.package import publish, staging_dir, write_manifest
 
-    if model is None:
-        raise InputError(f"target {tgt.name} (NPU) needs --model: a sentence-embedding model folder (e.g. all-MiniLM-L6-v2)")
     if device and device != "local":
         raise InputError(f"--device {device} is not available for NPU targets; they are validated on the HTP simulator")
-    calib_text = read_text_file(Path(calib), "", "calibration")[0] if calib else default_calib_text()
+    default_model = model is None
+    if model is None:
+        from edgepipe.models import DEFAULT_MODEL_NAME, default_model_dir
+
+        model_dir = default_model_dir(say)
+        model_name = DEFAULT_MODEL_NAME
+    else:
+        model_dir = Path(model)
+        model_name = model_dir.name
+    decoder = is_causal_lm(model_dir)
     versions = _versions()
     staging = staging_dir(out)
     try:
-        metrics = build_npu(Path(model), tgt, staging, calib_text=calib_text, eval_sentences=default_eval_sentences(), progress=say)
+        if decoder:
+            from edgepipe.npu.decoder import build_decoder_npu
+
+            calib_text, calib_src = read_text_file(Path(calib) if calib else None, "calib.txt", "calibration")
+            eval_text, eval_src = read_text_file(Path(eval_file) if eval_file else None, "eval.txt", "eval")
+            metrics = build_decoder_npu(model_dir, tgt, staging, calib_text=calib_text, eval_text=eval_text, progress=say)
+            metrics["eval"]["source"], metrics["calibration_source"] = eval_src, calib_src
+        else:
+            from edgepipe.npu import build_npu
+            from edgepipe.npu.data import default_calib_text, default_eval_sentences
+
+            calib_text = read_text_file(Path(calib), "", "calibration")[0] if calib else default_calib_text()
+            metrics = build_npu(model_dir, tgt, staging, calib_text=calib_text, eval_sentences=default_eval_sentences(), progress=say)
         failed = list(metrics.get("verdict_reasons") or []) if metrics.get("verdict") != "pass" else []
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "edgepipe_version": versions["edgepipe"],
             "versions": versions,
-            "source_model": {"path": str(Path(model).absolute()), "name": Path(model).name, "kind": "encoder"},
+            "source_model": {
+                "path": str(model_dir.absolute()),
+                "name": model_name,
+                "kind": "decoder" if decoder else "encoder",
+                "default_model": default_model,
+            },
             "target": tgt.to_dict(),
             "metrics": metrics,
             "verdict": "pass" if not failed else "fail",
             "failed_budgets": failed,
             "budgets": [],
         }
-        lines = [f"# {Path(model).name} for {tgt.name} (Hexagon HTP v{tgt.npu.htp_arch})", "", f"**Verdict: {manifest['verdict'].upper()}**", ""]
-        lines += [f"- {k}: {v}" for k, v in metrics.items() if not isinstance(v, (dict, list))]
-        cov = metrics.get("coverage") or {}
-        lines += ["", f"NPU coverage: {cov}", "", "Simulator timings say nothing about a phone's speed.", ""]
-        (staging / "report.md").write_text("\n".join(lines), encoding="utf-8")
+        if decoder:
+            from edgepipe.npu.report import decoder_report
+
+            text = decoder_report(model_name, tgt.name, tgt.npu.htp_arch, metrics, failed)
+        else:
+            lines = [f"# {model_name} for {tgt.name} (Hexagon HTP v{tgt.npu.htp_arch})", "", f"**Verdict: {manifest['verdict'].upper()}**", ""]
+            lines += [f"- {k}: {v}" for k, v in metrics.items() if not isinstance(v, (dict, list))]
+            cov = metrics.get("coverage") or {}
+            lines += ["", f"NPU coverage: {cov}", "", "Simulator timings say nothing about a phone's speed.", ""]
+            text = "\n".join(lines)
+        (staging / "report.md").write_text(text, encoding="utf-8")
         manifest = write_manifest(staging, manifest)
         publish(staging, out)
     except BaseException:
@@ -203,7 +246,7 @@ def build(
     out = Path(out).absolute()
     check_out_dir(out)
     if tgt.npu is not None:
-        return _build_npu(tgt, out, model=model, calib=calib, device=device, say=say)
+        return _build_npu(tgt, out, model=model, calib=calib, eval_file=eval_file, device=device, say=say)
     calib_text, calib_src = read_text_file(Path(calib) if calib else None, "calib.txt", "calibration")
     eval_text, eval_src = read_text_file(Path(eval_file) if eval_file else None, "eval.txt", "eval")
     runner = None
@@ -280,6 +323,14 @@ def build(
     q_model = q_dir / "model"
     timings["quantize_s"] = round(time.time() - t0, 2)
 
+    # 2b. optimize: graph-only passes (edgepipe.optimize) on the quantized decoder; the weights are
+    # hard-linked, so this costs no copy. The fp32 export stays as exported: it is the reference.
+    from edgepipe.optimize import PASSES, optimize_dir
+
+    opt_key = {"quantize": key_of(quant_key), "passes": PASSES}
+    o_dir, o_info = cached_stage("optimize", opt_key, lambda tmp: optimize_dir(q_model, tmp / "model"), progress=say)
+    q_model = o_dir / "model"
+
     # 3. validate accuracy on the host: quantized vs fp32 on text that is not the calibration text
     t0 = time.time()
     say(f"validating accuracy on {len(eval_windows)} windows of {len(eval_windows[0])} tokens")
@@ -314,6 +365,7 @@ def build(
             },
             "target": tgt.to_dict(),
             "quantization": q_info,
+            "optimize": o_info,
             "eval": {
                 "source": eval_src,
                 "windows": len(eval_windows),

@@ -84,6 +84,17 @@ def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_f
             "artifact": str(res.artifact), "verdict": m["verdict"], "failed_budgets": m["failed_budgets"],
             "metrics": m["metrics"], "budgets": m["budgets"], "target": m["target"]["name"],
         })
+    elif m["metrics"].get("task") == "causal-lm":  # NPU decoder artifact (prefill + decode graphs)
+        met = m["metrics"]
+        click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))
+        for graph, cov in met["coverage"].items():
+            click.echo(f"  NPU coverage {graph}: {cov['npu_nodes']}/{cov['total_nodes']} nodes, CPU ops {cov['cpu_op_types'] or 'none'}")
+        acc = met["npu_accuracy"]
+        click.echo(
+            f"  HTP simulator vs fp32, {acc['positions']} positions: top-1 agreement {acc['top1_agreement']:.3f}, "
+            f"perplexity {acc['reference_perplexity']:.2f} -> {acc['perplexity']:.2f} ({acc['ppl_increase_pct']:+.2f}%)"
+        )
+        click.echo(f"  report: {res.artifact / 'report.md'}")
     elif "accuracy" not in m["metrics"]:  # NPU encoder artifact
         met = m["metrics"]
         click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))

@@ -60,6 +60,7 @@ class Quantization:
     embedding_block_size: int | None = None  # default: block_size
     eight_bit_layers: tuple[str, ...] = ()  # whole layers: "first", "last", "3", "0-3"
     eight_bit_ops: tuple[str, ...] = ()  # "down_proj" everywhere, or "down_proj@0-3,26-29" in those layers
+    eight_bit_budget_mb: float = 0.0  # extra MB (10^6 B) for 8-bit matrices the calibration Hessian picks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,8 @@ class Budgets:
 class Npu:
     """A Qualcomm Hexagon NPU (HTP) and the QDQ scheme it is given (used by ``edgepipe.npu``).
 
-    The HTP runs only static shapes, so ``seq_len`` fixes the encoder's sequence length.
+    The HTP runs only static shapes, so ``seq_len`` fixes the encoder's sequence length (and a
+    decoder's prefill length); ``context_length`` is a decoder's fixed KV-cache capacity.
     ``soc_model`` is QNN's SoC id (e.g. 57 = SM8650), passed to the compiler when known.
     """
 
@@ -94,6 +96,7 @@ class Npu:
     weight_type: Literal["int8", "uint8"] = "int8"
     per_channel: bool = True
     seq_len: int = 128
+    context_length: int = 256
     allow_cpu_fallback: bool = False
     min_cosine: float = 0.99  # every eval sentence: cosine(NPU, fp32 CPU) at least this
     min_retrieval_agreement: float = 0.9  # nearest-neighbour top-1 agreement with fp32
