@@ -157,19 +157,19 @@ def bench(lm: CausalLM, *, prompt_tokens: int = 256, decode_tokens: int = 64, re
     vocab = lm.spec.vocab_size
     ids = (np.arange(prompt_tokens, dtype=np.int64) * 7919 + 13) % max(vocab - 1, 1) + 1
     short = ids[:32]
-    lm.forward(short[None, :8], lm.empty_cache())  # warm-up: allocations, prepacking
+    lm.forward(short[None, :8], lm.empty_cache(), last_only=True)  # warm-up: allocations, prepacking
     prefill, ttft, decode = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lm.forward(ids[None, :], lm.empty_cache())
+        lm.forward(ids[None, :], lm.empty_cache(), last_only=True)  # as generation: the last logits only
         prefill.append(prompt_tokens / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         state = lm.stepper(len(short) + decode_tokens)  # what generate() does
-        nxt = int(np.argmax(state.step(short)[-1]))
+        nxt = int(np.argmax(state.step(short, last_only=True)[-1]))
         ttft.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
-            nxt = int(np.argmax(state.step(np.array([nxt]))[-1]))
+            nxt = int(np.argmax(state.step(np.array([nxt]), last_only=True)[-1]))
         decode.append(decode_tokens / (time.perf_counter() - t0))
     return {
         "prefill_tokens": prompt_tokens,

@@ -48,7 +48,7 @@ def generate(lm: CausalLM, prompt_ids: list[int], cfg: GenerationConfig) -> Iter
     ids = np.asarray(prompt_ids, dtype=np.int64)
     eos = set(lm.spec.eos_token_ids)
     for _ in range(limit):
-        logits = state.step(ids)
+        logits = state.step(ids, last_only=True)
         token = sample_next(logits[-1], cfg, rng)
         if token in eos:
             return

@@ -23,6 +23,10 @@ from edgepipe.errors import ArtifactError
 logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
+# graph input added by edgepipe.optimize.logits_slice: first position whose logits are computed
+LOGITS_START = "logits_start"
+_LAST = np.array([-1], dtype=np.int64)
+_ALL = np.array([0], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ class CausalLM:
         self._past_names = [
             n for i in range(self.spec.num_layers) for n in (self.spec.past_key % i, self.spec.past_value % i)
         ]
+        # artifacts built before the logits_slice pass lack the input: they compute every position
+        # (an input with an initializer default is listed among the overridable initializers)
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.can_slice_logits = LOGITS_START in self._input_names | overridable
         dtypes = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if dtypes.get(self._past_names[0]) == "tensor(float16)" else np.float32
 
@@ -111,8 +119,14 @@ class CausalLM:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self._past_names]
 
-    def forward(self, input_ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run ``input_ids`` [batch, seq] after ``cache``; return logits [batch, seq, vocab] and the new cache."""
+    def forward(
+        self, input_ids: np.ndarray, cache: list[np.ndarray], *, last_only: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run ``input_ids`` [batch, seq] after ``cache``; return logits [batch, seq, vocab] and the new cache.
+
+        ``last_only``: logits of the last position only ([batch, 1, vocab]), which is all generation
+        needs; graphs with the ``logits_start`` input then skip the lm_head on the other positions.
+        """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         past_len = cache[0].shape[2]
@@ -122,8 +136,11 @@ class CausalLM:
         if "position_ids" in self._input_names:
             feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :].repeat(batch, 0)
         feeds.update(zip(self._past_names, cache))
+        if last_only and self.can_slice_logits:
+            feeds[LOGITS_START] = _LAST
         outputs = self.session.run(["logits", *self._present_names], feeds)
-        return outputs[0], outputs[1:]
+        logits = outputs[0]
+        return (logits[:, -1:] if last_only and logits.shape[1] > 1 else logits), outputs[1:]
 
     def stepper(self, max_len: int) -> "KVStepper":
         """A decoding state with a preallocated KV buffer of ``max_len`` positions (see KVStepper)."""
@@ -152,12 +169,17 @@ class KVStepper:
         shape = (1, spec.num_kv_heads, self.max_len, spec.head_size)
         self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=lm.kv_dtype)) for _ in lm._past_names]
         self._binding = lm.session.io_binding()
+        # bind_cpu_input rejects an input that has an initializer default; OrtValues are accepted
+        self._logits_start = {
+            last: ort.OrtValue.ortvalue_from_numpy(_LAST if last else _ALL) for last in (False, True)
+        }
         for past, present, buf in zip(lm._past_names, lm._present_names, self._kv):
             self._binding.bind_ortvalue_input(past, buf)
             self._binding.bind_ortvalue_output(present, buf)
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Feed ``ids`` (1-D) after what was fed before; return their logits [seq, vocab]."""
+    def step(self, ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Feed ``ids`` (1-D) after what was fed before; return their logits [seq, vocab]
+        (``last_only``: [1, vocab], the last position's, see ``CausalLM.forward``)."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
         total = self.length + ids.shape[1]
         if total > self.max_len:
@@ -166,7 +188,10 @@ class KVStepper:
         b.bind_cpu_input("input_ids", ids)
         if "attention_mask" in self.lm._input_names:
             b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if self.lm.can_slice_logits:  # bound every step: a binding outlives the call
+            b.bind_ortvalue_input(LOGITS_START, self._logits_start[last_only])
         b.bind_output("logits", "cpu")  # re-bound each step: its shape follows the input length
         self.lm.session.run_with_iobinding(b)
         self.length = total
-        return b.get_outputs()[-1].numpy()[0]
+        logits = b.get_outputs()[-1].numpy()[0]
+        return logits[-1:] if last_only and logits.shape[0] > 1 else logits
