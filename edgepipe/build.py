@@ -331,14 +331,6 @@ def build(
     o_dir, o_info = cached_stage("optimize", opt_key, lambda tmp: optimize_dir(q_model, tmp / "model"), progress=say)
     q_model = o_dir / "model"
 
-    # 2b. optimize: graph-only passes (edgepipe.optimize) on the quantized decoder; the weights are
-    # hard-linked, so this costs no copy. The fp32 export stays as exported: it is the reference.
-    from edgepipe.optimize import PASSES, optimize_dir
-
-    opt_key = {"quantize": key_of(quant_key), "passes": PASSES}
-    o_dir, o_info = cached_stage("optimize", opt_key, lambda tmp: optimize_dir(q_model, tmp / "model"), progress=say)
-    q_model = o_dir / "model"
-
     # 3. validate accuracy on the host: quantized vs fp32 on text that is not the calibration text
     t0 = time.time()
     say(f"validating accuracy on {len(eval_windows)} windows of {len(eval_windows[0])} tokens")
@@ -373,7 +365,6 @@ def build(
             },
             "target": tgt.to_dict(),
             "quantization": q_info,
-            "optimize": o_info,
             "optimize": o_info,
             "eval": {
                 "source": eval_src,
