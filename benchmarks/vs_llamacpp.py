@@ -1,8 +1,9 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
-    python benchmarks/vs_llamacpp.py [--model HF_FOLDER] [--threads 2[,1]] [--eval FILE] [--reps 3]
-                                     [--no-speed] [--no-edgepipe] [--no-passive] [--speed-f32] [--rebuild]
-                                     [--json OUT.json] [--markdown OUT.md]
+    python benchmarks/vs_llamacpp.py [--model HF_FOLDER | --random-llama] [--threads 2[,1]] [--eval FILE]
+                                     [--reps 3] [--no-speed] [--no-edgepipe] [--no-passive] [--speed-f32]
+                                     [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
+                                     [--rebuild | --reuse] [--json OUT.json] [--markdown OUT.md]
 
 Results of a run: ``benchmarks/RESULTS.md``.
 
@@ -28,7 +29,9 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 5. Speed, interleaved A B A B for ``--reps`` rounds with the same thread count: llama-bench
    ``-p 128,512 -n 128 -r 1`` per round, and for edgepipe a fresh process that times a 128- and a
    512-token prefill from an empty cache and 128 single-token decode steps (warm-up first, like
-   llama-bench). With more than one thread llama.cpp also runs with ``OMP_WAIT_POLICY=passive``:
+   llama-bench) on the path ``generate()`` takes: the KV stepper (preallocated cache, IO binding)
+   and the last position's logits only (artifacts with the ``logits_slice`` pass skip the lm_head
+   on the other positions; llama-bench also computes the last token's output only). With more than one thread llama.cpp also runs with ``OMP_WAIT_POLICY=passive``:
    its OpenMP threads spin at barriers, which collapses when other processes share the cores;
    ratios are taken against the faster variant. Peak RSS of each process by ``/usr/bin/time -v``;
    edgepipe's own ``python -m edgepipe.runtime bench --json`` figure is reported too.
@@ -71,6 +74,7 @@ CTX = 512
 PP = (128, 512)
 TG = 128
 PASSIVE = "(OMP passive)"
+NOSPIN = "(no spinning)"
 
 Progress = Callable[[str], None]
 
@@ -225,11 +229,85 @@ def read_kld_base(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
     return n_ctx, tokens.astype(np.int64), lp
 
 
+# ------------------------------------------------------------------------- random-init Llama
+
+# issue 6's comparison model: hidden 2048, 10 layers, 16/4 heads, intermediate 8192. Its vocab there
+# is 32000, but the only tokenizer we have offline (the default model's) emits ids up to 49151 and
+# llama.cpp's converter rejects a tokenizer larger than the embedding, so the vocab is 49152 here;
+# the embedding is tied (as SmolLM2's), which keeps the count near 739M (709M).
+RANDOM_LLAMA = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 10,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "intermediate_size": 8192,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+}
+RANDOM_SEED = 0
+
+
+def random_llama_dir(progress: Progress) -> Path:
+    """A seeded random-init Llama of the shape above (bf16 safetensors, cached), with the default
+    model's tokenizer files. Random weights make perplexity meaningless, but KL / top-1 agreement
+    against each engine's own full-precision export still compare the quantizers."""
+    from edgepipe.models import cache_root, default_model_dir
+
+    tok_src = default_model_dir(progress)
+    out = cache_root() / "models" / f"random-llama-2048x10-seed{RANDOM_SEED}"
+    if (out / ".complete").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    progress(f"creating the random-init Llama in {out}")
+    src_cfg = json.loads((tok_src / "config.json").read_text())
+    cfg = LlamaConfig(
+        vocab_size=src_cfg["vocab_size"],
+        bos_token_id=src_cfg.get("bos_token_id"),
+        eos_token_id=src_cfg.get("eos_token_id"),
+        pad_token_id=src_cfg.get("pad_token_id"),
+        **RANDOM_LLAMA,
+    )
+    torch.manual_seed(RANDOM_SEED)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for f in tok_src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------- edgepipe
 
 
+def rtn_profile(work: Path) -> Path:
+    """``x86-avx2`` (int4, block 32, asymmetric, 8-bit embedding) with plain round-to-nearest instead
+    of imatrix: on a random-init model calibration statistics mean nothing, and skipping them saves
+    most of the quantize stage on a large model. Speed does not depend on the rounding."""
+    from edgepipe.targets import targets_dir
+
+    text = (targets_dir() / "x86-avx2.yaml").read_text()
+    text = text.replace("name: x86-avx2", "name: x86-avx2-rtn").replace("algorithm: imatrix", "algorithm: rtn")
+    out = work / "x86-avx2-rtn.yaml"
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return out
+
+
 def edgepipe_artifacts(
-    model_dir: Path, work: Path, progress: Progress, rebuild: bool = False
+    model_dir: Path,
+    work: Path,
+    progress: Progress,
+    rebuild: bool = False,
+    targets: dict[str, str] | None = None,
+    reuse_any: bool = False,
 ) -> dict[str, Path]:
     import edgepipe
     from edgepipe.build import build
@@ -240,8 +318,8 @@ def edgepipe_artifacts(
     pkg = Path(edgepipe.__file__).parent
     newest_code = max(f.stat().st_mtime for f in [*pkg.rglob("*.py"), *pkg.parent.glob("targets/*.yaml")])
     out: dict[str, Path] = {}
-    for target, label in EDGEPIPE_TARGETS.items():
-        art = work / f"edgepipe-{target}"
+    for target, label in (targets or EDGEPIPE_TARGETS).items():
+        art = work / f"edgepipe-{Path(target).stem}"
         tgt = load_target(target).to_dict()
         mpath = art / "manifest.json"
         reuse = False
@@ -252,7 +330,7 @@ def edgepipe_artifacts(
             except ValueError:
                 reuse = False
             # edgepipe's code changed since (e.g. its validation protocol): build again (stage cache)
-            reuse = reuse and mpath.stat().st_mtime > newest_code
+            reuse = reuse and (reuse_any or mpath.stat().st_mtime > newest_code)
         if reuse:
             progress(f"edgepipe {target}: reusing {art}")
         else:
@@ -369,28 +447,31 @@ from pathlib import Path
 from edgepipe.runtime.model import CausalLM
 from edgepipe.runtime.device import peak_rss_mb
 art, threads, pps, tg = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
-lm = CausalLM(art, threads=threads)
+lm = CausalLM(art, threads=threads, spinning=sys.argv[5] == "spin")
 vocab = lm.spec.vocab_size
 ids = (np.arange(max(pps), dtype=np.int64) * 7919 + 13) % max(vocab - 1, 1) + 1   # as device.bench
+# as generate() runs: the KV stepper (preallocated cache, IO binding), the last position's logits only
+def prefill(p):
+    lm.stepper(p).step(ids[:p], last_only=True)
 def decode(n):
-    logits, cache = lm.forward(ids[None, :1], lm.empty_cache())
-    nxt = int(np.argmax(logits[0, -1]))
+    st = lm.stepper(n + 1)
+    nxt = int(np.argmax(st.step(ids[:1], last_only=True)[-1]))
     t0 = time.perf_counter()
     for _ in range(n):
-        logits, cache = lm.forward(np.array([[nxt]], dtype=np.int64), cache)
-        nxt = int(np.argmax(logits[0, -1]))
+        nxt = int(np.argmax(st.step(np.array([nxt]), last_only=True)[-1]))
     return n / (time.perf_counter() - t0)
 out = {}
 for p in pps:   # warm-up once per shape, like llama-bench's warm-up run per test
-    lm.forward(ids[None, :p], lm.empty_cache())
+    prefill(p)
 decode(4)
 for p in pps:
     t0 = time.perf_counter()
-    lm.forward(ids[None, :p], lm.empty_cache())
+    prefill(p)
     out[f"pp{p}"] = p / (time.perf_counter() - t0)
 out[f"tg{tg}"] = decode(tg)
 out["vmhwm_mb"] = peak_rss_mb()
 out["threads"] = lm.session.get_session_options().intra_op_num_threads
+out["logits_slice"] = lm.can_slice_logits
 print(json.dumps(out))
 """
 
@@ -436,8 +517,12 @@ def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> d
     return res
 
 
-def edgepipe_speed(art: Path, threads: int) -> dict[str, float]:
-    out, rss = _time_v([sys.executable, "-c", EDGEPIPE_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG])
+def edgepipe_speed(art: Path, threads: int, spinning: bool = True) -> dict[str, float]:
+    """``spinning=False``: onnxruntime's threads sleep between ops (the counterpart of llama.cpp's
+    OMP_WAIT_POLICY=passive rows)."""
+    out, rss = _time_v(
+        [sys.executable, "-c", EDGEPIPE_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG, "spin" if spinning else "nospin"]
+    )
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_mb"] = rss
     return res
@@ -573,7 +658,12 @@ def _files(R: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _best_llama(speed: dict[str, list], lq: str, key: str) -> tuple[float | None, str]:
     """The faster of llama.cpp's variants (default OpenMP spin-wait, OMP_WAIT_POLICY=passive)."""
-    cands = [(_med(speed.get(n, []), key), n) for n in (lq, f"{lq} {PASSIVE}")]
+    return _best(speed, lq, key, PASSIVE)
+
+
+def _best(speed: dict[str, list], name: str, key: str, variant: str) -> tuple[float | None, str]:
+    """The faster of an engine's two thread-waiting variants (spin-wait, sleeping)."""
+    cands = [(_med(speed.get(n, []), key), n) for n in (name, f"{name} {variant}")]
     cands = [c for c in cands if c[0] is not None]
     return max(cands) if cands else (None, lq)
 
@@ -624,23 +714,28 @@ def summarize(R: dict[str, Any]) -> str:
     if ep:
         lines.append("")
         lines.append(
-            "Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, against the faster llama.cpp variant; "
-            "size, PPL increase, KL: < 1 = edgepipe better):"
+            "Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, the faster variant of each engine "
+            "(spin-wait or sleeping threads); peak RSS, size, PPL increase, KL: < 1 = edgepipe better):"
         )
         lines.append("")
         Ts = list((R.get("speed") or {}).keys())
-        head = ["edgepipe vs llama.cpp", *(f"{k} ({T})" for T in Ts for k in (f"tg{TG}", "pp512"))]
+        keys = (f"tg{TG}", "pp128", "pp512")
+        head = ["edgepipe vs llama.cpp", *(f"{k} ({T})" for T in Ts for k in keys), *(f"peak RSS ({T})" for T in Ts[:1])]
         lines.append("| " + " | ".join([*head, "file size", "PPL increase", "mean KL"]) + " |")
-        lines.append("|---|" + "---:|" * (2 * len(Ts) + 3))
+        lines.append("|---|" + "---:|" * (len(keys) * len(Ts) + len(Ts[:1]) + 3))
         for e, lq in PAIRS:
             if e not in ep["artifacts"]:
                 continue
             cells = []
             for T in Ts:
                 sp = R["speed"][T]
-                for key in (f"tg{TG}", "pp512"):
+                for key in keys:
                     b, _ = _best_llama(sp, lq, key)
-                    cells.append(_fmt(_ratio(_med(sp.get(e, []), key), b)))
+                    a, _ = _best(sp, e, key, NOSPIN)
+                    cells.append(_fmt(_ratio(a, b)))
+            for T in Ts[:1]:
+                sp = R["speed"][T]
+                cells.append(_fmt(_ratio(_med(sp.get(e, []), "peak_rss_mb"), _med(sp.get(lq, []), "peak_rss_mb"))))
             a_q, b_q = ep["quality_matched"].get(e, {}), R["llama"]["quality"].get(lq, {})
             cells += [
                 _fmt(_ratio(ep["files"][e]["file_bytes"], R["llama"]["files"][lq]["file_bytes"])),
@@ -697,6 +792,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
     p.add_argument(
+        "--random-llama",
+        action="store_true",
+        help="instead of --model: issue 6's random-init Llama (hidden 2048, 10 layers, 709M params, created and cached)",
+    )
+    p.add_argument(
+        "--speed-quants",
+        default=",".join(QUANTS),
+        help="llama.cpp quants to time (default all; each is timed next to its edgepipe counterpart)",
+    )
+    p.add_argument("--no-int8", action="store_true", help="build and compare the int4 artifact only")
+    p.add_argument(
+        "--int4-target",
+        help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random-llama "
+        "'rtn': x86-avx2 with round-to-nearest, see rtn_profile)",
+    )
+    p.add_argument(
         "--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)"
     )
     p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
@@ -713,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rebuild", action="store_true", help="build the edgepipe artifacts again even if current"
     )
     p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse edgepipe artifacts of the same model and target even if edgepipe's code is newer",
+    )
+    p.add_argument(
         "--json", type=Path, help="write every figure here (default: the work folder's results.json)"
     )
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
@@ -724,13 +840,23 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     load_before = os.getloadavg()
     lc = ensure_llamacpp(say)
-    model_dir = (args.model or default_model_dir(say)).resolve()
+    speed_quants = [q.strip() for q in args.speed_quants.split(",") if q.strip()]
+    if set(speed_quants) - set(QUANTS):
+        p.error(f"--speed-quants takes some of {','.join(QUANTS)}")
+    if args.random_llama and args.model:
+        p.error("--random-llama and --model exclude each other")
+    model_dir = (random_llama_dir(say) if args.random_llama else args.model or default_model_dir(say)).resolve()
+    int4_target = args.int4_target or ("rtn" if args.random_llama else "raspberrypi5")
+    ep_targets = {} if args.no_int8 else {"x86-avx512": "int8"}
     info = inspect_model(model_dir)
     eval_file = (
         args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
     ).resolve()
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]
     work.mkdir(parents=True, exist_ok=True)
+    if int4_target == "rtn":
+        int4_target = str(rtn_profile(work))
+    ep_targets[int4_target] = "int4"
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     T = threads[0]
     R: dict[str, Any] = {
@@ -763,7 +889,9 @@ def main(argv: list[str] | None = None) -> int:
 
     arts: dict[str, Path] = {}
     if not args.no_edgepipe:
-        arts = edgepipe_artifacts(model_dir, work, say, rebuild=args.rebuild)
+        arts = edgepipe_artifacts(
+            model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse
+        )
         R["edgepipe"] = {
             "artifacts": {k: str(v) for k, v in arts.items()},
             "files": {},
@@ -812,13 +940,16 @@ def main(argv: list[str] | None = None) -> int:
         for T in threads:
             order: list[tuple[str, Callable[[], dict[str, float]]]] = []
             # A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart
-            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")] + (
+            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
+            pairs = [(e, lq) for e, lq in pairs if lq in speed_quants] + (
                 [(None, "f32")] if args.speed_f32 else []
             )
             for e, lq in pairs:
                 order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
                 if e and e in arts:
                     order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
+                    if T > 1 and not args.no_passive:
+                        order.append((f"{e} {NOSPIN}", lambda a=arts[e], T=T: edgepipe_speed(a, T, spinning=False)))
                 if T > 1 and not args.no_passive:
                     order.append(
                         (f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True))

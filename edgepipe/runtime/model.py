@@ -72,8 +72,13 @@ class DecoderSpec:
             raise ArtifactError(f"{path} is missing or malformed ({type(e).__name__}: {e}); rebuild the artifact") from None
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+def session_options(threads: int = 0, *, spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False``: worker threads sleep between ops instead of busy-waiting. Spinning is
+    faster on idle cores; when other processes share the cores a spinning thread burns the time
+    slice its partner needs (measured here at load 8-10: decode 1.6x, prefill 1.1x faster without)."""
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -86,7 +91,7 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 class CausalLM:
     """One decoder session and its KV cache layout."""
 
-    def __init__(self, model_dir: Path | str, *, threads: int = 0):
+    def __init__(self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True):
         self.dir = Path(model_dir)
         self.spec = DecoderSpec.from_genai_config(self.dir / GENAI_CONFIG)
         path = self.dir / self.spec.filename
@@ -94,7 +99,7 @@ class CausalLM:
             raise ArtifactError(f"{path} is missing; rebuild the artifact")
         try:
             self.session = ort.InferenceSession(
-                str(path), session_options(threads), providers=["CPUExecutionProvider"]
+                str(path), session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             msg = str(e).splitlines()[0][:300]
