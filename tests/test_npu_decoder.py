@@ -79,6 +79,10 @@ def test_static_graphs_are_plain_static_onnx(fp32_graphs: dict[str, Path], tiny_
         assert {n.domain for n in model.graph.node} <= {""}, "contrib ops in the export"
         ops = {n.op_type for n in model.graph.node}
         assert not ops & {"GroupQueryAttention", "Range", "Shape", "Expand", "Where", "If", "Loop"}, ops
+        count = lambda op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+        # one RMSNormalization per norm, projections + lm_head as 1x1 Conv, MatMul only in attention
+        assert count("RMSNormalization") == 2 * spec.layers + 1
+        assert count("Conv") == 7 * spec.layers + 1 and count("MatMul") == 2 * spec.layers
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
         outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
         if mode == "prefill":
