@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,12 @@ P, C = 16, 48  # prefill length and KV capacity of the tiny graphs
 
 
 def _target(**npu: object):
+    """The 8 Gen 3 profile at the tiny model's sizes, without its accuracy budgets (set for real
+    models; the tests assert their own bounds)."""
     base = load_target("snapdragon-8gen3")
     fields = {"seq_len": P, "context_length": C, "calibration_samples": 8, **npu}
-    return dataclasses.replace(base, npu=dataclasses.replace(base.npu, **fields))
+    budgets = dataclasses.replace(base.budgets, min_top1_agreement=None, max_ppl_increase_pct=None)
+    return dataclasses.replace(base, npu=dataclasses.replace(base.npu, **fields), budgets=budgets)
 
 
 def _text(name: str) -> str:
@@ -79,10 +83,10 @@ def test_static_graphs_are_plain_static_onnx(fp32_graphs: dict[str, Path], tiny_
         assert {n.domain for n in model.graph.node} <= {""}, "contrib ops in the export"
         ops = {n.op_type for n in model.graph.node}
         assert not ops & {"GroupQueryAttention", "Range", "Shape", "Expand", "Where", "If", "Loop"}, ops
-        count = lambda op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+        count = Counter(n.op_type for n in model.graph.node)
         # one RMSNormalization per norm, projections + lm_head as 1x1 Conv, MatMul only in attention
-        assert count("RMSNormalization") == 2 * spec.layers + 1
-        assert count("Conv") == 7 * spec.layers + 1 and count("MatMul") == 2 * spec.layers
+        assert count["RMSNormalization"] == 2 * spec.layers + 1
+        assert count["Conv"] == 7 * spec.layers + 1 and count["MatMul"] == 2 * spec.layers
         shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
         outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
         if mode == "prefill":
@@ -283,7 +287,7 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
 
     data = load_target("snapdragon-8gen3").to_dict()
     data["npu"].update(seq_len=P, context_length=C, calibration_samples=8)
-    data["budgets"].update(min_top1_agreement=0.5)
+    data["budgets"].update(min_top1_agreement=0.5, max_ppl_increase_pct=25.0)
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump(data))
     data["budgets"].update(min_top1_agreement=1.0)  # the uint16/int8 graphs agree on ~90 % of positions
