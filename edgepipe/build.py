@@ -316,7 +316,7 @@ def build(
             shutil.rmtree(tmp / "hessians", ignore_errors=True)
 
     # v3: Hessians accumulated in float32, piece by piece (edgepipe.export.segmented)
-    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 3}
+    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 4}
     hessian_bytes = _hessian_bytes(info.config) if qcfg.algorithm == "gptq" else 0
     q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5) + hessian_bytes,
                                  need_ram_bytes=int(info.num_parameters * 1.2) + (3 << 30), progress=say)

@@ -63,7 +63,7 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dic
     bpw = bits_per_weight(q.bits, q.block_size, q.symmetric)
     emb_bpw = bits_per_weight(q.embedding_bits, q.embedding_block_size or q.block_size, q.symmetric)
     body8 = min(_eight_bit_params(config, q, layers, hidden, heads, kv_heads, head_dim), body)
-    bpw8 = bits_per_weight(8, q.block_size, q.symmetric)
+    bpw8 = bits_per_weight(8, q.eight_bit_block_size or q.block_size, q.symmetric)
     body_bytes = (body - body8) * bpw / 8 + body8 * bpw8 / 8
     emb_bytes = table * emb_bpw / 8 * (1 if tied else 2)
     rope_bytes = int(config.get("max_position_embeddings", 4096)) * head_dim * 4  # cos + sin caches, fp32

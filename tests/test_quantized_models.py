@@ -15,6 +15,8 @@ from edgepipe.runtime.evaluate import log_softmax
 from edgepipe.runtime.model import CausalLM
 
 BITS = {"raspberrypi5": 4, "x86-avx512": 8}
+# the Pi profiles' table is int4, its bytes spent on 8-bit matrices instead (benchmarks/RESULTS.md)
+EMBEDDING_BITS = {"raspberrypi5": 4, "x86-avx512": 8}
 # Bounds on 2 x 256 tokens of eval text (the models were trained on the calibration text). Measured
 # on these tiny models (onnxruntime 1.31, profiles of Nov 2026): int4 top-1 0.96-0.99, KL 4e-5..3e-4,
 # ppl within 0.3 %; int8 top-1 0.98-0.99, KL ~1.5e-5, ppl within 0.08 %. The bounds leave ~5-10x room.
@@ -69,16 +71,19 @@ def test_quantized_graph(zoo, arch, target):
     assert len(nbits) == len(fp_weights), ops
     assert weight_matmuls(q) == [], "a MatMul with a constant weight was left in fp32"
     cfg = WeightOnly(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest["quantization"]["config"].items()})
-    assert cfg.bits == bits and cfg.embedding_bits == 8
+    assert cfg.bits == bits and cfg.embedding_bits == EMBEDDING_BITS[target]
     # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
     by_weight = {n.input[1]: n for n in nbits}
     planned = {w.input[1]: plan_bits(w.input[1], LAYERS, cfg) for w in fp_weights}
     got = {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "bits") for w, b in planned.items()}
     assert got == planned
     heads = [n for n in nbits if "lm_head" in n.input[1]]
-    assert len(heads) == 1 and attr(heads[0], "bits") == 8
-    assert sum(b == bits for b in got.values()) >= 5, "most of the body should be at the profile's bits"
-    assert all(attr(n, "block_size") == cfg.block_size for n in nbits if n is not heads[0])
+    assert len(heads) == 1 and attr(heads[0], "bits") == cfg.embedding_bits
+    # the Pi profiles' 8-bit list names layers of the 30-layer default model; on this 2-layer model it
+    # puts 8 of the 10 body matrices in 8 bits (what is left at 4: layer 0 qkv / o and the int4 table)
+    assert sum(b == bits for b in got.values()) >= 3, "some of the model should be at the profile's bits"
+    eight_block = cfg.eight_bit_block_size or cfg.block_size
+    assert all(attr(n, "block_size") == (eight_block if attr(n, "bits") == 8 else cfg.block_size) for n in nbits if n is not heads[0])
     assert all(attr(n, "accuracy_level") == cfg.accuracy_level for n in nbits)
     counts = Counter(got.values())
     assert res.manifest["quantization"]["matmuls"] == {"int4": counts[4], "int8": counts[8], "fp32": 0}
@@ -92,10 +97,10 @@ def test_quantized_graph(zoo, arch, target):
         assert ops["Gather"] == 0 or not any(n.op_type == "Gather" and n.input[0] in {t.name for t in q.graph.initializer} for n in q.graph.node)
         assert float_tables == [], f"a [vocab, hidden] fp32 table is left: {float_tables}"
         gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
-        assert attr(gbq, "bits") == 8 and attr(gbq, "block_size") == attr(heads[0], "block_size")
+        assert attr(gbq, "bits") == cfg.embedding_bits and attr(gbq, "block_size") == attr(heads[0], "block_size")
         assert HIDDEN % attr(gbq, "block_size") == 0
         # the lookup and the head read the same quantized tensor (one copy of the table)
-        assert res.manifest["quantization"]["embedding"] == "int8 (shared with lm_head)"
+        assert res.manifest["quantization"]["embedding"] == f"int{cfg.embedding_bits} (shared with lm_head)"
         assert ops["Transpose"] == Counter(n.op_type for n in f.graph.node)["Transpose"] - 1
     else:
         # only a tied table is quantized: an untied input embedding stays an fp32 Gather

@@ -203,3 +203,56 @@ def test_gptq_lowers_output_error_on_correlated_activations():
     assert e_gptq < e_imx, (e_gptq, e_imx)
     # GPTQ trades weight error for output error: the weights themselves move further
     assert rel_err(w, qb.dequantize()) > rel_err(w, quantize_matrix(w, bits=4, algorithm="rtn").dequantize())
+
+
+def test_eight_bit_matrices_get_their_own_block(tmp_path):
+    """``eight_bit_block_size``: 8-bit matrices in blocks of 64 (fewer scales), 4-bit ones stay at 32."""
+    rng = np.random.default_rng(5)
+    K, N = 128, 48  # up: [K, N] at 4 bits; down: [N, N] at 8 bits (48 rows: one block of 64, padded)
+    ws = [(rng.standard_normal((K, N)) * 0.1).astype(np.float32) for _ in range(2)]
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", names[0]], ["h"]), helper.make_node("MatMul", ["h", names[1]], ["y"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", N])],
+        [numpy_helper.from_array(ws[0], names[0]), numpy_helper.from_array(ws[1][:N], names[1]),
+         # as onnxruntime-genai names the final norm: one past the last layer, which "last" must not count
+         numpy_helper.from_array(np.ones(N, dtype=np.float32), "model.layers.1.final_norm_layernorm.weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    (tmp_path / "fp32").mkdir()
+    onnx.save(model, str(tmp_path / "fp32" / "model.onnx"))
+    cfg = WeightOnly(bits=4, block_size=32, algorithm="rtn", accuracy_level=0, eight_bit_ops=("down_proj@last",), eight_bit_block_size=64)
+    info = quantize(tmp_path / "fp32", tmp_path / "q", cfg)
+    assert info["matmuls"] == {"int4": 1, "int8": 1, "fp32": 0}
+    q = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    attrs = {n.input[1]: {a.name: a.i for a in n.attribute if a.name in ("bits", "block_size")} for n in q.graph.node}
+    assert attrs == {
+        "model.layers.0.mlp.up_proj.weight_Q4": {"bits": 4, "block_size": 32},
+        "model.layers.0.mlp.down_proj.weight_Q8": {"bits": 8, "block_size": 64},
+    }
+    scales = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("scales")}
+    assert scales["model.layers.0.mlp.down_proj.weight_scales"].shape == (N, 1)
+    assert scales["model.layers.0.mlp.up_proj.weight_scales"].shape == (N, K // 32)
+    # 8-bit matrix bytes: N * (64 data + 4 scale + 1 zero point) instead of N * 2 * (32 + 4 + 1) at block 32
+    q8 = quantize_matrix(ws[1][:N], bits=8, block_size=64, algorithm="rtn")
+    assert q8.data.nbytes + q8.scales.nbytes + q8.zero_points.nbytes == N * 69
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(tmp_path / "q" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    q4 = quantize_matrix(ws[0], bits=4, block_size=32, algorithm="rtn")
+    y_deq = (x @ q4.dequantize()) @ q8.dequantize()
+    np.testing.assert_allclose(y, y_deq, atol=2e-5 * np.abs(y_deq).max() + 1e-5)
+
+
+def test_eight_bit_block_size_in_the_profile_schema():
+    from edgepipe.errors import TargetError
+    from edgepipe.targets import load_target, parse_target
+
+    t = load_target("raspberrypi5")
+    assert WeightOnly.from_target(t.quantization).eight_bit_block_size == t.quantization.eight_bit_block_size
+    data = t.to_dict()
+    data["quantization"]["eight_bit_block_size"] = 48
+    with pytest.raises(TargetError, match="eight_bit_block_size is 48; use 16, 32, 64, 128 or 256"):
+        parse_target(data)

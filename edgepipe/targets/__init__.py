@@ -60,7 +60,7 @@ class Quantization:
     embedding_block_size: int | None = None  # default: block_size
     eight_bit_layers: tuple[str, ...] = ()  # whole layers: "first", "last", "3", "0-3"
     eight_bit_ops: tuple[str, ...] = ()  # "down_proj" everywhere, or "down_proj@0-3,26-29" in those layers
-    eight_bit_budget_mb: float = 0.0  # extra MB (10^6 B) for 8-bit matrices the calibration Hessian picks
+    eight_bit_block_size: int | None = None  # block of the 8-bit matrices (default: block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +204,7 @@ def parse_target(data: Any, source: str = "target") -> Target:
             raise TargetError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     target = _build(Target, data, source)
     q = target.quantization
-    for key in ("block_size", "embedding_block_size"):
+    for key in ("block_size", "embedding_block_size", "eight_bit_block_size"):
         v = getattr(q, key)
         if v is not None and v not in (16, 32, 64, 128, 256):
             raise TargetError(f"{source}.quantization.{key} is {v}; use 16, 32, 64, 128 or 256")

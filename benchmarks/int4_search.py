@@ -1,0 +1,559 @@
+"""Search for the Raspberry Pi int4 configuration: quality vs size on the default model.
+
+Reruns the comparison behind the Pi profiles' quantization (issue 2: "an int4 configuration at
+least as good as Q4_K_M at no larger size, found by measurement"). Every variant is quantized from
+edgepipe's fp32 export with :func:`edgepipe.quantize.quantize` and scored as ``edgepipe build``
+scores it (``edgepipe/data/eval.txt``, 13 windows x 512 tokens, second half of each window scored,
+exact KL against the fp32 export), so the figures are the ones a build's manifest reports.
+
+What makes it cheap enough to try many allocations on 2 shared cores:
+- the calibration Hessians are computed once and kept in ``--work`` (npz);
+- each matrix's quantized blocks are memoised on disk by (weight bytes, bits, block, symmetry,
+  algorithm): GPTQ of a matrix does not depend on how the other matrices are quantized, so a new
+  8-bit allocation only re-packs the graph. The memo wraps the real quantizers; nothing is faked.
+- the fp32 reference logits are computed once per process.
+
+    python benchmarks/int4_search.py                    # the decisive comparison (table on stdout)
+    python benchmarks/int4_search.py --variants a,b     # a subset (names: --list)
+
+Scratch data (~1 GB) lives in ``--work`` (default ``$EDGEPIPE_CACHE/int4_search``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+Q4_K_M = {
+    "name": "llama.cpp Q4_K_M",
+    "bytes": 105_454_048,
+    "ppl_increase_pct": 4.047,
+    "kl_divergence": 0.0461,
+    "top1_agreement": 0.862,
+}
+
+BASE = dict(
+    bits=4,
+    block_size=32,
+    symmetric=False,
+    accuracy_level=4,
+    algorithm="gptq",
+    embedding_bits=8,
+    embedding_block_size=128,
+)
+# the Pi profiles before this search, as they were applied: "down_proj@first:4,last:4", "qkv_proj@first:2,last:2"
+# with "last" counted from a layer index one too high (the builder names the final norm layers.30)
+PROFILE_OPS = ("down_proj@0-3,27-29", "qkv_proj@0-1,29")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fp32_export() -> Path:
+    """The fp32 export of the default model, from the build's stage cache (exported if missing)."""
+    from edgepipe.build import _versions
+    from edgepipe.cache import cached_stage
+    from edgepipe.export import export_fp32, inspect_model
+    from edgepipe.models import default_model_dir
+
+    info = inspect_model(default_model_dir(log))
+    v = _versions()
+    key = {"source": info.sha256, "genai": v["onnxruntime-genai"], "transformers": v["transformers"], "v": 1}
+
+    def do_export(tmp: Path) -> None:
+        export_fp32(
+            info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=log
+        )
+
+    d, _ = cached_stage("export", key, do_export, progress=log)
+    return d / "model"
+
+
+def windows(model_dir: Path):
+    from edgepipe.build import CALIB_WINDOWS, EVAL_WINDOWS, _windows, read_text_file
+
+    calib_text, src_c = read_text_file(None, "calib.txt", "calibration")
+    eval_text, src_e = read_text_file(None, "eval.txt", "eval")
+    tok = model_dir / "tokenizer.json"
+    return _windows(tok, calib_text, CALIB_WINDOWS, "calibration", src_c), _windows(
+        tok, eval_text, EVAL_WINDOWS, "eval", src_e
+    )
+
+
+def importance(model_dir: Path, calib, work: Path) -> dict[str, np.ndarray]:
+    path = work / "importance.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    from edgepipe.quantize.calibrate import collect_importance
+
+    log("calibrating (Hessians), once")
+    imp = collect_importance(model_dir, calib, hessians=True)
+    np.savez(path, **{k: v.astype(np.float32) for k, v in imp.items()})
+    return imp
+
+
+def install_memo(work: Path) -> None:
+    """Memoise the per-matrix quantizers on disk (same results, computed once)."""
+    import edgepipe.quantize as q
+    import edgepipe.quantize.gptq as g
+    from edgepipe.quantize.blockwise import QuantizedBlocks
+
+    memo = work / "memo"
+    memo.mkdir(exist_ok=True)
+
+    def wrap(fn, tag):
+        def inner(w, *args, **kw):
+            h = hashlib.sha1(np.ascontiguousarray(w).tobytes())
+            h.update(
+                json.dumps(
+                    [tag, sorted((k, v) for k, v in kw.items() if not isinstance(v, np.ndarray))]
+                ).encode()
+            )
+            f = memo / f"{h.hexdigest()[:20]}.npz"
+            if f.exists():
+                with np.load(f) as z:
+                    zp = z["zero_points"] if "zero_points" in z.files else None
+                    return QuantizedBlocks(
+                        z["data"],
+                        z["scales"],
+                        zp,
+                        int(z["bits"]),
+                        int(z["block_size"]),
+                        int(z["K"]),
+                        int(z["N"]),
+                    )
+            qb = fn(w, *args, **kw)
+            arrs = {
+                "data": qb.data,
+                "scales": qb.scales,
+                "bits": qb.bits,
+                "block_size": qb.block_size,
+                "K": qb.K,
+                "N": qb.N,
+            }
+            if qb.zero_points is not None:
+                arrs["zero_points"] = qb.zero_points
+            np.savez(f, **arrs)
+            return qb
+
+        return inner
+
+    g.gptq_matrix = wrap(g.gptq_matrix, "gptq")
+    q.quantize_matrix = wrap(q.quantize_matrix, "qm")
+
+
+RESIDUAL_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
+def residual_inputs(model) -> dict[str, tuple[str, str]]:
+    """Map weight name -> the two inputs (residual, branch) of the first Skip*Norm its output reaches.
+
+    Follows consumers breadth-first from each weight MatMul's output (through attention, the
+    activation function, the next projection); weights whose output reaches no such node are left out.
+    """
+    from edgepipe.quantize.calibrate import weight_matmuls
+
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    weights = set(weight_matmuls(model))
+    out: dict[str, tuple[str, str]] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        seen, frontier = set(), list(node.output)
+        while frontier and node.input[1] not in out:
+            nxt = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if id(c) in seen:
+                        continue
+                    seen.add(id(c))
+                    if c.op_type in RESIDUAL_NORMS:
+                        out[node.input[1]] = (c.input[0], c.input[1])
+                        break
+                    nxt.extend(o for o in c.output if o)
+                if node.input[1] in out:
+                    break
+            frontier = nxt
+    return out
+
+
+def residual_mean_squares(
+    model_dir: Path, windows: Iterable[np.ndarray], *, threads: int = 0
+) -> dict[str, float]:
+    """Per weight: the mean square of the residual stream (residual + branch) its error is added to."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgepipe.runtime.model import GENAI_CONFIG, DecoderSpec, session_options
+
+    model_path = Path(model_dir) / "model.onnx"
+    model = onnx.load(str(model_path), load_external_data=False)
+    joins = residual_inputs(model)
+    wanted = sorted({t for pair in joins.values() for t in pair})
+    existing = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = session_options(threads)
+    so.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(model_path.parent)
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    spec = DecoderSpec.from_genai_config(Path(model_dir) / GENAI_CONFIG)
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_size), dtype=np.float32)
+    past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    pairs = sorted(set(joins.values()))
+    sums = dict.fromkeys(pairs, 0.0)
+    count = 0
+    for ids in windows:
+        ids = np.asarray(ids, dtype=np.int64)[None, :]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feeds.update({name: empty for name in past})
+        vals = dict(zip(wanted, sess.run(wanted, feeds), strict=True))
+        for a, b in pairs:
+            # position 0 left out: its residual is an attention sink, orders of magnitude larger
+            r = (vals[a] + vals[b]).reshape(-1, vals[a].shape[-1])[1:].astype(np.float64)
+            sums[(a, b)] += float(np.square(r).mean(-1).sum())
+        count += ids.shape[1] - 1
+    if not count:
+        return {}
+    return {w: sums[pair] / count for w, pair in joins.items()}
+
+
+def artifact_bytes(d: Path) -> int:
+    return sum((d / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+
+
+class Scorer:
+    def __init__(self, fp32: Path, eval_windows):
+        from edgepipe.runtime.model import CausalLM
+
+        self.windows = eval_windows
+        log("fp32 reference logits")
+        lm = CausalLM(fp32)
+        self.ref = [lm.logits(w) for w in eval_windows]
+
+    def __call__(self, model_dir: Path) -> dict:
+        from edgepipe.runtime.evaluate import score
+        from edgepipe.runtime.model import CausalLM
+
+        lm = CausalLM(model_dir)
+        it = iter(self.ref)
+        acc = score(
+            lm.logits, self.windows, reference_fn=lambda w: next(it), score_from=len(self.windows[0]) // 2
+        )
+        return acc.result()
+
+
+def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: Path) -> dict:
+    from edgepipe.quantize import WeightOnly, quantize
+
+    res_f = work / "results" / f"{name}.json"
+    cfg = WeightOnly(**cfg_kw)
+    if res_f.exists():
+        r = json.loads(res_f.read_text())
+        if r["config"] == cfg.to_dict():
+            return r
+    out = work / "q" / name
+    t0 = time.time()
+    info = quantize(fp32, out, cfg, importance=imp)
+    tq = time.time() - t0
+    acc = scorer(out)
+    r = {
+        "name": name,
+        "config": cfg.to_dict(),
+        "bytes": artifact_bytes(out),
+        "matmuls": info["matmuls"],
+        "quantize_s": round(tq, 1),
+        **acc,
+    }
+    res_f.parent.mkdir(exist_ok=True)
+    res_f.write_text(json.dumps(r, indent=1))
+    return r
+
+
+def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
+    """Per transformer matrix: Hessian-weighted output error tr(dW^T H dW) at 4 and 8 bits, and bytes."""
+    f = work / f"sens-b{cfg_kw['block_size']}-{'sym' if cfg_kw['symmetric'] else 'asym'}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    import onnx
+    from onnx import numpy_helper
+
+    import edgepipe.quantize as q
+    import edgepipe.quantize.gptq as g
+
+    model = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
+    rows = []
+    for t in model.graph.initializer:
+        if ".layers." not in t.name or not t.name.endswith("MatMul.weight"):
+            continue
+        w = numpy_helper.to_array(t, base_dir=str(fp32))
+        H = imp[f"{t.name}@H"].astype(np.float64)
+        r = {
+            "name": t.name,
+            "layer": int(t.name.split(".layers.")[1].split(".")[0]),
+            "op": t.name.split(".")[-3],
+        }
+        for bits in (4, 8):
+            if bits == 4:
+                qb = g.gptq_matrix(
+                    w, H, bits=4, block_size=cfg_kw["block_size"], symmetric=cfg_kw["symmetric"]
+                )
+            else:
+                qb = q.quantize_matrix(
+                    w,
+                    bits=8,
+                    block_size=cfg_kw["block_size"],
+                    symmetric=cfg_kw["symmetric"],
+                    algorithm="rtn",
+                    importance=imp.get(t.name),
+                )
+            d = (w - qb.dequantize()).astype(np.float64)
+            r[f"err{bits}"] = float((d * (H @ d)).sum())
+            r[f"bytes{bits}"] = int(
+                qb.data.nbytes + qb.scales.nbytes + (0 if qb.zero_points is None else qb.zero_points.nbytes)
+            )
+        rows.append(r)
+        log(f"sensitivity {t.name}: err4 {r['err4']:.4g} err8 {r['err8']:.4g}")
+    f.write_text(json.dumps(rows, indent=0))
+    return rows
+
+
+def bytes8(r: dict, block: int | None) -> int:
+    """Bytes of a matrix at 8 bits, asymmetric, in blocks of ``block`` (None: as measured)."""
+    if block is None:
+        return r["bytes8"]
+    K, N = r["shape"]
+    nb = -(-K // block)
+    return N * nb * (block + 4 + 1)
+
+
+def greedy_ops(
+    rows: list[dict], extra_bytes: int, weight=lambda r: 1.0, block8: int | None = None
+) -> tuple[str, ...]:
+    """8 bits for the matrices with the largest (weighted) error reduction per extra byte, within budget."""
+    order = sorted(
+        rows, key=lambda r: -weight(r) * (r["err4"] - r["err8"]) / (bytes8(r, block8) - r["bytes4"])
+    )
+    chosen: dict[str, list[int]] = {}
+    spent = 0
+    for r in order:
+        cost = bytes8(r, block8) - r["bytes4"]
+        if spent + cost <= extra_bytes:
+            spent += cost
+            chosen.setdefault(r["op"], []).append(r["layer"])
+    return tuple(f"{op}@{','.join(str(i) for i in sorted(ls))}" for op, ls in sorted(chosen.items()))
+
+
+MARGIN = 20_000  # bytes left for the graph's own growth (one node attribute set per 8-bit matrix)
+
+
+def kl_weight(ctx, r: dict) -> float:
+    """Turns the greedy's error reduction into the measured KL of the matrix alone at int4."""
+    return ctx.measured_kl(BASE)[r["name"]] / (r["err4"] - r["err8"])
+
+
+def variants(ctx) -> dict[str, Callable]:
+    """name -> function(ctx) returning WeightOnly keyword arguments (some need measured figures)."""
+    from edgepipe.quantize import WeightOnly
+    from edgepipe.targets import load_target
+
+    def greedy(weight=lambda ctx, r: 1.0, **over):
+        def make(ctx):
+            kw = dict(BASE, **over)
+            base = ctx.bytes_of(dict(kw, eight_bit_ops=()))
+            ops = greedy_ops(
+                ctx.rows(kw),
+                Q4_K_M["bytes"] - base - MARGIN,
+                lambda r: weight(ctx, r),
+                kw.get("eight_bit_block_size"),
+            )
+            return dict(kw, eight_bit_ops=ops)
+
+        return make
+
+    return {
+        "previous-profile": lambda ctx: dict(BASE, eight_bit_ops=PROFILE_OPS),
+        "int4-only": lambda ctx: dict(BASE),
+        "hessian-greedy": greedy(),
+        "hessian-greedy-emb4": greedy(embedding_bits=4, embedding_block_size=None),
+        "hessian-greedy-resid": greedy(weight=lambda ctx, r: 1.0 / ctx.residual_ms()[r["name"]]),
+        # gain = measured KL of the matrix alone at int4 (err8 ~ 0): weight = dKL / (err4 - err8)
+        "kl-greedy": greedy(weight=kl_weight),
+        "kl-greedy-8bit-block64": greedy(weight=kl_weight, eight_bit_block_size=64),
+        "kl-greedy-emb4": greedy(weight=kl_weight, embedding_bits=4, embedding_block_size=None),
+        "kl-greedy-emb4-8bit-block64": greedy(
+            weight=kl_weight, embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64
+        ),
+        "raspberrypi5": lambda ctx: WeightOnly.from_target(
+            load_target("raspberrypi5").quantization
+        ).to_dict(),
+    }
+
+
+class Context:
+    def __init__(self, fp32, imp, scorer, work):
+        self.fp32, self.imp, self.scorer, self.work = fp32, imp, scorer, work
+        self.results: dict[str, dict] = {}
+
+    def residual_ms(self) -> dict[str, float]:
+        """Per weight: mean square of the residual stream its output joins (calibration windows)."""
+        f = self.work / "residual_ms.json"
+        if not f.exists():
+            f.write_text(json.dumps(residual_mean_squares(self.fp32, windows(self.fp32)[0])))
+        return json.loads(f.read_text())
+
+    def measured_kl(self, kw, tokens: int = 128, nwin: int = 1) -> dict[str, float]:
+        """Per transformer matrix: KL(fp32 || model with only that matrix at int4), measured.
+
+        In torch on the HF checkpoint (a forward pass is ~10x cheaper than re-packing an ONNX
+        graph), on ``nwin`` calibration windows of ``tokens`` tokens, all positions scored. The int4
+        weights are exactly the ones the quantizer writes (the same memoised GPTQ call).
+        """
+        f = self.work / f"kl-b{kw['block_size']}-{'sym' if kw['symmetric'] else 'asym'}-{tokens}x{nwin}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        import onnx
+        import torch
+        from onnx import numpy_helper
+        from transformers import AutoModelForCausalLM
+
+        import edgepipe.quantize.gptq as g
+        from edgepipe.models import default_model_dir
+
+        torch.set_num_threads(2)
+        hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
+        params = dict(hf.named_parameters())
+        model = onnx.load(str(self.fp32 / "model.onnx"), load_external_data=False)
+        wins = torch.tensor(np.stack([w[:tokens] for w in windows(self.fp32)[0][:nwin]]))
+
+        def logp():
+            with torch.no_grad():
+                return torch.log_softmax(hf(wins).logits.double(), -1)
+
+        ref = logp()
+        part = f.with_suffix(".partial.json")
+        out = json.loads(part.read_text()) if part.exists() else {}
+        for t in model.graph.initializer:
+            if ".layers." not in t.name or not t.name.endswith("MatMul.weight") or t.name in out:
+                continue
+            w = numpy_helper.to_array(t, base_dir=str(self.fp32))
+            layer, op = t.name.split(".layers.")[1].split(".")[0], t.name.split(".")[-3]
+            pre = f"model.layers.{layer}.{'self_attn' if op in ('qkv_proj', 'o_proj') else 'mlp'}."
+            names = [pre + p for p in ("q_proj", "k_proj", "v_proj")] if op == "qkv_proj" else [pre + op]
+            ps = [params[n + ".weight"] for n in names]
+            orig = torch.cat([p.data for p in ps], 0)
+            if not np.allclose(orig.numpy().T, w, atol=1e-6):
+                raise RuntimeError(f"{t.name} does not match the HF weights {names}")
+            qb = g.gptq_matrix(
+                w,
+                self.imp[f"{t.name}@H"],
+                bits=kw["bits"],
+                block_size=kw["block_size"],
+                symmetric=kw["symmetric"],
+            )
+            deq = torch.from_numpy(np.ascontiguousarray(qb.dequantize().T.astype(np.float32)))
+            off = 0
+            for p in ps:
+                p.data = deq[off : off + p.shape[0]].clone()
+                off += p.shape[0]
+            lp = logp()
+            out[t.name] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            off = 0
+            for p in ps:
+                p.data = orig[off : off + p.shape[0]].clone()
+                off += p.shape[0]
+            log(f"KL {t.name}: {out[t.name]:.5f}")
+            part.write_text(json.dumps(out))
+        f.write_text(json.dumps(out, indent=0))
+        return out
+
+    def rows(self, kw):
+        import onnx
+
+        dims = {
+            t.name: list(t.dims)
+            for t in onnx.load(str(self.fp32 / "model.onnx"), load_external_data=False).graph.initializer
+        }
+        return [dict(r, shape=dims[r["name"]]) for r in sensitivities(self.fp32, self.imp, kw, self.work)]
+
+    def bytes_of(self, kw) -> int:
+        """Artifact bytes of a configuration (quantized, not scored)."""
+        from edgepipe.quantize import WeightOnly, quantize
+
+        f = (
+            self.work
+            / "sizes"
+            / (hashlib.sha1(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:12] + ".json")
+        )
+        if not f.exists():
+            out = self.work / "q" / "size-probe"
+            quantize(self.fp32, out, WeightOnly(**kw), importance=self.imp)
+            f.parent.mkdir(exist_ok=True)
+            f.write_text(json.dumps({"config": kw, "bytes": artifact_bytes(out)}, default=list))
+        return json.loads(f.read_text())["bytes"]
+
+    def run(self, name, kw) -> dict:
+        if name not in self.results:
+            self.results[name] = run_variant(name, kw, self.fp32, self.imp, self.scorer, self.work)
+        return self.results[name]
+
+
+def main(argv=None) -> int:
+    from edgepipe.cache import cache_root
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--variants", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--list", action="store_true")
+    a = p.parse_args(argv)
+    vs = variants(None)
+    if a.list:
+        print("\n".join(vs))
+        return 0
+    work = a.work or cache_root() / "int4_search"
+    work.mkdir(parents=True, exist_ok=True)
+    install_memo(work)
+    fp32 = fp32_export()
+    calib, evalw = windows(fp32)
+    imp = importance(fp32, calib, work)
+    ctx = Context(fp32, imp, Scorer(fp32, evalw), work)
+    names = a.variants.split(",") if a.variants else list(vs)
+    rows = [Q4_K_M]
+    for n in names:
+        log(f"variant {n}")
+        r = ctx.run(n, vs[n](ctx))
+        rows.append(r)
+        log(
+            f"{n}: {r['bytes'] / 1e6:.2f} MB ppl +{r['ppl_increase_pct']:.2f} % KL {r['kl_divergence']:.4f} top1 {r['top1_agreement']:.3f}"
+        )
+    print("| config | MB (model.onnx + data) | PPL increase | mean KL | same top-1 |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['bytes'] / 1e6:.2f} | +{r['ppl_increase_pct']:.2f} % | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.1f} % |"
+        )
+    print()
+    for r in rows[1:]:
+        c = r["config"]
+        print(
+            f"- {r['name']}: embedding int{c['embedding_bits']}, matmuls {r['matmuls']}, eight_bit_ops {list(c['eight_bit_ops'])}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
