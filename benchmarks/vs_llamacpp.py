@@ -1,9 +1,9 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
     python benchmarks/vs_llamacpp.py [--model HF_FOLDER | --random-llama] [--threads 2[,1]] [--eval FILE]
-                                     [--reps 3] [--no-speed] [--no-edgepipe] [--no-passive] [--speed-f32]
+                                     [--reps 3] [--no-speed] [--no-quality] [--no-edgepipe] [--no-passive] [--speed-f32]
                                      [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
-                                     [--rebuild | --reuse] [--json OUT.json] [--markdown OUT.md]
+                                     [--rebuild | --reuse] [--artifact int4=DIR] [--json OUT.json] [--markdown OUT.md]
 
 Results of a run: ``benchmarks/RESULTS.md``.
 
@@ -160,8 +160,9 @@ def _grab(pattern: str, text: str) -> float | None:
 
 
 def llama_quality(
-    lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int
+    lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int, compute: bool = True
 ) -> dict[str, Any]:
+    """``compute=False``: only the figures already in the work folder's logs (nothing is run)."""
     base = work / f"kld-base-c{CTX}.bin"
     stamp = work / f"kld-base-c{CTX}.json"
     ev_key = {"eval": str(eval_file), "mtime": eval_file.stat().st_mtime_ns, "size": eval_file.stat().st_size}
@@ -170,7 +171,10 @@ def llama_quality(
         """llama-perplexity on ``model`` with the shared context, batch, threads and base-logits file."""
         return [lc.perplexity, "-m", model, "-c", CTX, "-b", CTX, "-t", threads, "--kl-divergence-base", base]
 
-    if not (base.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == ev_key):
+    have_base = base.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == ev_key
+    if not compute and not have_base:
+        return res
+    if not have_base:
         say(f"llama-perplexity: f32 reference logits on {eval_file.name} (-c {CTX})")
         out = run(
             [*ppl_cmd(ggufs["f32"]), "-f", eval_file],
@@ -187,6 +191,8 @@ def llama_quality(
         if not (
             log.is_file() and "Mean    KLD" in log.read_text() and log.stat().st_mtime > base.stat().st_mtime
         ):
+            if not compute:
+                continue
             say(f"llama-perplexity --kl-divergence: {q} vs f32")
             run(
                 [*ppl_cmd(ggufs[q]), "--kl-divergence"],
@@ -285,6 +291,14 @@ def random_llama_dir(progress: Progress) -> Path:
 
 
 # ------------------------------------------------------------------------------------- edgepipe
+
+
+def CausalLM_has_slice(art: Path) -> bool:
+    """Whether the folder's graph has the logits_slice pass's input (see edgepipe.optimize)."""
+    import onnx
+
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    return any(i.name == "logits_start" for i in m.graph.input)
 
 
 def rtn_profile(work: Path) -> Path:
@@ -801,6 +815,13 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(QUANTS),
         help="llama.cpp quants to time (default all; each is timed next to its edgepipe counterpart)",
     )
+    p.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="time this prebuilt edgepipe folder as int4 or int8 instead of building one (repeatable)",
+    )
     p.add_argument("--no-int8", action="store_true", help="build and compare the int4 artifact only")
     p.add_argument(
         "--int4-target",
@@ -814,6 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
     p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
+    p.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="run no quality measurement: report only the figures already cached in the work folder",
+    )
     p.add_argument(
         "--no-passive",
         action="store_true",
@@ -885,13 +911,19 @@ def main(argv: list[str] | None = None) -> int:
             "file_bytes": path.stat().st_size,
             **gguf_tensors(path, lc),
         }
-    R["llama"]["quality"] = llama_quality(lc, ggufs, eval_file, work, T)
+    R["llama"]["quality"] = llama_quality(lc, ggufs, eval_file, work, T, compute=not args.no_quality)
 
     arts: dict[str, Path] = {}
     if not args.no_edgepipe:
-        arts = edgepipe_artifacts(
-            model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse
-        )
+        given = dict(a.split("=", 1) for a in args.artifact)
+        arts = {k: Path(v).resolve() for k, v in given.items()}
+        if set(ep_targets.values()) - set(arts):
+            ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
+            arts.update(
+                edgepipe_artifacts(
+                    model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse
+                )
+            )
         R["edgepipe"] = {
             "artifacts": {k: str(v) for k, v in arts.items()},
             "files": {},
@@ -899,9 +931,13 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {},
         }
         for label, art in arts.items():
-            m = json.loads((art / "manifest.json").read_text())
+            # a prebuilt folder (--artifact) may be a bare model folder without a manifest
+            mp = art / "manifest.json"
+            m = json.loads(mp.read_text()) if mp.is_file() else {"metrics": {"accuracy": {}}, "target": {"name": "?"}}
+            if mp.is_file() and not json.loads(mp.read_text()).get("optimize") and CausalLM_has_slice(art):
+                m["target"]["name"] += " + logits_slice pass"
             R["edgepipe"]["files"][label] = {
-                "file_bytes": int(m["metrics"]["artifact_bytes"]),
+                "file_bytes": sum(f.stat().st_size for f in art.glob("model.onnx*")),
                 **onnx_read_bytes(art),
             }
             R["edgepipe"]["manifest_accuracy"][label] = m["metrics"]["accuracy"]
@@ -915,18 +951,26 @@ def main(argv: list[str] | None = None) -> int:
                     else "every position"
                 )
             )
-            R["edgepipe"].setdefault("quantization", {})[label] = m["target"]["quantization"]
+            R["edgepipe"].setdefault("quantization", {})[label] = m["target"].get("quantization")
         base_file = work / f"kld-base-c{CTX}.bin"
         qkey = {
             "v": 2,
-            "base": base_file.stat().st_mtime_ns,
-            **{k: hashlib.sha256((a / "manifest.json").read_bytes()).hexdigest() for k, a in arts.items()},
+            "base": base_file.stat().st_mtime_ns if base_file.is_file() else None,
+            **{
+                k: hashlib.sha256(
+                    (a / "manifest.json" if (a / "manifest.json").is_file() else a / "model.onnx").read_bytes()
+                ).hexdigest()
+                for k, a in arts.items()
+            },
         }
         qcache = work / "quality-matched.json"
         cached = json.loads(qcache.read_text()) if qcache.is_file() else {}
         if cached.get("key") == qkey:
             say("edgepipe quality on llama-perplexity's tokens: cached")
             R["edgepipe"]["quality_matched"] = cached["result"]
+        elif args.no_quality:
+            say("edgepipe quality on llama-perplexity's tokens: skipped (--no-quality)")
+            R["edgepipe"]["quality_matched"] = {}
         else:
             R["edgepipe"]["quality_matched"] = edgepipe_quality_matched(
                 arts, fp32_export_dir(model_dir, say), base_file, T, say
