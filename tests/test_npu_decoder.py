@@ -301,7 +301,9 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["verdict"] == "pass" and summary["metrics"]["task"] == "causal-lm"
-    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    from edgepipe.runtime.manifest import verify_artifact
+
+    manifest = verify_artifact(tmp_path / "a")  # every file's hash and size as recorded
     assert manifest["source_model"]["kind"] == "decoder"
     assert {"prefill_ctx_qnn.bin", "decode_ctx_qnn.bin", "prefill.qdq.onnx", "report.md"} <= set(
         manifest["files"]
