@@ -323,8 +323,8 @@ def build(
     q_model = q_dir / "model"
     timings["quantize_s"] = round(time.time() - t0, 2)
 
-    # 2b. optimize: graph-only passes (edgepipe.optimize) on the quantized decoder; the weights are
-    # hard-linked, so this costs no copy. The fp32 export stays as exported: it is the reference.
+    # 2b. optimize: graph-only passes (edgepipe.optimize) on the quantized decoder (the weights are
+    # copied unread). The fp32 export stays as exported: it is the reference.
     from edgepipe.optimize import PASSES, optimize_dir
 
     opt_key = {"quantize": key_of(quant_key), "passes": PASSES}

@@ -3,8 +3,9 @@
 Each pass lives in its own module, takes an ``onnx.ModelProto`` whose weights may stay in external
 data (passes never read or write tensors' bytes) and returns what it did, or ``None`` when it did
 not apply (the pass says why in the log). ``optimize_dir`` runs them on an exported folder and
-writes the result beside it, sharing the weight file by hard link: a pass must not cost a copy of a
-multi-GB ``model.onnx.data``.
+writes the result beside it; the weight file is copied unread. A hard link would save the copy, but
+onnx refuses to load external data that has several links ("potential hardlink attack"), which
+breaks every later ``onnx.load`` of either folder.
 
 The passes keep the graph's default behaviour (every new input has an initializer default), so
 onnxruntime-genai and any caller that does not know about them get exactly the original outputs.
@@ -13,7 +14,6 @@ onnxruntime-genai and any caller that does not know about them get exactly the o
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,9 @@ def optimize_model(model: Any) -> dict[str, Any]:
     return done
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copy2(src, dst)
-
-
 def optimize_dir(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
-    """Optimize the decoder in ``src_dir`` into ``dst_dir``: ``model.onnx`` rewritten, the external
-    weights hard-linked (neither read nor copied), the small files copied."""
+    """Optimize the decoder in ``src_dir`` into ``dst_dir``: ``model.onnx`` rewritten, every other
+    file (the external weights included) copied as is."""
     import onnx
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
@@ -55,8 +48,7 @@ def optimize_dir(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
     done = optimize_model(model)
     for f in src_dir.iterdir():
         if f.is_file() and f.name != "model.onnx":
-            # only the weights are shared: a small file edited in place later must not change the source
-            (_link_or_copy if f.name == "model.onnx.data" else shutil.copy2)(f, dst_dir / f.name)
+            shutil.copy2(f, dst_dir / f.name)
     # tensors keep their external_data entries: the rewritten graph points at the same data file
     onnx.save_model(model, str(dst_dir / "model.onnx"))
     return {"passes": done, "versions": dict(PASSES)}
