@@ -15,8 +15,11 @@ from edgepipe.optimize.logits_slice import INPUT, slice_logits
 from edgepipe.runtime.model import CausalLM
 
 
-def tiny_head_graph(softcap: bool = False) -> onnx.ModelProto:
-    """hidden [1, S, 8] -> norm stand-in (Mul) -> lm_head MatMul [8, 16] (-> soft-cap) -> logits."""
+def tiny_head_graph(softcap: bool = False, scale_node: bool = False) -> onnx.ModelProto:
+    """hidden [1, S, 8] -> norm stand-in (Mul) -> lm_head MatMul [8, 16] (-> soft-cap) -> logits.
+
+    ``scale_node``: the head's output times a scalar from a Constant node (Granite's 1/logits_scaling
+    as the onnxruntime-genai builder writes it)."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "lm_head.weight"),
@@ -32,6 +35,12 @@ def tiny_head_graph(softcap: bool = False) -> onnx.ModelProto:
             helper.make_node("Div", ["head_out", "cap"], ["d"], name="cap_div"),
             helper.make_node("Tanh", ["d"], ["t"], name="cap_tanh"),
             helper.make_node("Mul", ["t", "cap"], ["logits"], name="cap_mul"),
+        ]
+    if scale_node:
+        nodes[-1].output[0] = "unscaled"
+        nodes += [
+            helper.make_node("Constant", [], ["scale"], value=numpy_helper.from_array(np.array(0.125, dtype=np.float32))),
+            helper.make_node("Mul", ["unscaled", "scale"], ["logits"], name="logits_scale"),
         ]
     graph = helper.make_graph(
         nodes,
@@ -49,8 +58,8 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def test_slice_on_tiny_graph_keeps_default_and_slices_on_request():
-    for softcap in (False, True):
-        model = tiny_head_graph(softcap)
+    for softcap, scale_node in ((False, False), (True, False), (False, True)):
+        model = tiny_head_graph(softcap, scale_node)
         x = np.random.default_rng(1).standard_normal((1, 7, 8)).astype(np.float32)
         full = session(model).run(["logits"], {"hidden": x})[0]
         n_before = len(model.graph.node)

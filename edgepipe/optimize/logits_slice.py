@@ -32,6 +32,8 @@ _MAX_WALK = 8
 def _find_head(graph: Any, initializers: set[str]) -> tuple[Any, list[Any]] | None:
     """The lm_head node producing ``logits`` and the nodes between it and the output."""
     producer = {o: n for n in graph.node for o in n.output}
+    # the builder writes scalars such as Granite's 1/logits_scaling as Constant nodes
+    constants = initializers | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     node = producer.get(LOGITS)
     path: list[Any] = []
     for _ in range(_MAX_WALK):
@@ -41,7 +43,7 @@ def _find_head(graph: Any, initializers: set[str]) -> tuple[Any, list[Any]] | No
             return node, path
         if node.op_type not in _POINTWISE:
             return None
-        dynamic = [i for i in node.input if i and i not in initializers and i in producer]
+        dynamic = [i for i in node.input if i and i not in constants and i in producer]
         if len(dynamic) != 1:
             return None
         path.append(node)
