@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 
@@ -52,6 +55,34 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Send what native libraries write to file descriptor 1 to stderr while ``enabled``.
+
+    ``--json`` promises one JSON object on stdout; the QNN SDK prints banner lines straight to
+    fd 1 from C++, past Python's sys.stdout.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real fd 1 (embedded interpreters)
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
 
@@ -77,7 +108,8 @@ def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_f
     """Export, quantize, validate and package a model. Exit 0: every budget holds; 3: built, a budget failed."""
     from edgepipe.build import build as do_build
 
-    res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True))
+    with _native_stdout_to_stderr(as_json):
+        res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True))
     m = res.manifest
     if as_json:
         _emit_json({

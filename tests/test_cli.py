@@ -189,3 +189,21 @@ def test_version_and_help():
     assert cli("--version").exit_code == 0
     res = cli("--help")
     assert res.exit_code == 0 and all(c in res.stdout for c in ("build", "run", "validate", "bench", "verify", "targets", "estimate", "cache"))
+
+
+def test_json_build_keeps_native_stdout_off_stdout(tmp_path):
+    """What native code writes to fd 1 during a --json build goes to stderr (the QNN SDK prints
+    banners there), so stdout stays one JSON object."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from edgepipe.cli import _native_stdout_to_stderr\n"
+        "with _native_stdout_to_stderr(True):\n"
+        "    os.write(1, b'# LIBNATIVE banner\\n')\n"
+        "print('{\"ok\": true}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == '{"ok": true}'
+    assert "# LIBNATIVE banner" in proc.stderr
