@@ -56,7 +56,11 @@ def test_default_model_build(default_build):
     assert acc["top1_agreement"] > 0.7 and 0 < acc["kl_divergence"] < 0.3, acc
     assert 0 < met["throughput"]["peak_rss_mb"] < 1000 and met["throughput"]["decode_tok_s"] > 1
     q = m["quantization"]
-    assert q["embedding"].startswith("int8") and q["matmuls"]["fp32"] == 0 and q["matmuls"]["int4"] > 100
+    # the shipped Pi profile: int4 table shared by embedding and lm_head, 57 of 150 matrices in 8 bits
+    assert q["embedding"].startswith("int4") and q["matmuls"]["fp32"] == 0, q
+    assert q["matmuls"]["int4"] > 80 and q["matmuls"]["int8"] > 40, q
+    # issue 2's claim: at no larger size than llama.cpp Q4_K_M (105.45 MB) and below its mean KL (0.0461)
+    assert met["artifact_bytes"] <= 105_454_048 and acc["kl_divergence"] < 0.0461, (met["artifact_bytes"], acc)
     assert "## Budgets" in (out / "report.md").read_text()
 
 

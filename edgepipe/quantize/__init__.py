@@ -9,6 +9,7 @@ time from the fp32 export's external data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -115,6 +116,43 @@ def _embedding_block(hidden: int, block: int) -> int | None:
     return None
 
 
+class _StreamedData:
+    """Appends initializers to the external data file as soon as they are made.
+
+    Holding every quantized matrix until a final ``onnx.save_model`` cost twice the artifact in
+    RAM (the arrays and their TensorProto copies): the int8 Granite-2B build peaked at 9.1 GB in
+    this stage. Tensors under ``threshold`` bytes stay inline, as ``onnx.save_model`` would keep them;
+    ``onnx.save_model`` later appends the remaining initializers after these.
+    """
+
+    def __init__(self, path: Path, threshold: int = 1024):
+        self.path = path
+        self.location = path.name
+        self.threshold = threshold
+        self._f = open(path, "wb")
+
+    def tensor(self, arr: np.ndarray, name: str) -> Any:
+        from onnx import TensorProto, helper, numpy_helper
+
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < self.threshold:
+            return numpy_helper.from_array(arr, name)
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        offset = self._f.tell()
+        self._f.write(arr.tobytes())
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def quantize(
     src_dir: Path,
     dst_dir: Path,
@@ -125,19 +163,43 @@ def quantize(
 ) -> dict[str, Any]:
     """Quantize the fp32 decoder in ``src_dir`` into ``dst_dir``; return a summary of what was done."""
     import onnx
-    from onnx import helper, numpy_helper
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src_dir / "model.onnx"), load_external_data=False)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     # transformer layers = those with weight matrices: onnxruntime-genai's builder names the final
     # norm "layers.<N>", which would make "last" one past the real last layer
     layers = {int(m.group(1)) for n, t in inits.items() if len(t.dims) == 2 and (m := _LAYER_RE.search(n))}
     num_layers = max(layers) + 1 if layers else 0
     importance = importance or {}
     alg = cfg.algorithm if importance or cfg.algorithm not in ("imatrix", "gptq") else "mse"
+
+    for name in ("model.onnx", "model.onnx.data"):
+        (dst_dir / name).unlink(missing_ok=True)
+    data = _StreamedData(dst_dir / "model.onnx.data")
+    try:
+        return _quantize_graph(model, src_dir, dst_dir, cfg, data, num_layers, importance, alg, progress)
+    finally:
+        data.close()
+
+
+def _quantize_graph(
+    model: Any,
+    src_dir: Path,
+    dst_dir: Path,
+    cfg: WeightOnly,
+    data: _StreamedData,
+    num_layers: int,
+    importance: Any,
+    alg: str,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
 
     def load(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name], base_dir=str(src_dir))
@@ -150,7 +212,7 @@ def quantize(
     new_inits: dict[str, Any] = {}
     replaced: dict[int, list] = {}  # id(node) -> replacement nodes
     drop_inits: set[str] = set()
-    quantized: dict[str, QuantizedBlocks] = {}
+    quantized: dict[str, QuantizedBlocks] = {}  # with their arrays dropped once written
     counts = {4: 0, 8: 0, 32: 0}
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
     for idx, node in enumerate(matmuls):
@@ -174,17 +236,19 @@ def quantize(
             algo = "imatrix" if algo == "gptq" else algo
             qb = quantize_matrix(w, bits=bits, block_size=block, symmetric=cfg.symmetric, algorithm=algo, importance=importance.get(wname))
         del w
-        quantized[wname] = qb
         counts[bits] += 1
         base = wname.removesuffix(".weight")
         names = [f"{base}.weight_Q{bits}", f"{base}.weight_scales"]
-        new_inits[names[0]] = numpy_helper.from_array(qb.data, names[0])
-        new_inits[names[1]] = numpy_helper.from_array(qb.scales, names[1])
+        new_inits[names[0]] = data.tensor(qb.data, names[0])
+        new_inits[names[1]] = data.tensor(qb.scales, names[1])
         inputs = [node.input[0], *names]
         if qb.zero_points is not None:
             names.append(f"{base}.weight_zp")
-            new_inits[names[2]] = numpy_helper.from_array(qb.zero_points, names[2])
+            new_inits[names[2]] = data.tensor(qb.zero_points, names[2])
             inputs.append(names[2])
+        qb = dataclasses.replace(qb, data=np.empty(0, np.uint8), scales=np.empty(0, np.float32),
+                                 zero_points=None if qb.zero_points is None else np.empty(0, np.uint8))
+        quantized[wname] = qb
         mm = helper.make_node(
             "MatMulNBits", inputs, list(node.output), name=(node.name or base) + "_Q", domain=MS_DOMAIN,
             K=qb.K, N=qb.N, bits=bits, block_size=block, accuracy_level=cfg.accuracy_level,
@@ -242,8 +306,7 @@ def quantize(
     graph.initializer.extend(new_inits[k] for k in sorted(new_inits))
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    for name in ("model.onnx", "model.onnx.data"):
-        (dst_dir / name).unlink(missing_ok=True)
+    data.close()  # onnx.save_model appends the remaining initializers to the same file
     onnx.save_model(
         model, str(dst_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
         location="model.onnx.data", size_threshold=1024,
