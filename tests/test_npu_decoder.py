@@ -322,7 +322,7 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     assert "NPU coverage prefill" in res.output
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~1 h on 2 cores: QNN prepares each Conv graph for ~14 min, the simulator ~27 s a token
 def test_default_smollm2_decoder_on_htp_simulator(tmp_path: Path) -> None:
     """The real default model (SmolLM2-135M) through `edgepipe build --target snapdragon-8gen3`
     with no --model: both graphs' coverage reported, accuracy measured on the simulator."""
