@@ -143,3 +143,23 @@ def test_rebuild_in_same_cache_is_byte_identical(tmp_path):
         build(target=TARGET, out=out, model=tiny_model(), progress=msgs.append)
     assert any("export: cached" in m for m in msgs) and any("quantize: cached" in m for m in msgs)
     _assert_same_artifact(ref, out)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM (what `kill`, systemd and CI runners send) unwinds the build: exit 143, one-line
+    message, no stage temp folder left behind, nothing published."""
+    model = tiny_model()
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    export_dir = cache / "export"
+    proc = _start_build(model, out, cache)
+    t0 = time.time()
+    while not (export_dir.is_dir() and any(export_dir.glob(".tmp-*/model"))):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < 300, "export never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the build process only; it must stop its export child itself
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "error: terminated" in err and "Traceback" not in err, err[-2000:]
+    assert not list(cache.glob("*/.tmp-*")), "a terminated stage left its temporary folder"
+    assert not out.exists()
