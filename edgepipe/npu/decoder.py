@@ -567,40 +567,17 @@ def quantize_graph(
     gigabytes. (``CalibMaxIntermediateOutputs`` is no alternative: onnxruntime 1.24's MinMax
     calibrator drops the collected outputs without computing their ranges.)
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    from edgepipe.npu.qnn import qdq_quantize
 
     workdir.mkdir(parents=True, exist_ok=True)
     pre = workdir / (fp32.stem + ".pre.onnx")
     if not qnn_preprocess_model(str(fp32), str(pre)):
         pre = fp32
 
-    class Reader(CalibrationDataReader):
-        """Feeds in ranges: ``CalibStridedMinMax`` computes and merges the ranges per range."""
-
-        def __init__(self) -> None:
-            self.set_range(0, len(feeds))
-
-        def __len__(self) -> int:
-            return len(feeds)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(feeds[start_index:end_index])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
-    types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16, "int8": QuantType.QInt8}
-    qcfg = get_qnn_qdq_config(
-        str(pre),
-        Reader(),
-        activation_type=types[cfg.activation_type],
-        weight_type=types[cfg.weight_type],
-        per_channel=cfg.per_channel,
-        stride=1,
-    )
-    qcfg.use_external_data_format = False  # one self-contained file per graph (well under 2 GB)
-    quantize(str(pre), str(out), qcfg)
+    # one self-contained file per graph (well under 2 GB)
+    qdq_quantize(pre, out, feeds, cfg, stride=1, external_data=False)
 
 
 def _session_runner(sess: Any, names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:

@@ -233,9 +233,9 @@ def quantize_qdq(
 ) -> dict[str, int]:
     """Rewrite, pre-process and QDQ-quantize ``fp32`` into ``out``; return rewrite counts."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
+    from edgepipe.npu.qnn import qdq_quantize
     from edgepipe.npu.rewrites import fuse_erf_gelu, layernorm_weights_to_uint8
 
     counts = {}
@@ -247,22 +247,7 @@ def quantize_qdq(
     if not qnn_preprocess_model(str(rewritten), str(pre)):
         shutil.copyfile(rewritten, pre)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
-    types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16, "int8": QuantType.QInt8}
-    qcfg = get_qnn_qdq_config(
-        str(pre),
-        Reader(),
-        activation_type=types[cfg.activation_type],
-        weight_type=types[cfg.weight_type],
-        per_channel=cfg.per_channel,
-    )
-    quantize(str(pre), str(out), qcfg)
+    qdq_quantize(pre, out, feeds, cfg)
     qmodel = onnx.load(str(out))
     counts["layernorm_uint8"] = layernorm_weights_to_uint8(qmodel)
     onnx.save(qmodel, str(out))
