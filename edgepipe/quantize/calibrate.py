@@ -113,10 +113,7 @@ def collect_importance(
                 else:
                     done_h[name] = h
 
-    seen = [0]
-
     def say(msg: str) -> None:
-        seen[0] += 1
         if progress:
             progress(f"calibrating: {msg.removeprefix('fp32 reference: ')}")
 
