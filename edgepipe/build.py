@@ -234,7 +234,7 @@ def build(
     from edgepipe.export.segmented import reference_logits
     from edgepipe.models import DEFAULT_MODEL_NAME, default_model_dir
     from edgepipe.package import check_out_dir, copy_model, publish, staging_dir, write_manifest
-    from edgepipe.quantize import WeightOnly, quantize
+    from edgepipe.quantize import WeightOnly, gptq_weights, quantize
     from edgepipe.quantize.calibrate import collect_importance
     from edgepipe.report import render_report
     from edgepipe.runtime.evaluate import reference_arrays, score
@@ -306,7 +306,7 @@ def build(
             say("calibrating: activation statistics on the calibration text")
             # Hessians go to disk and come back one at a time: 12 GB of them for a 2.5B model
             importance = collect_importance(
-                fp32_model, calib_windows, threads=threads, hessians=qcfg.algorithm == "gptq",
+                fp32_model, calib_windows, threads=threads, hessians=gptq_weights(fp32_model / "model.onnx", qcfg),
                 store=tmp / "hessians", progress=say,
             )
         try:
@@ -316,7 +316,8 @@ def build(
             shutil.rmtree(tmp / "hessians", ignore_errors=True)
 
     # v3: Hessians accumulated in float32, piece by piece (edgepipe.export.segmented)
-    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 4}
+    # v5: the scale search in torch (float64 error expansion: rare ties resolve differently)
+    quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 5}
     hessian_bytes = _hessian_bytes(info.config) if qcfg.algorithm == "gptq" else 0
     q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5) + hessian_bytes,
                                  need_ram_bytes=int(info.num_parameters * 1.2) + (3 << 30), progress=say)

@@ -75,6 +75,59 @@ def test_mse_and_imatrix_beat_rtn():
     assert out["imatrix"][1] < 0.2, out
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_row_importance", [False, True])
+def test_torch_scale_search_matches_numpy(symmetric, per_row_importance):
+    """The torch search expands the weighted error instead of forming residuals: it must pick the
+    same scales and zero points as the numpy reference, up to float rounding of the refit."""
+    from edgepipe.quantize.blockwise import _err, _mse, _mse_numpy
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((300, 6, 32)).astype(np.float32)  # 300 rows: several chunks of rows
+    w[rng.random(w.shape) < 0.01] *= 6
+    imp = np.exp(rng.normal(0, 1, (300 if per_row_importance else 1, 6, 32))).astype(np.float32)
+    s_np, z_np = _mse_numpy(w, imp, 4, symmetric)
+    s_t, z_t = _mse(w, imp, 4, symmetric)
+    assert s_t.dtype == np.float32 and s_t.shape == s_np.shape == (300, 6)
+    assert (z_t == z_np).mean() > 0.995
+    assert np.allclose(s_t, s_np, rtol=1e-4, atol=1e-7) or (np.isclose(s_t, s_np, rtol=1e-4).mean() > 0.995)
+    e_np, e_t = _err(w, imp, s_np, z_np, 15), _err(w, imp, s_t, z_t, 15)
+    assert abs(e_t.sum() / e_np.sum() - 1) < 1e-4
+    s_rtn, z_rtn = _rtn_for_test(w, symmetric)
+    assert e_t.sum() < _err(w, imp, s_rtn, z_rtn, 15).sum()  # the search improves on rtn
+
+
+def _rtn_for_test(w, symmetric):
+    from edgepipe.quantize.blockwise import _rtn
+
+    return _rtn(w, 4, symmetric)
+
+
+def test_gptq_weights_are_the_4_bit_matrices(tmp_path):
+    """Calibration computes Hessians only for what GPTQ quantizes: 8-bit matrices (eight_bit_ops)
+    and the embedding table are rounded to nearest and need none."""
+    from edgepipe.quantize import gptq_weights
+
+    rng = np.random.default_rng(3)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    nodes, inits, prev = [], [], "x"
+    for layer in range(3):
+        for op in ("qkv_proj", "down_proj"):
+            wname = f"model.layers.{layer}.attn.{op}.MatMul.weight"
+            inits.append(numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), wname))
+            out = f"{op}{layer}"
+            nodes.append(helper.make_node("MatMul", [prev, wname], [out]))
+            prev = out
+    y = helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 64])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+    onnx.save(model, tmp_path / "model.onnx")
+    cfg = WeightOnly(bits=4, block_size=32, algorithm="gptq", eight_bit_ops=("down_proj@0-1", "qkv_proj@2"))
+    got = gptq_weights(tmp_path / "model.onnx", cfg)
+    assert got == {"model.layers.0.attn.qkv_proj.MatMul.weight", "model.layers.1.attn.qkv_proj.MatMul.weight",
+                   "model.layers.2.attn.down_proj.MatMul.weight"}
+    assert gptq_weights(tmp_path / "model.onnx", WeightOnly(bits=4, block_size=32, algorithm="rtn")) == set()
+
+
 def test_padding_when_k_is_not_a_block_multiple():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((80, 16)).astype(np.float32)

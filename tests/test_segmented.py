@@ -81,3 +81,14 @@ def test_calibration_is_the_same_in_pieces_and_on_disk(fp32_dir, zoo, tmp_path):
     # the diagonal of the Hessian is the per-channel mean square
     w = hs[0].removesuffix("@H")
     np.testing.assert_allclose(np.diag(h), whole[w], rtol=1e-4)
+
+
+def test_calibration_computes_only_the_hessians_asked_for(fp32_dir, zoo):
+    wins = [zoo.eval_ids(32)]
+    every = collect_importance(fp32_dir, wins, hessians=True, threads=1)
+    down = {k.removesuffix("@H") for k in every if k.endswith("@H") and "down_proj" in k}
+    some = collect_importance(fp32_dir, wins, hessians=down, threads=1)
+    assert down and {k for k in some if k.endswith("@H")} == {f"{w}@H" for w in down}
+    assert {k for k in some if not k.endswith("@H")} == {k for k in every if not k.endswith("@H")}
+    for w in down:
+        np.testing.assert_array_equal(np.asarray(some[f"{w}@H"]), np.asarray(every[f"{w}@H"]))

@@ -153,6 +153,31 @@ class _StreamedData:
         self._f.close()
 
 
+def _num_layers(model: Any) -> int:
+    """Transformer layers = those with weight matrices: onnxruntime-genai's builder names the final
+    norm "layers.<N>", which would make "last" one past the real last layer."""
+    layers = {int(m.group(1)) for t in model.graph.initializer if len(t.dims) == 2 and (m := _LAYER_RE.search(t.name))}
+    return max(layers) + 1 if layers else 0
+
+
+def gptq_weights(model_path: Path, cfg: WeightOnly) -> set[str]:
+    """The MatMul weights of the ONNX model at ``model_path`` that ``quantize`` will GPTQ.
+
+    Only 4-bit matrices go through GPTQ (8-bit ones are rounded to nearest), so calibration needs
+    Hessians for their inputs alone: on Granite-2B with the Pi profiles that skips the 8192x8192
+    Hessians of six down projections (1.5 GB of disk and their x^T x products).
+    """
+    import onnx
+
+    from edgepipe.quantize.calibrate import weight_matmuls
+
+    if cfg.algorithm != "gptq":
+        return set()
+    model = onnx.load(str(model_path), load_external_data=False)
+    n = _num_layers(model)
+    return {w for w in weight_matmuls(model) if plan_bits(w, n, cfg) == 4}
+
+
 def quantize(
     src_dir: Path,
     dst_dir: Path,
@@ -167,11 +192,7 @@ def quantize(
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src_dir / "model.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    # transformer layers = those with weight matrices: onnxruntime-genai's builder names the final
-    # norm "layers.<N>", which would make "last" one past the real last layer
-    layers = {int(m.group(1)) for n, t in inits.items() if len(t.dims) == 2 and (m := _LAYER_RE.search(n))}
-    num_layers = max(layers) + 1 if layers else 0
+    num_layers = _num_layers(model)
     importance = importance or {}
     alg = cfg.algorithm if importance or cfg.algorithm not in ("imatrix", "gptq") else "mse"
 

@@ -85,32 +85,105 @@ def _rtn(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndar
 
 
 def _mse(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted-MSE search over shrunk clipping ranges, then a least-squares scale refit."""
+    """Weighted-MSE search over shrunk clipping ranges, then a least-squares scale refit.
+
+    In torch when it is installed (the build toolchain has it): the same arithmetic, run on all
+    cores and in row chunks that stay in cache. numpy's element-wise ops are single-threaded and
+    stream every full-matrix temporary through memory; for Granite-2B's [8192, 2048] matrices the
+    numpy search was 54 % of a GPTQ matrix's time (profile, loaded machine).
+    """
+    try:
+        import torch
+    except ImportError:
+        return _mse_numpy(w, imp, bits, symmetric, steps)
+    return _mse_torch(torch, w, imp, bits, symmetric, steps)
+
+
+def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """``_mse_numpy``'s search, with each candidate's error expanded instead of materialised.
+
+    For integers d = q - z the weighted error is sum(imp*w^2) - 2*s*sum(imp*w*d) + s^2*sum(imp*d^2),
+    so the least-squares refit and the error need the same two dot products and no residual
+    tensor; the quantization runs in place in one scratch buffer. The reductions are float64
+    (the expansion subtracts nearly equal terms).
+    """
+    qmax = (1 << bits) - 1
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows = max(1, (1 << 18) // max(1, w[0].size))  # ~1 MB of weights per chunk: stays in L2
+    out_s = np.empty(w.shape[:-1], dtype=np.float32)
+    out_z = np.empty(w.shape[:-1], dtype=np.float32)
+    ti_all = torch.from_numpy(np.ascontiguousarray(imp, dtype=np.float32))
+    shrinks = [float(x) for x in np.linspace(1.0, 0.55, steps)]
+    with torch.no_grad():
+        for r0 in range(0, w.shape[0], rows):
+            t = torch.from_numpy(w[r0 : r0 + rows])
+            ti = ti_all if ti_all.shape[0] == 1 else ti_all[r0 : r0 + rows]
+            tw = t * ti
+            c = (tw * t).sum(-1, dtype=torch.float64)
+            d = torch.empty_like(t)
+            e = torch.empty_like(t)
+
+            def dots(s, z):  # type: ignore[no-untyped-def]
+                one = torch.ones_like(s)
+                inv = torch.where(s != 0, one / torch.where(s == 0, one, s), torch.zeros_like(s))
+                torch.mul(t, inv[..., None], out=d)
+                d.round_().add_(z[..., None]).clamp_(0, qmax).sub_(z[..., None])
+                torch.mul(ti, d, out=e)
+                return torch.linalg.vecdot(tw, d).double(), torch.linalg.vecdot(e, d).double()
+
+            def err(s, z):  # type: ignore[no-untyped-def]
+                n, m = dots(s, z)
+                s64 = s.double()
+                return c - 2 * s64 * n + s64 * s64 * m
+
+            s0, z0 = (torch.from_numpy(a) for a in _rtn(w[r0 : r0 + rows], bits, symmetric))
+            best_s, best_z, best_err = s0, z0, err(s0, z0)
+            lo0 = torch.clamp(t.amin(-1), max=0)
+            hi0 = torch.clamp(t.amax(-1), min=0)
+            for shrink in shrinks:
+                if symmetric:
+                    s, z = s0 * shrink, z0
+                else:
+                    lo, hi = lo0 * shrink, hi0 * shrink
+                    s = (hi - lo) / qmax
+                    z = torch.clamp(torch.round(-lo / torch.where(s == 0, torch.ones_like(s), s)), 0, qmax)
+                n, m = dots(s, z)  # least-squares refit of the scale for these integers
+                s = torch.where(m > 0, (n / torch.where(m == 0, torch.ones_like(m), m)).float(), s)
+                e_s = err(s, z)
+                better = e_s < best_err
+                best_err = torch.where(better, e_s, best_err)
+                best_s = torch.where(better, s, best_s)
+                best_z = torch.where(better, z, best_z)
+            out_s[r0 : r0 + rows] = best_s.numpy()
+            out_z[r0 : r0 + rows] = best_z.numpy()
+    return out_s, out_z
+
+
+def _mse_numpy(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 12) -> tuple[np.ndarray, np.ndarray]:
     qmax = (1 << bits) - 1
     best_s, best_z = _rtn(w, bits, symmetric)
     best_err = _err(w, imp, best_s, best_z, qmax)
     lo0 = np.minimum(w.min(axis=-1), 0)
     hi0 = np.maximum(w.max(axis=-1), 0)
     for shrink in np.linspace(1.0, 0.55, steps):
-        for skew in ((0.0,) if symmetric else (0.0,)):
-            if symmetric:
-                s, z = _rtn(w, bits, True)
-                s = s * shrink
-            else:
-                lo, hi = lo0 * (shrink - skew), hi0 * (shrink + skew)
-                s = ((hi - lo) / qmax).astype(np.float32)
-                z = np.clip(np.rint(-lo / np.where(s == 0, 1, s)), 0, qmax).astype(np.float32)
-            q = _quantize(w, s, z, qmax)
-            # least-squares refit of the scale for the chosen integers: min sum imp*(w - s*(q-z))^2
-            d = q - z[..., None]
-            num = (imp * w * d).sum(-1)
-            den = (imp * d * d).sum(-1)
-            s = np.where(den > 0, num / np.where(den == 0, 1, den), s).astype(np.float32)
-            err = _err(w, imp, s, z, qmax)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_s = np.where(better, s, best_s)
-            best_z = np.where(better, z, best_z)
+        if symmetric:
+            s, z = _rtn(w, bits, True)
+            s = s * shrink
+        else:
+            lo, hi = lo0 * shrink, hi0 * shrink
+            s = ((hi - lo) / qmax).astype(np.float32)
+            z = np.clip(np.rint(-lo / np.where(s == 0, 1, s)), 0, qmax).astype(np.float32)
+        q = _quantize(w, s, z, qmax)
+        # least-squares refit of the scale for the chosen integers: min sum imp*(w - s*(q-z))^2
+        d = q - z[..., None]
+        num = (imp * w * d).sum(-1)
+        den = (imp * d * d).sum(-1)
+        s = np.where(den > 0, num / np.where(den == 0, 1, den), s).astype(np.float32)
+        err = _err(w, imp, s, z, qmax)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
     return best_s, best_z
 
 

@@ -14,7 +14,7 @@ one at a time by the quantizer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -62,7 +62,7 @@ def collect_importance(
     windows: Iterable[np.ndarray],
     *,
     threads: int = 0,
-    hessians: bool = False,
+    hessians: bool | Collection[str] = False,
     store: Path | None = None,
     max_segment_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -71,7 +71,8 @@ def collect_importance(
 
     With ``hessians``, also ``"<weight>@H"``: the mean of x x^T over tokens (for GPTQ), one per
     distinct activation (MatMuls that share an input share the array); with ``store``, those
-    arrays are written there as .npy files instead of kept in memory.
+    arrays are written there as .npy files instead of kept in memory. ``hessians`` may name the
+    weights that need one (those GPTQ will quantize); the other activations get the diagonal only.
     """
     from edgepipe.export.segmented import DEFAULT_SEGMENT_BYTES, SegmentedRunner, decoder_feeds
 
@@ -79,6 +80,11 @@ def collect_importance(
     runner = SegmentedRunner(model_dir, max_bytes=max_segment_bytes or DEFAULT_SEGMENT_BYTES, threads=threads)
     acts = weight_matmuls(runner.model)
     wanted = set(acts.values())
+    if hessians is True:
+        h_acts = wanted
+    else:
+        named = set(hessians or ())
+        h_acts = {a for w, a in acts.items() if w in named}
     count = sum(int(np.asarray(w).shape[0]) for w in windows)
     if not count:
         return Importance({}, {})
@@ -93,7 +99,7 @@ def collect_importance(
         x = val.reshape(-1, val.shape[-1]).astype(np.float32, copy=False)
         sq = np.square(x, dtype=np.float64).sum(0)
         sums[name] = sq if name not in sums else sums[name] + sq
-        if hessians:
+        if name in h_acts:
             xtx = x.T @ x  # float32 GEMM; a window's 512 tokens lose nothing that matters here
             if name in outer:
                 outer[name] += xtx
