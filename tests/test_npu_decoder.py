@@ -136,8 +136,68 @@ def test_kv_decode_loop_greedy_equals_hf_greedy(fp32_graphs: dict[str, Path], ti
         host.greedy(lambda f: pre.run(None, f), lambda f: de.run(None, f), prompt, C, pad_id=0)
 
 
-def test_build_tiny_llama_on_htp_simulator(tiny_llama: Path, tmp_path: Path) -> None:
-    out = tmp_path / "artifact"
+def _static_artifact(graphs: dict[str, Path], spec, folder: Path, eos: list[int]) -> Path:
+    """A runtime folder around the fp32 static graphs: npu_config.json names them as its QDQ graphs."""
+    folder.mkdir()
+    for mode, path in graphs.items():
+        (folder / f"{mode}.onnx").symlink_to(path)
+    config = {
+        "seq_len": P, "context_length": C, "layers": spec.layers, "head_dim": spec.head_dim,
+        "rope_theta": spec.rope_theta, "pad_token_id": 0, "eos_token_ids": eos, "htp_arch": 75,
+        "files": {"prefill_qdq": "prefill.onnx", "decode_qdq": "decode.onnx"},
+    }
+    (folder / "npu_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_runtime_generates_like_hf_through_the_static_graphs(fp32_graphs, tiny_llama: Path, zoo, tmp_path: Path) -> None:
+    """The device runtime (edgepipe.runtime.static_lm, numpy + onnxruntime) behind ``generate``:
+    greedy tokens equal transformers' greedy ones; a prompt longer than the prefill graph goes on
+    through the decode graph with the same logits as the whole-sequence model; EOS and the KV
+    capacity stop it."""
+    import torch
+
+    from edgepipe.errors import ArtifactError
+    from edgepipe.runtime.generate import GenerationConfig, generate
+    from edgepipe.runtime.static_lm import StaticCausalLM
+
+    spec = dec.read_decoder_spec(tiny_llama)
+    lm = StaticCausalLM(_static_artifact(fp32_graphs, spec, tmp_path / "a", eos=[]), backend="cpu")
+    assert lm.backend == "cpu" and lm.spec.context_length == C
+    hf = zoo.torch_model("llama")
+    prompt = zoo.eval_ids(10, offset=300)
+    ids = torch.from_numpy(prompt[None].astype(np.int64))
+    expected = []
+    with torch.no_grad():
+        for _ in range(21):
+            nxt = int(hf(input_ids=ids).logits[0, -1].argmax())
+            expected.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    got = list(generate(lm, prompt.tolist(), GenerationConfig(max_new_tokens=21)))
+    assert got == expected
+    # EOS: stop before the token that is EOS
+    lm_eos = StaticCausalLM(_static_artifact(fp32_graphs, spec, tmp_path / "b", eos=[expected[3]]), backend="cpu")
+    stop = expected.index(expected[3])
+    assert list(generate(lm_eos, prompt.tolist(), GenerationConfig(max_new_tokens=21))) == expected[:stop]
+    # a prompt of P + 8 tokens: P through prefill, 8 through decode, logits as the whole model's
+    long = zoo.eval_ids(P + 8, offset=100)
+    ref = dec.hf_logits(hf, long)
+    logits = lm.logits(long)
+    assert logits.shape == ref.shape == (P + 8, 384)
+    assert np.abs(logits - ref).max() < 1e-3
+    # the cache bounds generation: ask for more than fits and it stops at the capacity
+    assert len(list(generate(lm, prompt.tolist(), GenerationConfig(max_new_tokens=10 * C)))) == C - len(prompt)
+    with pytest.raises(InputError, match="KV cache"):
+        lm.logits(zoo.eval_ids(C + 1))
+    (tmp_path / "a" / "npu_config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="npu_config.json"):
+        StaticCausalLM(tmp_path / "a")
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+    """The whole decoder build of the tiny Llama on the simulator, once for the module."""
+    out = tmp_path_factory.mktemp("npu_dec") / "artifact"
     messages: list[str] = []
     m = dec.build_decoder_npu(
         tiny_llama,
@@ -149,6 +209,11 @@ def test_build_tiny_llama_on_htp_simulator(tiny_llama: Path, tmp_path: Path) -> 
         eval_decode_steps=6,
         progress=messages.append,
     )
+    return out, m, messages
+
+
+def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None:
+    out, m, messages = tiny_build
     for graph in ("prefill", "decode"):
         cov = m["coverage"][graph]
         assert cov["whole_graph_on_npu"] and cov["npu_nodes"] == cov["total_nodes"] > 300, cov
@@ -196,6 +261,27 @@ def test_build_tiny_llama_on_htp_simulator(tiny_llama: Path, tmp_path: Path) -> 
         results.append(sess.run(None, feeds)[0])
         del sess
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+
+    # the device runtime on the same artifact: the HTP backend runs the context binaries (same
+    # logits as a direct session), and agrees with the QDQ graphs on the CPU EP as the build measured
+    from edgepipe.runtime.device import bench
+    from edgepipe.runtime.static_lm import StaticCausalLM
+
+    window = dec.token_ids(tiny_llama, _text("eval.txt"))[: P + 6]
+    htp = StaticCausalLM(out, backend="htp")
+    assert htp.models["prefill"].name == "prefill_ctx.onnx" and htp.spec.eos_token_ids
+    got = htp.logits(window)
+    del htp
+    sess = qnn.create_session(out / "prefill_ctx.onnx", 75)
+    direct = sess.run(None, host.prefill_feeds(window[:P], config["pad_token_id"]))[0][0]
+    del sess
+    np.testing.assert_allclose(got[:P], direct, atol=1e-6)
+    cpu = StaticCausalLM(out, backend="cpu")
+    assert cpu.models["decode"].name == "decode.qdq.onnx"
+    on_cpu = cpu.logits(window)
+    assert (got.argmax(-1) == on_cpu.argmax(-1)).mean() >= 0.75
+    figures = bench(cpu, repeats=1)
+    assert figures["backend"] == "cpu" and figures["prefill_tokens"] == P and figures["decode_tok_s"] > 0
 
 
 def _rejected_erf_model(path: Path) -> Path:
@@ -304,6 +390,10 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     from edgepipe.runtime.manifest import verify_artifact
 
     manifest = verify_artifact(tmp_path / "a")  # every file's hash and size as recorded
+    # the device runtime runs it: on the HTP (the simulator here) from its context binaries
+    res_run = runner.invoke(main, ["run", str(tmp_path / "a"), "--prompt", "The field device", "--max-new-tokens", "6"])
+    assert res_run.exit_code == 0 and "error" not in res_run.output, res_run.output
+    assert res_run.output.strip(), "no text generated"
     assert manifest["source_model"]["kind"] == "decoder"
     assert {"prefill_ctx_qnn.bin", "decode_ctx_qnn.bin", "prefill.qdq.onnx", "report.md"} <= set(
         manifest["files"]

@@ -36,16 +36,22 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import EdgepipeError, InputError, ModelError, TargetError
+from edgepipe.runtime.static_lm import (  # noqa: F401  (the host loop runs on the device too)
+    CONFIG_FILE,
+    MASK_BIAS,
+    StaticDecoder,
+    decode_bias,
+    prefill_bias,
+    rope_tables,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-MASK_BIAS = -100.0  # as the encoder: exp(-100) is no weight, and the quantized range stays small
 OPSET = 23  # RMSNormalization is an ONNX op from 23 on (16-bit QuantizeLinear from 21)
 PREFILL_QDQ, DECODE_QDQ = "prefill.qdq.onnx", "decode.qdq.onnx"
 PREFILL_CTX, DECODE_CTX = "prefill_ctx.onnx", "decode_ctx.onnx"
-CONFIG_FILE = "npu_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -139,36 +145,6 @@ def read_decoder_spec(model_dir: Path) -> DecoderSpec:
         tied=bool(cfg.get("tie_word_embeddings", False)),
         max_positions=int(cfg.get("max_position_embeddings", 2048)),
     )
-
-
-def rope_tables(positions: Iterable[int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """``cos`` and signed ``sin`` ``[1, 1, T, D]`` for the given positions (HF's default rotary).
-
-    ``sin``'s first half is negated: ``rotate_half(x) * sin == concat(x2, x1) * signed_sin``, so
-    the graph needs no Neg.
-    """
-    pos = np.asarray(list(positions), dtype=np.float64)
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    freqs = pos[:, None] * inv[None, :]
-    cos = np.cos(np.concatenate([freqs, freqs], axis=-1))
-    sin = np.sin(freqs)
-    signed = np.concatenate([-sin, sin], axis=-1)
-    return cos.astype(np.float32)[None, None], signed.astype(np.float32)[None, None]
-
-
-def prefill_bias(seq_len: int) -> np.ndarray:
-    """Causal additive mask ``[1, 1, P, P]``. Right padding needs nothing more: a valid query
-    never looks at a later (padded) key."""
-    upper = np.triu(np.ones((seq_len, seq_len), dtype=bool), k=1)
-    return np.where(upper, MASK_BIAS, 0.0).astype(np.float32)[None, None]
-
-
-def decode_bias(valid: int, capacity: int) -> np.ndarray:
-    """``[1, 1, 1, C + 1]``: cache slots ``< valid`` and the new token (last) are visible."""
-    bias = np.full((1, 1, 1, capacity + 1), MASK_BIAS, dtype=np.float32)
-    bias[..., :valid] = 0.0
-    bias[..., capacity] = 0.0
-    return bias
 
 
 def _static_module(hf: Any, spec: DecoderSpec, mode: str, seq_len: int, capacity: int, conv: bool = True) -> Any:
@@ -360,112 +336,6 @@ def _check_plain_ops(path: Path) -> None:
             )
 
 
-class StaticDecoder:
-    """Host side of the two graphs: the KV cache of capacity C, rotary tables, masks, the loop.
-
-    ``run_prefill`` / ``run_decode`` are ``feeds -> outputs`` callables (an ORT session's ``run``
-    on the CPU or the HTP), so the same loop drives the fp32 graphs and the quantized ones.
-    """
-
-    def __init__(self, spec: DecoderSpec, seq_len: int, capacity: int) -> None:
-        self.spec, self.seq_len, self.capacity = spec, seq_len, capacity
-        self._pcos, self._psin = rope_tables(range(seq_len), spec.head_dim, spec.rope_theta)
-        self._pbias = prefill_bias(seq_len)
-        self._dcos, self._dsin = rope_tables(range(capacity), spec.head_dim, spec.rope_theta)
-
-    def prefill_feeds(self, ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not 1 <= len(ids) <= self.seq_len:
-            raise InputError(
-                f"a prompt of {len(ids)} tokens does not fit the prefill graph (1..{self.seq_len}); shorten it"
-            )
-        padded = np.full((1, self.seq_len), pad_id, dtype=np.int64)
-        padded[0, : len(ids)] = ids
-        return {"input_ids": padded, "cos": self._pcos, "sin": self._psin, "attn_bias": self._pbias}
-
-    def cache_from_prefill(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The prefill's present K/V (already at capacity), as writable float32 arrays."""
-        return [np.array(o, dtype=np.float32) for o in outputs[1:]]
-
-    def decode_feeds(self, token: int, position: int, cache: list[np.ndarray]) -> dict[str, np.ndarray]:
-        if not 0 <= position < self.capacity:
-            raise InputError(
-                f"position {position} is beyond the KV cache capacity {self.capacity}; raise npu.context_length"
-            )
-        feeds = {
-            "input_ids": np.asarray([[token]], dtype=np.int64),
-            "cos": self._dcos[:, :, position : position + 1],
-            "sin": self._dsin[:, :, position : position + 1],
-            "attn_bias": decode_bias(position, self.capacity),
-        }
-        for i in range(self.spec.layers):
-            feeds[f"past_key_{i}"] = cache[2 * i]
-            feeds[f"past_value_{i}"] = cache[2 * i + 1]
-        return feeds
-
-    @staticmethod
-    def write_cache(cache: list[np.ndarray], outputs: list[np.ndarray], position: int) -> None:
-        for slot, new in zip(cache, outputs[1:], strict=True):
-            slot[:, :, position : position + 1, :] = new
-
-    def teacher_forced(
-        self,
-        run_prefill: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-        run_decode: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None,
-        window: np.ndarray,
-        pad_id: int,
-        *,
-        cache: list[np.ndarray] | None = None,
-        prefill_logits: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits ``[len(window), V]`` for ``window``: its first P tokens through the prefill
-        graph, the rest one by one through the decode graph (the true next token fed each step).
-
-        The two phases can run apart (one live HTP session at a time): call with
-        ``run_decode=None`` to get only the prefill logits and cache, then again with
-        ``run_prefill`` unused and ``cache`` / ``prefill_logits`` given.
-        """
-        P = min(self.seq_len, len(window))
-        if cache is None:
-            out = run_prefill(self.prefill_feeds(window[:P], pad_id))
-            prefill_logits = np.asarray(out[0][0, :P], dtype=np.float32)
-            cache = self.cache_from_prefill(out)
-        assert prefill_logits is not None  # set together with cache (internal contract)
-        rows = [prefill_logits]
-        if run_decode is not None:
-            for pos in range(P, len(window)):
-                out = run_decode(self.decode_feeds(int(window[pos]), pos, cache))
-                self.write_cache(cache, out, pos)
-                rows.append(np.asarray(out[0][0], dtype=np.float32))
-        return np.concatenate(rows, axis=0), cache
-
-    def greedy(
-        self,
-        run_prefill: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-        run_decode: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-        prompt: np.ndarray,
-        new_tokens: int,
-        pad_id: int,
-    ) -> list[int]:
-        """Greedy continuation of ``prompt``: prefill once, then ``new_tokens - 1`` decode steps."""
-        prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
-        n = len(prompt)
-        if n + new_tokens > self.capacity:
-            raise InputError(
-                f"{n} + {new_tokens} tokens exceed the KV cache capacity {self.capacity}; ask for fewer tokens"
-            )
-        out = run_prefill(self.prefill_feeds(prompt, pad_id))
-        cache = self.cache_from_prefill(out)
-        token = int(np.argmax(out[0][0, n - 1]))
-        tokens = [token]
-        for pos in range(n, n + new_tokens - 1):
-            out = run_decode(self.decode_feeds(token, pos, cache))
-            self.write_cache(cache, out, pos)
-            token = int(np.argmax(out[0][0, 0]))
-            tokens.append(token)
-        return tokens
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
@@ -507,6 +377,23 @@ def pad_token_id(model_dir: Path) -> int:
         if isinstance(v, int):
             return v
     return 0
+
+
+def eos_token_ids(model_dir: Path) -> list[int]:
+    """End-of-sequence ids, from ``generation_config.json`` (what ``generate`` stops on) or else
+    ``config.json``; the device runtime stops generating at any of them."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        v = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        for e in v if isinstance(v, list) else [v]:
+            if isinstance(e, int) and not isinstance(e, bool) and e not in ids:
+                ids.append(e)
+        if ids:
+            break
+    return ids
 
 
 def calibration_feeds(
@@ -840,6 +727,7 @@ def build_decoder_npu(
             "seq_len": seq_len,
             "context_length": capacity,
             "pad_token_id": pad_id,
+            "eos_token_ids": eos_token_ids(spec.model_dir),
             "rope_theta": spec.rope_theta,
             "head_dim": spec.head_dim,
             "layers": spec.layers,

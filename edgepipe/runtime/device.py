@@ -21,6 +21,7 @@ from edgepipe.runtime.evaluate import score, score_against_reference, windows_fr
 from edgepipe.runtime.generate import GenerationConfig, generate
 from edgepipe.runtime.manifest import verify_artifact
 from edgepipe.runtime.model import CausalLM
+from edgepipe.runtime.static_lm import StaticCausalLM, is_static_artifact
 
 REFERENCE = "reference.npz"
 TOKENIZER = "tokenizer.json"
@@ -69,10 +70,17 @@ def check_free_ram(artifact: Path, manifest: dict[str, Any] | None = None) -> No
         )
 
 
-def open_artifact(artifact: Path | str, *, threads: int = 0, verify: bool = True) -> tuple[CausalLM, dict[str, Any]]:
+def open_artifact(
+    artifact: Path | str, *, threads: int = 0, verify: bool = True
+) -> tuple[CausalLM | StaticCausalLM, dict[str, Any]]:
+    """Verify the manifest, then load the model: a CPU artifact (one dynamic decoder graph) or an
+    NPU one (static prefill + decode graphs, ``npu_config.json``) on the HTP when onnxruntime-qnn
+    is installed, else its QDQ graphs on the CPU."""
     artifact = Path(artifact)
     manifest = verify_artifact(artifact) if verify else {}
     check_free_ram(artifact, manifest)
+    if is_static_artifact(artifact):
+        return StaticCausalLM(artifact, threads=threads), manifest
     return CausalLM(artifact, threads=threads or _target_threads(manifest)), manifest
 
 
@@ -148,12 +156,14 @@ def peak_rss_mb() -> float:
     return r / 1024 if platform.system() != "Darwin" else r / 2**20
 
 
-def bench(lm: CausalLM, *, prompt_tokens: int = 256, decode_tokens: int = 64, repeats: int = 2) -> dict[str, Any]:
+def bench(lm: CausalLM | StaticCausalLM, *, prompt_tokens: int = 256, decode_tokens: int = 64, repeats: int = 2) -> dict[str, Any]:
     """Prefill tok/s, decode tok/s, time to first token and peak RSS of this process.
 
     Token ids are a fixed synthetic sequence: speed does not depend on the text. Each figure is
     the best of ``repeats`` runs after one warm-up.
     """
+    if isinstance(lm, StaticCausalLM):
+        return bench_static(lm, decode_tokens=min(decode_tokens, 16), repeats=repeats)
     vocab = lm.spec.vocab_size
     ids = (np.arange(prompt_tokens, dtype=np.int64) * 7919 + 13) % max(vocab - 1, 1) + 1
     short = ids[:32]
@@ -184,6 +194,36 @@ def bench(lm: CausalLM, *, prompt_tokens: int = 256, decode_tokens: int = 64, re
     }
 
 
+def bench_static(lm: StaticCausalLM, *, decode_tokens: int = 16, repeats: int = 2) -> dict[str, Any]:
+    """``bench`` for a static-graph artifact: one full prefill graph run (its fixed length, however
+    short the prompt) and single-token decode steps, on whatever backend ``lm`` runs. On the x86
+    HTP simulator these figures say nothing about a phone."""
+    spec = lm.spec
+    decode_tokens = max(1, min(decode_tokens, spec.context_length - spec.seq_len))
+    ids = (np.arange(spec.seq_len, dtype=np.int64) * 7919 + 13) % max(lm.vocab_size - 1, 1) + 1
+    prefill, decode = [], []
+    for _ in range(repeats):
+        state = lm.stepper(spec.seq_len + decode_tokens)
+        t0 = time.perf_counter()
+        nxt = int(np.argmax(state.step(ids)[-1]))
+        prefill.append(spec.seq_len / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            nxt = int(np.argmax(state.step(np.array([nxt]))[-1]))
+        decode.append(decode_tokens / (time.perf_counter() - t0))
+    return {
+        "backend": lm.backend,
+        "prefill_tokens": spec.seq_len,
+        "prefill_tok_s": round(max(prefill), 2),
+        "decode_tokens": decode_tokens,
+        "decode_tok_s": round(max(decode), 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "repeats": repeats,
+        "note": "the first decode step of each repeat includes opening the decode session"
+        if lm.backend == "htp" else "QDQ graphs on the CPU execution provider",
+    }
+
+
 def validate(
     artifact: Path | str,
     *,
@@ -210,6 +250,8 @@ def validate(
         ids = tok.encode(eval_text).ids
         if max_tokens:
             ids = ids[: max_tokens + 1]
+        if isinstance(lm, StaticCausalLM):
+            window = min(window, lm.spec.context_length)  # the KV cache bounds a window
         wins = windows_from_ids(ids, window)
         if not wins:
             raise InputError("the eval text has fewer than 2 tokens; pass a longer --eval file")
