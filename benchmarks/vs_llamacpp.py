@@ -679,7 +679,7 @@ def _best(speed: dict[str, list], name: str, key: str, variant: str) -> tuple[fl
     """The faster of an engine's two thread-waiting variants (spin-wait, sleeping)."""
     cands = [(_med(speed.get(n, []), key), n) for n in (name, f"{name} {variant}")]
     cands = [c for c in cands if c[0] is not None]
-    return max(cands) if cands else (None, lq)
+    return max(cands) if cands else (None, name)
 
 
 def summarize(R: dict[str, Any]) -> str:
