@@ -129,7 +129,7 @@ class TreeRss:
             self.samples.append((time.time(), float(total)))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "TreeRss":
+    def __enter__(self) -> TreeRss:
         self.thread.start()
         return self
 
@@ -183,8 +183,8 @@ def run_build(model: Path, target: str, out: Path, cache: Path, interval: float)
 
 
 def estimate(model: Path, target: str) -> dict[str, Any]:
-    from edgepipe.export import inspect_model
     from edgepipe.estimate import estimate_for
+    from edgepipe.export import inspect_model
     from edgepipe.targets import load_target
 
     return estimate_for(inspect_model(model), load_target(target))
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(f"\nGranite-2B-shape build for {args.target}: exit {run['exit_code']}, wall {run['wall_s'] / 60:.1f} min")
-    print(f"\n| stage | wall s | peak RSS of the process tree, GB |\n|---|---:|---:|")
+    print("\n| stage | wall s | peak RSS of the process tree, GB |\n|---|---:|---:|")
     for s in run["stages"]:
         print(f"| {s['stage']} | {s['wall_s']} | {s['peak_rss_gb']} |")
     ok = run["peak_rss_gb"] <= GOAL_GB

@@ -13,10 +13,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -342,7 +343,8 @@ def build(
     acc = score(q_lm.logits, eval_windows, reference_fn=lambda w: next(it), score_from=len(eval_windows[0]) // 2)
     del q_lm
     accuracy = acc.result()
-    reference = reference_arrays(lambda w, _r=iter(ref_logits): next(_r), eval_windows, acc.top1)
+    ref_iter = iter(ref_logits)  # reference_arrays asks for the windows in the order they were scored
+    reference = reference_arrays(lambda w: next(ref_iter), eval_windows, acc.top1)
     del ref_logits
     timings["validate_accuracy_s"] = round(time.time() - t0, 2)
 

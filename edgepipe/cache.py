@@ -15,8 +15,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgepipe.errors import StageError
 from edgepipe.models import cache_root

@@ -9,17 +9,17 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from reliability_support import TARGET, built_artifact, env, shared_cache, tiny_model, tree_state, use_zoo
 
 from edgepipe.cli import main
-from reliability_support import use_zoo
-from reliability_support import TARGET, built_artifact, env, shared_cache, tiny_model, tree_state
+
 
 @pytest.fixture(autouse=True)
 def _use_conftest_zoo(zoo):

@@ -13,8 +13,11 @@ import pytest
 qnn_wheel = pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed: pip install 'edgepipe[npu]'")
 
 from edgepipe.errors import EdgepipeError, ModelError, TargetError  # noqa: E402
-from edgepipe.npu import NpuCoverageError, build_npu  # noqa: E402
-from edgepipe.npu import qnn  # noqa: E402
+from edgepipe.npu import (  # noqa: E402
+    NpuCoverageError,
+    build_npu,
+    qnn,  # noqa: E402
+)
 from edgepipe.npu.data import default_calib_text, default_eval_sentences  # noqa: E402
 from edgepipe.npu.encoder import compare_embeddings, read_spec, split_sentences  # noqa: E402
 from edgepipe.targets import load_target, parse_target  # noqa: E402
@@ -146,7 +149,7 @@ def test_build_tiny_bert_on_htp_simulator(tiny_bert: Path, tmp_path: Path) -> No
         sess = qnn.create_session(out / name, 75)
         results[name] = [sess.run(None, f)[0] for f in feeds]
         del sess
-    for a, b in zip(results["model_ctx.onnx"], results["model.qdq.onnx"]):
+    for a, b in zip(results["model_ctx.onnx"], results["model.qdq.onnx"], strict=False):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -255,13 +258,11 @@ def test_minilm_on_htp_v75(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_build_npu_target_publishes_verified_artifact(tiny_bert: Path, tmp_path: Path) -> None:
     """`edgepipe build --target snapdragon-8gen3` goes down the NPU path and publishes a manifest."""
+    import yaml
     from click.testing import CliRunner
 
     from edgepipe.cli import main
     from edgepipe.runtime.manifest import verify_artifact
-
-    import yaml
-
     from edgepipe.targets import targets_dir
 
     profile = yaml.safe_load((targets_dir() / "snapdragon-8gen3.yaml").read_text())

@@ -120,6 +120,6 @@ def test_layernorm_weights_to_uint8(shared: bool) -> None:
         assert len(model.graph.node) == n_before
         assert _dq_types(model) == [TensorProto.UINT8]
         assert "gamma_q" not in inits  # the int8 original is gone
-    for a, b in zip(_run(model, feeds), before):
+    for a, b in zip(_run(model, feeds), before, strict=False):
         np.testing.assert_array_equal(a, b)  # exact: same real values
     assert layernorm_weights_to_uint8(model) == 0

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-
 from conftest import HIDDEN, LAYERS, TIED, VOCAB
+
 from edgepipe.quantize import WeightOnly, plan_bits
 from edgepipe.runtime.evaluate import log_softmax
 from edgepipe.runtime.model import CausalLM

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from edgepipe.cli import main
-from reliability_support import use_zoo
 from reliability_support import (
     TARGET,
     built_artifact,
@@ -23,7 +20,10 @@ from reliability_support import (
     tiny_model,
     tmpfs,
     tree_state,
+    use_zoo,
 )
+
+from edgepipe.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from reliability_support import use_zoo
-from reliability_support import TARGET, built_artifact, env, sha256, tiny_model, tree_state
+from reliability_support import TARGET, built_artifact, env, sha256, tiny_model, tree_state, use_zoo
 
 COMPARED = ("model.onnx", "model.onnx.data", "reference.npz", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -132,9 +130,9 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
 
 def test_rebuild_in_same_cache_is_byte_identical(tmp_path):
     """Same inputs, same cache, another --out: every model file and the manifest's hashes agree."""
-    from edgepipe.build import build
-
     from reliability_support import shared_cache
+
+    from edgepipe.build import build
 
     ref = built_artifact()
     out = tmp_path / "again"

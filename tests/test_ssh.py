@@ -215,7 +215,7 @@ class Sshd:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}") from None
                 time.sleep(0.1)
 
     def spec(self, *, identity: Path | None = None, known_hosts: Path | None = None, remote_dir: Path | None = None) -> str:

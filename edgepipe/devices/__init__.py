@@ -12,8 +12,9 @@ figures can claim (``claims``). A runner is chosen by a spec string:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from edgepipe.errors import InputError
 

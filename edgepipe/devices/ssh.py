@@ -60,9 +60,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from edgepipe.devices import last_json_object
@@ -570,7 +571,7 @@ class SshRunner:
         self.copy_method = copy_method
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs: Any) -> "SshRunner":
+    def from_spec(cls, spec: str, **kwargs: Any) -> SshRunner:
         """``SshRunner.from_spec("ssh://pi@raspberrypi.local:22?identity=~/.ssh/pi")``."""
         return cls(parse_spec(spec), **kwargs)
 

@@ -10,8 +10,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edgepipe.errors import StageError
 

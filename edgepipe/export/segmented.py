@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -177,7 +178,7 @@ class SegmentedRunner:
             sess = ort.InferenceSession(self._segment_model(seg, outs, dtypes), so, providers=["CPUExecutionProvider"])
             for f, state in enumerate(carry):
                 vals = sess.run(outs, {name: state[name] for name in seg.inputs})
-                got = dict(zip(outs, vals))
+                got = dict(zip(outs, vals, strict=False))
                 for name in final:
                     results[f][name] = got[name]
                 if on_watched:

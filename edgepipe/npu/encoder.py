@@ -24,8 +24,9 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -279,7 +280,7 @@ def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
         top1 = np.mean(np.argmax(sr, axis=1) == np.argmax(sg, axis=1))
         k = min(5, n - 1)
         tr, tg = np.argsort(-sr, axis=1)[:, :k], np.argsort(-sg, axis=1)[:, :k]
-        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(tr, tg)])
+        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(tr, tg, strict=False)])
         metrics["retrieval_top1_agreement"] = float(top1)
         metrics["retrieval_top5_overlap"] = float(overlap)
     return metrics

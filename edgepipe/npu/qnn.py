@@ -21,8 +21,9 @@ import re
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgepipe.errors import EdgepipeError, InputError
 

@@ -13,9 +13,10 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class WeightOnly:
     eight_bit_block_size: int | None = None
 
     @classmethod
-    def from_target(cls, q: Any) -> "WeightOnly":
+    def from_target(cls, q: Any) -> WeightOnly:
         return cls(
             bits=q.bits,
             block_size=q.block_size,

@@ -120,24 +120,9 @@ def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool
             ti = ti_all if ti_all.shape[0] == 1 else ti_all[r0 : r0 + rows]
             tw = t * ti
             c = (tw * t).sum(-1, dtype=torch.float64)
-            d = torch.empty_like(t)
-            e = torch.empty_like(t)
-
-            def dots(s, z):  # type: ignore[no-untyped-def]
-                one = torch.ones_like(s)
-                inv = torch.where(s != 0, one / torch.where(s == 0, one, s), torch.zeros_like(s))
-                torch.mul(t, inv[..., None], out=d)
-                d.round_().add_(z[..., None]).clamp_(0, qmax).sub_(z[..., None])
-                torch.mul(ti, d, out=e)
-                return torch.linalg.vecdot(tw, d).double(), torch.linalg.vecdot(e, d).double()
-
-            def err(s, z):  # type: ignore[no-untyped-def]
-                n, m = dots(s, z)
-                s64 = s.double()
-                return c - 2 * s64 * n + s64 * s64 * m
-
+            buf = (t, ti, tw, c, torch.empty_like(t), torch.empty_like(t))
             s0, z0 = (torch.from_numpy(a) for a in _rtn(w[r0 : r0 + rows], bits, symmetric))
-            best_s, best_z, best_err = s0, z0, err(s0, z0)
+            best_s, best_z, best_err = s0, z0, _torch_err(torch, buf, s0, z0, qmax)
             lo0 = torch.clamp(t.amin(-1), max=0)
             hi0 = torch.clamp(t.amax(-1), min=0)
             for shrink in shrinks:
@@ -147,9 +132,9 @@ def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool
                     lo, hi = lo0 * shrink, hi0 * shrink
                     s = (hi - lo) / qmax
                     z = torch.clamp(torch.round(-lo / torch.where(s == 0, torch.ones_like(s), s)), 0, qmax)
-                n, m = dots(s, z)  # least-squares refit of the scale for these integers
+                n, m = _torch_dots(torch, buf, s, z, qmax)  # least-squares refit of the scale for these integers
                 s = torch.where(m > 0, (n / torch.where(m == 0, torch.ones_like(m), m)).float(), s)
-                e_s = err(s, z)
+                e_s = _torch_err(torch, buf, s, z, qmax)
                 better = e_s < best_err
                 best_err = torch.where(better, e_s, best_err)
                 best_s = torch.where(better, s, best_s)
@@ -157,6 +142,24 @@ def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool
             out_s[r0 : r0 + rows] = best_s.numpy()
             out_z[r0 : r0 + rows] = best_z.numpy()
     return out_s, out_z
+
+
+def _torch_dots(torch, buf, s, z, qmax: int):  # type: ignore[no-untyped-def]
+    """sum(imp*w*d) and sum(imp*d*d) per block for d = quantize(w; s, z) - z, in float64."""
+    t, ti, tw, _c, d, e = buf
+    one = torch.ones_like(s)
+    inv = torch.where(s != 0, one / torch.where(s == 0, one, s), torch.zeros_like(s))
+    torch.mul(t, inv[..., None], out=d)
+    d.round_().add_(z[..., None]).clamp_(0, qmax).sub_(z[..., None])
+    torch.mul(ti, d, out=e)
+    return torch.linalg.vecdot(tw, d).double(), torch.linalg.vecdot(e, d).double()
+
+
+def _torch_err(torch, buf, s, z, qmax: int):  # type: ignore[no-untyped-def]
+    """Weighted squared error per block: sum(imp*w^2) - 2*s*sum(imp*w*d) + s^2*sum(imp*d^2)."""
+    n, m = _torch_dots(torch, buf, s, z, qmax)
+    s64 = s.double()
+    return buf[3] - 2 * s64 * n + s64 * s64 * m
 
 
 def _mse_numpy(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 12) -> tuple[np.ndarray, np.ndarray]:

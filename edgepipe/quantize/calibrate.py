@@ -14,9 +14,8 @@ one at a time by the quantizer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 

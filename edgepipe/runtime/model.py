@@ -47,7 +47,7 @@ class DecoderSpec:
     present_value: str = "present.%d.value"
 
     @classmethod
-    def from_genai_config(cls, path: Path) -> "DecoderSpec":
+    def from_genai_config(cls, path: Path) -> DecoderSpec:
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
             model = cfg["model"]
@@ -140,14 +140,14 @@ class CausalLM:
             feeds["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
         if "position_ids" in self._input_names:
             feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :].repeat(batch, 0)
-        feeds.update(zip(self._past_names, cache))
+        feeds.update(zip(self._past_names, cache, strict=False))
         if last_only and self.can_slice_logits:
             feeds[LOGITS_START] = _LAST
         outputs = self.session.run(["logits", *self._present_names], feeds)
         logits = outputs[0]
         return (logits[:, -1:] if last_only and logits.shape[1] > 1 else logits), outputs[1:]
 
-    def stepper(self, max_len: int) -> "KVStepper":
+    def stepper(self, max_len: int) -> KVStepper:
         """A decoding state with a preallocated KV buffer of ``max_len`` positions (see KVStepper)."""
         return KVStepper(self, max_len)
 
@@ -178,7 +178,7 @@ class KVStepper:
         self._logits_start = {
             last: ort.OrtValue.ortvalue_from_numpy(_LAST if last else _ALL) for last in (False, True)
         }
-        for past, present, buf in zip(lm._past_names, lm._present_names, self._kv):
+        for past, present, buf in zip(lm._past_names, lm._present_names, self._kv, strict=False):
             self._binding.bind_ortvalue_input(past, buf)
             self._binding.bind_ortvalue_output(present, buf)
 

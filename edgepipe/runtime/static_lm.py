@@ -81,7 +81,7 @@ class StaticSpec:
     files: dict[str, Any]
 
     @classmethod
-    def read(cls, artifact: Path) -> "StaticSpec":
+    def read(cls, artifact: Path) -> StaticSpec:
         path = Path(artifact) / CONFIG_FILE
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -280,7 +280,7 @@ class StaticCausalLM:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         return self.stepper(len(ids)).step(ids, last_only=False)
 
-    def stepper(self, total: int) -> "StaticStepper":
+    def stepper(self, total: int) -> StaticStepper:
         if total > self.spec.context_length:
             raise InputError(
                 f"{total} tokens exceed the artifact's KV cache of {self.spec.context_length}; ask for fewer new tokens"
