@@ -394,6 +394,22 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     res_run = runner.invoke(main, ["run", str(tmp_path / "a"), "--prompt", "The field device", "--max-new-tokens", "6"])
     assert res_run.exit_code == 0 and "error" not in res_run.output, res_run.output
     assert res_run.output.strip(), "no text generated"
+    # ... and so does the bare device entry point with the build toolchain blocked from importing
+    import subprocess
+    import sys
+
+    from test_runtime_imports import FORBIDDEN
+
+    code = (
+        "import sys, runpy\n"
+        f"for name in {FORBIDDEN!r}: sys.modules[name] = None\n"
+        f"sys.argv = ['edgepipe.runtime', 'bench', {str(tmp_path / 'a')!r}]\n"
+        "runpy.run_module('edgepipe.runtime', run_name='__main__')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    figures = json.loads(p.stdout.strip().splitlines()[-1])
+    assert figures["backend"] == "htp" and figures["prefill_tokens"] == P and figures["decode_tok_s"] > 0
     assert manifest["source_model"]["kind"] == "decoder"
     assert {"prefill_ctx_qnn.bin", "decode_ctx_qnn.bin", "prefill.qdq.onnx", "report.md"} <= set(
         manifest["files"]

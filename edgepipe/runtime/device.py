@@ -260,6 +260,11 @@ def validate(
         result["accuracy"]["source"] = "eval text (no reference on this device)"
     else:
         ref_path = artifact / REFERENCE
+        if isinstance(lm, StaticCausalLM):
+            raise InputError(
+                "an NPU artifact carries no reference logits (its build scored it on the HTP simulator); "
+                "pass --eval FILE to measure perplexity on this device"
+            )
         if not ref_path.is_file():
             raise ArtifactError(f"{ref_path} is missing; pass --eval FILE or rebuild the artifact")
         with np.load(ref_path) as z:
