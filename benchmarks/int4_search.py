@@ -39,6 +39,8 @@ Q4_K_M = {
     "top1_agreement": 0.862,
 }
 
+Q4_0_BYTES = 91_726_816  # llama.cpp Q4_0 of the default model (vs_llamacpp.py); issue 6's size goal is 1.05x this
+
 BASE = dict(
     bits=4,
     block_size=32,
@@ -371,13 +373,13 @@ def variants(ctx) -> dict[str, Callable]:
     from edgepipe.quantize import WeightOnly
     from edgepipe.targets import load_target
 
-    def greedy(weight=lambda ctx, r: 1.0, **over):
+    def greedy(weight=lambda ctx, r: 1.0, budget=Q4_K_M["bytes"], **over):
         def make(ctx):
             kw = dict(BASE, **over)
             base = ctx.bytes_of(dict(kw, eight_bit_ops=()))
             ops = greedy_ops(
                 ctx.rows(kw),
-                Q4_K_M["bytes"] - base - MARGIN,
+                budget - base - MARGIN,
                 lambda r: weight(ctx, r),
                 kw.get("eight_bit_block_size"),
             )
@@ -397,6 +399,22 @@ def variants(ctx) -> dict[str, Callable]:
         "kl-greedy-emb4": greedy(weight=kl_weight, embedding_bits=4, embedding_block_size=None),
         "kl-greedy-emb4-8bit-block64": greedy(
             weight=kl_weight, embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64
+        ),
+        # int4 block size: fewer scale/zero-point bytes per weight (5.125 bits at 32, 4.56 at 64, 4.28 at
+        # 128), faster MatMulNBits, coarser int4; the bytes saved buy more 8-bit matrices at the same size
+        "kl-greedy-emb4-8bit-block64-int4-block64": greedy(
+            weight=kl_weight, embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64, block_size=64
+        ),
+        "kl-greedy-emb4-8bit-block64-int4-block128": greedy(
+            weight=kl_weight, embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64, block_size=128
+        ),
+        # the best quality within issue 6's size goal (1.05x Q4_0's file)
+        "q4_0-size-int4-block32": greedy(
+            weight=kl_weight, budget=int(Q4_0_BYTES * 1.05), embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64
+        ),
+        "q4_0-size-int4-block128": greedy(
+            weight=kl_weight, budget=int(Q4_0_BYTES * 1.05), embedding_bits=4, embedding_block_size=None,
+            eight_bit_block_size=64, block_size=128,
         ),
         "raspberrypi5": lambda ctx: WeightOnly.from_target(
             load_target("raspberrypi5").quantization
