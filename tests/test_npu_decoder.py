@@ -113,9 +113,22 @@ def test_fp32_static_graphs_match_transformers(fp32_graphs: dict[str, Path], tin
     assert np.abs(ref).max() > 1.0  # a trained model's logits, not near-zero noise
 
 
+def _hf_greedy(hf, prompt: np.ndarray, n: int) -> list[int]:
+    """``n`` greedy tokens of the transformers model after ``prompt`` (whole sequence each step)."""
+    import torch
+
+    ids = torch.from_numpy(prompt[None].astype(np.int64))
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(hf(input_ids=ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
 def test_kv_decode_loop_greedy_equals_hf_greedy(fp32_graphs: dict[str, Path], tiny_llama: Path, zoo) -> None:
     """A 10-token prompt (right-padded in the 16-token prefill), then 20 decode steps."""
-    import torch
 
     spec = dec.read_decoder_spec(tiny_llama)
     host = dec.StaticDecoder(spec, P, C)
@@ -123,13 +136,7 @@ def test_kv_decode_loop_greedy_equals_hf_greedy(fp32_graphs: dict[str, Path], ti
     pre, de = _cpu(fp32_graphs["prefill"]), _cpu(fp32_graphs["decode"])
     ours = host.greedy(lambda f: pre.run(None, f), lambda f: de.run(None, f), prompt, 21, pad_id=0)
     hf = zoo.torch_model("llama")
-    ids = torch.from_numpy(prompt[None].astype(np.int64))
-    expected = []
-    with torch.no_grad():
-        for _ in range(21):
-            nxt = int(hf(input_ids=ids).logits[0, -1].argmax())
-            expected.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    expected = _hf_greedy(hf, prompt, 21)
     assert ours == expected
     assert len(set(ours)) >= 2  # not one token repeated (the teacher-forced test checks every logit)
     with pytest.raises(InputError, match="capacity"):
@@ -155,7 +162,6 @@ def test_runtime_generates_like_hf_through_the_static_graphs(fp32_graphs, tiny_l
     greedy tokens equal transformers' greedy ones; a prompt longer than the prefill graph goes on
     through the decode graph with the same logits as the whole-sequence model; EOS and the KV
     capacity stop it."""
-    import torch
 
     from edgepipe.errors import ArtifactError
     from edgepipe.runtime.generate import GenerationConfig, generate
@@ -166,13 +172,7 @@ def test_runtime_generates_like_hf_through_the_static_graphs(fp32_graphs, tiny_l
     assert lm.backend == "cpu" and lm.spec.context_length == C
     hf = zoo.torch_model("llama")
     prompt = zoo.eval_ids(10, offset=300)
-    ids = torch.from_numpy(prompt[None].astype(np.int64))
-    expected = []
-    with torch.no_grad():
-        for _ in range(21):
-            nxt = int(hf(input_ids=ids).logits[0, -1].argmax())
-            expected.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    expected = _hf_greedy(hf, prompt, 21)
     got = list(generate(lm, prompt.tolist(), GenerationConfig(max_new_tokens=21)))
     assert got == expected
     # EOS: stop before the token that is EOS

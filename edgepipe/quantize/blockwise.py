@@ -17,6 +17,7 @@ Algorithms:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool
             ti = ti_all if ti_all.shape[0] == 1 else ti_all[r0 : r0 + rows]
             tw = t * ti
             c = (tw * t).sum(-1, dtype=torch.float64)
-            buf = (t, ti, tw, c, torch.empty_like(t), torch.empty_like(t))
+            buf = _Chunk(t, ti, tw, c, torch.empty_like(t), torch.empty_like(t))
             s0, z0 = (torch.from_numpy(a) for a in _rtn(w[r0 : r0 + rows], bits, symmetric))
             best_s, best_z, best_err = s0, z0, _torch_err(torch, buf, s0, z0, qmax)
             lo0 = torch.clamp(t.amin(-1), max=0)
@@ -144,34 +145,44 @@ def _mse_torch(torch, w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool
     return out_s, out_z
 
 
-def _torch_dots(torch, buf, s, z, qmax: int):  # type: ignore[no-untyped-def]
+class _Chunk(NamedTuple):
+    """One row chunk of ``_mse_torch``: weights, importance, their product, sum(imp*w^2), scratch."""
+
+    w: Any
+    imp: Any
+    imp_w: Any
+    imp_w2: Any  # float64 per block
+    d: Any  # scratch: q - z
+    imp_d: Any  # scratch: imp * d
+
+
+def _torch_dots(torch, buf: _Chunk, s, z, qmax: int):  # type: ignore[no-untyped-def]
     """sum(imp*w*d) and sum(imp*d*d) per block for d = quantize(w; s, z) - z, in float64."""
-    t, ti, tw, _c, d, e = buf
+    d, e = buf.d, buf.imp_d
     one = torch.ones_like(s)
     inv = torch.where(s != 0, one / torch.where(s == 0, one, s), torch.zeros_like(s))
-    torch.mul(t, inv[..., None], out=d)
+    torch.mul(buf.w, inv[..., None], out=d)
     d.round_().add_(z[..., None]).clamp_(0, qmax).sub_(z[..., None])
-    torch.mul(ti, d, out=e)
-    return torch.linalg.vecdot(tw, d).double(), torch.linalg.vecdot(e, d).double()
+    torch.mul(buf.imp, d, out=e)
+    return torch.linalg.vecdot(buf.imp_w, d).double(), torch.linalg.vecdot(e, d).double()
 
 
 def _torch_err(torch, buf, s, z, qmax: int):  # type: ignore[no-untyped-def]
     """Weighted squared error per block: sum(imp*w^2) - 2*s*sum(imp*w*d) + s^2*sum(imp*d^2)."""
     n, m = _torch_dots(torch, buf, s, z, qmax)
     s64 = s.double()
-    return buf[3] - 2 * s64 * n + s64 * s64 * m
+    return buf.imp_w2 - 2 * s64 * n + s64 * s64 * m
 
 
 def _mse_numpy(w: np.ndarray, imp: np.ndarray, bits: int, symmetric: bool, steps: int = 12) -> tuple[np.ndarray, np.ndarray]:
     qmax = (1 << bits) - 1
-    best_s, best_z = _rtn(w, bits, symmetric)
+    s0, z0 = best_s, best_z = _rtn(w, bits, symmetric)
     best_err = _err(w, imp, best_s, best_z, qmax)
     lo0 = np.minimum(w.min(axis=-1), 0)
     hi0 = np.maximum(w.max(axis=-1), 0)
     for shrink in np.linspace(1.0, 0.55, steps):
         if symmetric:
-            s, z = _rtn(w, bits, True)
-            s = s * shrink
+            s, z = s0 * shrink, z0
         else:
             lo, hi = lo0 * shrink, hi0 * shrink
             s = ((hi - lo) / qmax).astype(np.float32)

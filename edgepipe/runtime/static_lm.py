@@ -233,9 +233,9 @@ class StaticCausalLM:
         self.backend = backend
         self.host = StaticDecoder(self.spec, self.spec.seq_len, self.spec.context_length)
         self.models = {mode: self._model_path(mode) for mode in ("prefill", "decode")}
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, tuple[Any, list[str]]] = {}  # mode -> (session, output names)
         self.runner("prefill")  # a graph that cannot load fails here, before any output
-        dim = self._sessions["prefill"].get_outputs()[0].shape[-1]
+        dim = self._sessions["prefill"][0].get_outputs()[0].shape[-1]
         self.vocab_size = int(dim) if isinstance(dim, int) else 0
 
     def _model_path(self, mode: str) -> Path:
@@ -267,12 +267,12 @@ class StaticCausalLM:
 
     def runner(self, mode: str) -> Runner:
         """``feeds -> outputs`` for ``mode``; on the HTP this closes the other graph's session."""
-        sess = self._sessions.get(mode)
-        if sess is None:
+        if mode not in self._sessions:
             if self.backend == "htp":
                 self._sessions.clear()  # drop the other session before the next one is created
-            sess = self._sessions[mode] = self._open(mode)
-        names = [o.name for o in sess.get_outputs()]
+            sess = self._open(mode)
+            self._sessions[mode] = (sess, [o.name for o in sess.get_outputs()])
+        sess, names = self._sessions[mode]
         return lambda feeds: sess.run(names, feeds)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
