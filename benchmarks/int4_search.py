@@ -61,7 +61,7 @@ def log(msg: str) -> None:
 
 def fp32_export() -> Path:
     """The fp32 export of the default model, from the build's stage cache (exported if missing)."""
-    from edgepipe.build import _versions
+    from edgepipe.pipeline import _versions
     from edgepipe.cache import cached_stage
     from edgepipe.export import export_fp32, inspect_model
     from edgepipe.models import default_model_dir
@@ -80,7 +80,7 @@ def fp32_export() -> Path:
 
 
 def windows(model_dir: Path):
-    from edgepipe.build import CALIB_WINDOWS, EVAL_WINDOWS, _windows, read_text_file
+    from edgepipe.pipeline import CALIB_WINDOWS, EVAL_WINDOWS, _windows, read_text_file
 
     calib_text, src_c = read_text_file(None, "calib.txt", "calibration")
     eval_text, src_e = read_text_file(None, "eval.txt", "eval")

@@ -76,7 +76,7 @@ def genai_speed(art: Path, threads: int) -> dict[str, float]:
 
 
 def default_artifact() -> Path:
-    from edgepipe.build import build
+    from edgepipe.pipeline import build
 
     out = Path(tempfile.mkdtemp(prefix="vs-genai-")) / "smollm2-raspberrypi5"
     build(target="raspberrypi5", out=out, progress=lambda m: print(f"  build: {m}", flush=True))

@@ -324,7 +324,7 @@ def edgepipe_artifacts(
     reuse_any: bool = False,
 ) -> dict[str, Path]:
     import edgepipe
-    from edgepipe.build import build
+    from edgepipe.pipeline import build
     from edgepipe.export import inspect_model
     from edgepipe.targets import load_target
 
@@ -358,7 +358,7 @@ def edgepipe_artifacts(
 
 def fp32_export_dir(model_dir: Path, progress: Progress) -> Path:
     """edgepipe's fp32 ONNX export of the model (the stage ``build`` keys it by; exported if absent)."""
-    from edgepipe.build import _versions
+    from edgepipe.pipeline import _versions
     from edgepipe.cache import cached_stage
     from edgepipe.export import export_fp32, inspect_model
 

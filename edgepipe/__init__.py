@@ -1,13 +1,16 @@
 """edgepipe: an edge deployment and quantization compiler for small open LLMs.
 
-Public API (heavy dependencies are imported lazily, inside the functions that need them)::
+Public API (names resolve on first use, so that ``import edgepipe.runtime`` on a device loads
+nothing of the build toolchain)::
 
     import edgepipe
     result = edgepipe.build(target="raspberrypi5", out="dist/smollm2-rpi")
+    manifest = edgepipe.verify_artifact("dist/smollm2-rpi")
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from edgepipe.errors import (
@@ -19,7 +22,25 @@ from edgepipe.errors import (
     StageError,
     TargetError,
 )
-from edgepipe.targets import Target, list_targets, load_target
+
+_LAZY = {
+    "build": "edgepipe.pipeline",
+    "BuildRequest": "edgepipe.pipeline",
+    "BuildResult": "edgepipe.pipeline",
+    "Target": "edgepipe.targets",
+    "list_targets": "edgepipe.targets",
+    "load_target": "edgepipe.targets",
+    "estimate_for": "edgepipe.estimate",
+    "inspect_model": "edgepipe.export",
+    "get_runner": "edgepipe.devices",
+    "ArtifactKind": "edgepipe.runtime.kinds",
+    "Manifest": "edgepipe.runtime.manifest",
+    "read_manifest": "edgepipe.runtime.manifest",
+    "verify_artifact": "edgepipe.runtime.manifest",
+    "open_artifact": "edgepipe.runtime.artifact",
+    "GenerationConfig": "edgepipe.runtime.generate",
+    "generate": "edgepipe.runtime.generate",
+}
 
 __all__ = [
     "ArtifactError",
@@ -28,16 +49,15 @@ __all__ = [
     "InputError",
     "ModelError",
     "StageError",
-    "Target",
     "TargetError",
-    "build",
-    "list_targets",
-    "load_target",
+    *sorted(_LAZY),
 ]
 
 
-def build(**kwargs: Any):
-    """See :func:`edgepipe.build.build`."""
-    from edgepipe.build import build as _build
-
-    return _build(**kwargs)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgepipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

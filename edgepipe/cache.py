@@ -76,7 +76,7 @@ def disk_full(stage: str, where: Path, need_bytes: int | None = None) -> StageEr
 
 def out_of_memory(stage: str, need_bytes: int | None = None) -> StageError:
     try:
-        from edgepipe.runtime.device import mem_available_mb
+        from edgepipe.runtime.facts import mem_available_mb
 
         avail = mem_available_mb()
     except Exception:  # noqa: BLE001 - only for the message

@@ -126,47 +126,23 @@ def main(verbose: bool) -> None:
 @_guard
 def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_file: Path | None, device: str | None, as_json: bool) -> None:
     """Export, quantize, validate and package a model. Exit 0: every budget holds; 3: built, a budget failed."""
-    from edgepipe.build import build as do_build
+    from edgepipe.pipeline import build as do_build
 
     with _native_stdout_to_stderr(as_json):
         res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True))
     m = res.manifest
     if as_json:
         _emit_json({
-            "artifact": str(res.artifact), "verdict": m["verdict"], "failed_budgets": m["failed_budgets"],
-            "metrics": m["metrics"], "budgets": m["budgets"], "target": m["target"]["name"],
+            "artifact": str(res.artifact), "verdict": m.verdict, "failed_budgets": list(m.failed_budgets),
+            "metrics": m.metrics, "budgets": [b.to_dict() for b in m.budgets], "target": m.target_name, "kind": m.kind.value,
         })
-    elif m["metrics"].get("task") == "causal-lm":  # NPU decoder artifact (prefill + decode graphs)
-        met = m["metrics"]
-        click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))
-        for graph, cov in met["coverage"].items():
-            click.echo(f"  NPU coverage {graph}: {cov['npu_nodes']}/{cov['total_nodes']} nodes, CPU ops {cov['cpu_op_types'] or 'none'}")
-        acc = met["npu_accuracy"]
-        click.echo(
-            f"  HTP simulator vs fp32, {acc['positions']} positions: top-1 agreement {acc['top1_agreement']:.3f}, "
-            f"perplexity {acc['reference_perplexity']:.2f} -> {acc['perplexity']:.2f} ({acc['ppl_increase_pct']:+.2f}%)"
-        )
-        click.echo(f"  report: {res.artifact / 'report.md'}")
-    elif "accuracy" not in m["metrics"]:  # NPU encoder artifact
-        met = m["metrics"]
-        click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))
-        cov = met.get("coverage") or {}
-        click.echo(
-            f"  NPU coverage {cov.get('npu_nodes')}/{cov.get('total_nodes')} nodes, cosine min {met.get('cosine_min')}, "
-            f"mean {met.get('cosine_mean')}, retrieval top-1 agreement {met.get('retrieval_top1_agreement')}"
-        )
-        click.echo(f"  report: {res.artifact / 'report.md'}")
     else:
-        acc, thr = m["metrics"]["accuracy"], m["metrics"]["throughput"]
-        click.echo(f"{res.artifact}: {m['verdict'].upper()}" + (f" (failed: {', '.join(res.failed_budgets)})" if res.failed_budgets else ""))
-        click.echo(
-            f"  perplexity {acc['reference_perplexity']:.2f} -> {acc['perplexity']:.2f} ({acc['ppl_increase_pct']:+.2f}%), "
-            f"top-1 agreement {acc['top1_agreement']:.3f}, KL {acc['kl_divergence']:.4f}"
-        )
-        click.echo(
-            f"  {m['metrics']['artifact_mb']:.1f} MB, prefill {thr['prefill_tok_s']:.0f} tok/s, decode {thr['decode_tok_s']:.1f} tok/s, "
-            f"TTFT {thr['ttft_ms']:.0f} ms, peak RSS {thr['peak_rss_mb']:.0f} MB (host CPU)"
-        )
+        from edgepipe.runtime.kinds import spec_of
+
+        first, *rest = spec_of(m.kind).summary(m.to_dict())
+        click.echo(f"{res.artifact}: {first}")
+        for line in rest:
+            click.echo(line)
         click.echo(f"  report: {res.artifact / 'report.md'}")
     sys.exit(0 if res.passed else EXIT_BUDGET)
 
@@ -184,7 +160,7 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     """Generate text from an artifact (verifies the manifest first)."""
     import math
 
-    from edgepipe.runtime.device import run_prompt
+    from edgepipe.runtime.artifact import run_prompt
     from edgepipe.runtime.generate import GenerationConfig
 
     if not (math.isfinite(temperature) and math.isfinite(top_p)):  # click's FloatRange lets NaN through
@@ -206,9 +182,9 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
 @_guard
 def validate(artifact: Path, eval_file: Path | None, device: str, max_tokens: int | None, as_json: bool) -> None:
     """Check accuracy (and, on real hardware, speed) of an artifact on a device."""
-    from edgepipe.build import read_text_file
     from edgepipe.devices import get_runner
     from edgepipe.runtime.manifest import read_manifest
+    from edgepipe.texts import read_text_file
 
     manifest = read_manifest(artifact)
     if eval_file is not None:
@@ -217,7 +193,7 @@ def validate(artifact: Path, eval_file: Path | None, device: str, max_tokens: in
     if device.startswith("qemu"):
         from edgepipe.targets import parse_target
 
-        t = dict(manifest.get("target") or {})
+        t = dict(manifest.target)
         t.pop("alias_of", None)
         target = parse_target(t)
     runner = get_runner(device, target=target)
@@ -261,7 +237,7 @@ def verify(artifact: Path) -> None:
     from edgepipe.runtime.manifest import verify_artifact
 
     m = verify_artifact(artifact)
-    click.echo(f"{artifact}: OK ({len(m['files'])} files verified)")
+    click.echo(f"{artifact}: OK ({len(m.files)} files verified)")
 
 
 @main.group(invoke_without_command=True)

@@ -34,3 +34,13 @@ class StageError(EdgepipeError):
     """A build stage failed for a reason outside the user's input (disk full, out of memory)."""
 
     exit_code = 1
+
+
+class NpuUnavailableError(InputError):
+    """onnxruntime-qnn is not installed or its HTP backend cannot be loaded."""
+
+
+class NpuCoverageError(EdgepipeError):
+    """The model does not run wholly on the NPU and the target forbids CPU fallback."""
+
+    exit_code = 3

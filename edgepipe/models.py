@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe.errors import InputError
@@ -48,6 +49,21 @@ def default_gguf() -> Path:
     return path
 
 
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a build starts from: a user's folder, or the embedded default (converted once)."""
+
+    path: Path
+    name: str
+    default: bool
+
+
+def resolve_model(model: Path | None, progress: Callable[[str], None] | None = None) -> ModelSource:
+    if model is None:
+        return ModelSource(default_model_dir(progress), DEFAULT_MODEL_NAME, True)
+    return ModelSource(Path(model), Path(model).name, False)
 
 
 def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:

@@ -147,7 +147,7 @@ def find_export(model_dir: Path) -> Path | None:
             parts = json.loads(marker.read_text())["parts"]
         except (OSError, ValueError, KeyError):
             continue
-        if parts.get("source") == sha and (marker.parent / "model" / "model.onnx").is_file():
+        if parts.get("config", {}).get("source_sha256") == sha and (marker.parent / "model" / "model.onnx").is_file():
             return marker.parent / "model"
     return None
 
@@ -175,7 +175,7 @@ class TinyZoo:
         """(artifact folder, BuildResult) of ``edgepipe.build.build`` for the tiny ``arch`` model."""
         key = ("artifact", arch, target)
         if key not in self._memo:
-            from edgepipe.build import build
+            from edgepipe.pipeline import build
 
             out = self.root / "artifacts" / f"{arch}-{target}"
             res = build(target=target, out=out, model=self.model(arch))

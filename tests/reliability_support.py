@@ -104,7 +104,7 @@ def built_artifact() -> Path:
         with env(EDGEPIPE_CACHE=str(shared_cache())):
             return _memo["zoo"].artifact("llama", TARGET)[0]
     if "artifact" not in _memo:
-        from edgepipe.build import build
+        from edgepipe.pipeline import build
 
         out = session_root() / "artifact"
         with env(EDGEPIPE_CACHE=str(shared_cache())):

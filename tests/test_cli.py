@@ -67,7 +67,7 @@ def test_build_exit_3_when_a_budget_fails(zoo, tmp_path):
     assert res.exit_code == 3, res.stderr
     doc = one_json(res.stdout)
     assert doc["verdict"] == "fail" and doc["failed_budgets"] == ["max_artifact_mb"]
-    m = verify_artifact(out)  # published, complete and verifiable all the same
+    m = verify_artifact(out).to_dict()  # published, complete and verifiable all the same
     assert m["verdict"] == "fail" and m["failed_budgets"] == ["max_artifact_mb"]
     row = next(b for b in m["budgets"] if b["budget"] == "max_artifact_mb")
     assert row["status"] == "fail" and row["limit"] == 0.001 and row["value"] > 0.001

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgepipe.errors import ArtifactError, EdgepipeError, TargetError
-from edgepipe.runtime.manifest import KIND, SCHEMA_VERSION, file_entries, read_manifest, verify_artifact
+from edgepipe.runtime.kinds import ArtifactKind
+from edgepipe.runtime.manifest import FORMAT, SCHEMA_VERSION, Manifest, file_entries, read_manifest, verify_artifact
 from edgepipe.targets import Target, load_target, parse_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,8 @@ def _artifact(d: Path) -> dict:
     (d / "model.onnx").write_bytes(b"onnx" * 10)
     (d / "sub").mkdir()
     (d / "sub" / "x.bin").write_bytes(b"\x00" * 7)
-    m = {"kind": KIND, "schema_version": SCHEMA_VERSION, "files": file_entries(d), "metrics": {"throughput": {"peak_rss_mb": 1}}}
+    files = {k: {"sha256": v.sha256, "size": v.size} for k, v in file_entries(d).items()}
+    m = {"format": FORMAT, "kind": "cpu-decoder", "schema_version": SCHEMA_VERSION, "files": files, "metrics": {"throughput": {"peak_rss_mb": 1}}}
     return m
 
 
@@ -136,7 +138,7 @@ def _check_manifest(text: str | bytes) -> None:
                 continue
             except EdgepipeError as e:  # pragma: no cover - a different project error is still a bug here
                 raise AssertionError(f"{fn.__name__} raised {type(e).__name__}, not ArtifactError") from e
-            assert isinstance(m, dict) and m["kind"] == KIND and isinstance(m["files"], dict) and m["files"]
+            assert isinstance(m, Manifest) and isinstance(m.kind, ArtifactKind) and isinstance(m.files, dict) and m.files
 
 
 with tempfile.TemporaryDirectory() as _d:
@@ -166,4 +168,4 @@ def test_good_manifest_verifies():
         root = Path(d)
         m = _artifact(root)
         (root / "manifest.json").write_text(json.dumps(m))
-        assert verify_artifact(root)["files"].keys() == {"model.onnx", "sub/x.bin"}
+        assert verify_artifact(root).files.keys() == {"model.onnx", "sub/x.bin"}

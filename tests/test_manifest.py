@@ -30,8 +30,8 @@ def test_every_file_listed_with_sha256_and_size(built):
         data = (art / rel).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, rel
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "reference.npz", "report.md"} <= set(m["files"])
-    assert m["kind"] == "edgepipe-artifact" and m["schema_version"] == 1
-    assert verify_artifact(art)["files"] == m["files"]
+    assert m["format"] == "edgepipe-artifact" and m["kind"] == "cpu-decoder" and m["schema_version"] == 2
+    assert verify_artifact(art).to_dict()["files"] == m["files"]
 
 
 def test_provenance(built, zoo):

@@ -264,7 +264,7 @@ def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None
 
     # the device runtime on the same artifact: the HTP backend runs the context binaries (same
     # logits as a direct session), and agrees with the QDQ graphs on the CPU EP as the build measured
-    from edgepipe.runtime.device import bench
+    from edgepipe.runtime.bench import bench_static as bench
     from edgepipe.runtime.static_lm import StaticCausalLM
 
     window = dec.token_ids(tiny_llama, _text("eval.txt"))[: P + 6]
@@ -389,7 +389,7 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     assert summary["verdict"] == "pass" and summary["metrics"]["task"] == "causal-lm"
     from edgepipe.runtime.manifest import verify_artifact
 
-    manifest = verify_artifact(tmp_path / "a")  # every file's hash and size as recorded
+    manifest = verify_artifact(tmp_path / "a").to_dict()  # every file's hash and size as recorded
     # the device runtime runs it: on the HTP (the simulator here) from its context binaries
     res_run = runner.invoke(main, ["run", str(tmp_path / "a"), "--prompt", "The field device", "--max-new-tokens", "6"])
     assert res_run.exit_code == 0 and "error" not in res_run.output, res_run.output
@@ -410,7 +410,7 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
     assert p.returncode == 0, p.stderr[-2000:]
     figures = json.loads(p.stdout.strip().splitlines()[-1])
     assert figures["backend"] == "htp" and figures["prefill_tokens"] == P and figures["decode_tok_s"] > 0
-    assert manifest["source_model"]["kind"] == "decoder"
+    assert manifest["kind"] == "npu-decoder"
     assert {"prefill_ctx_qnn.bin", "decode_ctx_qnn.bin", "prefill.qdq.onnx", "report.md"} <= set(
         manifest["files"]
     )
@@ -432,11 +432,11 @@ def test_cli_build_tiny_llama_exit_codes(tiny_llama: Path, tmp_path: Path) -> No
 def test_default_smollm2_decoder_on_htp_simulator(tmp_path: Path) -> None:
     """The real default model (SmolLM2-135M) through `edgepipe build --target snapdragon-8gen3`
     with no --model: both graphs' coverage reported, accuracy measured on the simulator."""
-    from edgepipe.build import build
+    from edgepipe.pipeline import build
 
     res = build(target="snapdragon-8gen3", out=tmp_path / "smollm2-npu")
-    m = res.manifest["metrics"]
-    assert res.manifest["source_model"]["kind"] == "decoder" and res.manifest["source_model"]["default_model"]
+    m = res.manifest.metrics
+    assert res.manifest.kind == "npu-decoder" and res.manifest.source_model["default_model"]
     for graph in ("prefill", "decode"):
         cov = m["coverage"][graph]
         assert cov["total_nodes"] > 1000 and 0 < cov["npu_nodes"] <= cov["total_nodes"]

@@ -275,6 +275,6 @@ def test_cli_build_npu_target_publishes_verified_artifact(tiny_bert: Path, tmp_p
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["metrics"]["coverage"]["total_nodes"] > 0
     assert summary["metrics"]["htp_arch"] == 75 and summary["target"] == "snapdragon-8gen3"
-    manifest = verify_artifact(out)
+    manifest = verify_artifact(out).to_dict()
     assert {"model_ctx_qnn.bin", "model.qdq.onnx", "report.md"} <= set(manifest["files"])
     assert manifest["verdict"] in ("pass", "fail")

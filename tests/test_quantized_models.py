@@ -70,7 +70,7 @@ def test_quantized_graph(zoo, arch, target):
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(fp_weights), ops
     assert weight_matmuls(q) == [], "a MatMul with a constant weight was left in fp32"
-    cfg = WeightOnly(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest["quantization"]["config"].items()})
+    cfg = WeightOnly(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest.to_dict()["quantization"]["config"].items()})
     assert cfg.bits == bits and cfg.embedding_bits == EMBEDDING_BITS[target]
     # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
     by_weight = {n.input[1]: n for n in nbits}
@@ -86,7 +86,7 @@ def test_quantized_graph(zoo, arch, target):
     assert all(attr(n, "block_size") == (eight_block if attr(n, "bits") == 8 else cfg.block_size) for n in nbits if n is not heads[0])
     assert all(attr(n, "accuracy_level") == cfg.accuracy_level for n in nbits)
     counts = Counter(got.values())
-    assert res.manifest["quantization"]["matmuls"] == {"int4": counts[4], "int8": counts[8], "fp32": 0}
+    assert res.manifest.to_dict()["quantization"]["matmuls"] == {"int4": counts[4], "int8": counts[8], "fp32": 0}
 
     float_tables = [
         t.name for t in q.graph.initializer
@@ -100,13 +100,13 @@ def test_quantized_graph(zoo, arch, target):
         assert attr(gbq, "bits") == cfg.embedding_bits and attr(gbq, "block_size") == attr(heads[0], "block_size")
         assert HIDDEN % attr(gbq, "block_size") == 0
         # the lookup and the head read the same quantized tensor (one copy of the table)
-        assert res.manifest["quantization"]["embedding"] == f"int{cfg.embedding_bits} (shared with lm_head)"
+        assert res.manifest.to_dict()["quantization"]["embedding"] == f"int{cfg.embedding_bits} (shared with lm_head)"
         assert ops["Transpose"] == Counter(n.op_type for n in f.graph.node)["Transpose"] - 1
     else:
         # only a tied table is quantized: an untied input embedding stays an fp32 Gather
         assert ops["GatherBlockQuantized"] == 0
         assert len(float_tables) == 1 and "embed_tokens" in float_tables[0]
-        assert res.manifest["quantization"]["embedding"] == "fp32"
+        assert res.manifest.to_dict()["quantization"]["embedding"] == "fp32"
 
     fp_bytes = (zoo.fp32(arch) / "model.onnx.data").stat().st_size
     q_bytes = (art / "model.onnx.data").stat().st_size + (art / "model.onnx").stat().st_size
@@ -130,9 +130,9 @@ def test_quantized_accuracy(zoo, arch, target):
     assert 1e-7 < m["kl"] < b["kl"], m  # > 0: the weights really changed
     assert abs(m["ppl_pct"]) < b["ppl_pct"], m
     # the build's own figures (8 x 512 tokens of the same text) are within the same bounds
-    acc = res.manifest["metrics"]["accuracy"]
+    acc = res.manifest.to_dict()["metrics"]["accuracy"]
     assert acc["top1_agreement"] >= b["top1"] and acc["kl_divergence"] < b["kl"] and abs(acc["ppl_increase_pct"]) < b["ppl_pct"], acc
-    assert res.manifest["verdict"] == "pass" and res.failed_budgets == []
+    assert res.manifest.to_dict()["verdict"] == "pass" and res.failed_budgets == []
 
 
 def test_int8_is_closer_than_int4(zoo, arch):

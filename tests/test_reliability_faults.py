@@ -190,15 +190,16 @@ def test_cache_ls_and_prune(tmp_path):
 
 
 def test_run_refuses_before_loading_when_ram_is_short(tmp_path, monkeypatch):
-    import edgepipe.runtime.device as device
+    import edgepipe.runtime.artifact as artifact
+    import edgepipe.runtime.model as model
 
     art = built_artifact()
-    monkeypatch.setattr(device, "mem_available_mb", lambda: 12.0)
+    monkeypatch.setattr(artifact, "mem_available_mb", lambda: 12.0)
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded despite too little RAM")
 
-    monkeypatch.setattr(device, "CausalLM", no_load)
+    monkeypatch.setattr(model, "CausalLM", no_load)
     res = _cli("run", str(art), "--prompt", "hello", "--max-new-tokens", "2")
     assert res.exit_code == 2, res.output
     assert "12 MB of free RAM" in res.output and "needs about" in res.output
@@ -226,7 +227,7 @@ def test_runtime_registers_no_custom_ops(monkeypatch):
     monkeypatch.setattr(model.ort, "SessionOptions", SpyOptions)
     real_cdll = ctypes.CDLL
     monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: loaded.append(name) or real_cdll(name, *a, **k))
-    from edgepipe.runtime.device import open_artifact
+    from edgepipe.runtime.artifact import open_artifact
 
     lm, _ = open_artifact(built_artifact())
     assert created, "the runtime did not build its session options through onnxruntime.SessionOptions"

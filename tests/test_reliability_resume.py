@@ -132,7 +132,7 @@ def test_rebuild_in_same_cache_is_byte_identical(tmp_path):
     """Same inputs, same cache, another --out: every model file and the manifest's hashes agree."""
     from reliability_support import shared_cache
 
-    from edgepipe.build import build
+    from edgepipe.pipeline import build
 
     ref = built_artifact()
     out = tmp_path / "again"

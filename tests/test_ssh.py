@@ -255,7 +255,7 @@ def _tiny_artifact(request, tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from edgepipe.build import build
+    from edgepipe.pipeline import build
 
     root = tmp_path_factory.mktemp("tiny-llama")
     model = root / "model"

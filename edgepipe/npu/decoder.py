@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import EdgepipeError, InputError, ModelError, TargetError
+from edgepipe.runtime.evaluate import compare_logits
 from edgepipe.runtime.static_lm import (  # noqa: F401  (the host loop runs on the device too)
     CONFIG_FILE,
     MASK_BIAS,
@@ -334,30 +335,6 @@ def _check_plain_ops(path: Path) -> None:
             raise EdgepipeError(
                 f"{path.name}: {vi.name} has a dynamic dimension; the HTP needs static shapes"
             )
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-    """Top-1 agreement and perplexity of ``got`` vs ``ref``; row ``i`` predicts ``targets[i]``."""
-    lr, lg = _log_softmax(ref), _log_softmax(got)
-    idx = np.arange(len(targets))
-    nll_r, nll_g = -lr[idx, targets], -lg[idx, targets]
-    ppl_r, ppl_g = float(np.exp(nll_r.mean())), float(np.exp(nll_g.mean()))
-    kl = float(np.mean(np.sum(np.exp(lr) * (lr - lg), axis=-1)))
-    return {
-        "positions": int(len(targets)),
-        "top1_agreement": float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))),
-        "reference_perplexity": ppl_r,
-        "perplexity": ppl_g,
-        "ppl_increase_pct": 100.0 * (ppl_g / ppl_r - 1.0),
-        "kl_divergence": kl,
-        "max_abs_logit_diff": float(np.max(np.abs(ref.astype(np.float64) - got))),
-    }
 
 
 def token_ids(model_dir: Path, text: str) -> np.ndarray:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import EdgepipeError, InputError, ModelError, TargetError
+from edgepipe.runtime.encoder import encode, load_tokenizer  # noqa: F401  (the device tokenizes the same way)
 
 log = logging.getLogger(__name__)
 
@@ -112,35 +113,6 @@ def read_spec(model_dir: Path) -> EncoderSpec:
         max_seq_length=max_len,
         uses_token_type_ids=int(cfg.get("type_vocab_size", 0) or 0) > 0,
     )
-
-
-def load_tokenizer(model_dir: Path, seq_len: int) -> Any:
-    """The folder's fast tokenizer, truncating and padding to exactly ``seq_len`` tokens."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    tok.enable_truncation(seq_len)
-    pad_id, pad_token = 0, "[PAD]"
-    for candidate in ("[PAD]", "<pad>"):
-        tid = tok.token_to_id(candidate)
-        if tid is not None:
-            pad_id, pad_token = tid, candidate
-            break
-    tok.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token)
-    return tok
-
-
-def encode(tok: Any, texts: list[str]) -> list[dict[str, np.ndarray]]:
-    """Tokenize to the graph's feeds: one batch-1 dict per text (the graph is static)."""
-    feeds = []
-    for e in tok.encode_batch(texts):
-        feeds.append(
-            {
-                "input_ids": np.asarray([e.ids], dtype=np.int64),
-                "attention_mask": np.asarray([e.attention_mask], dtype=np.int64),
-            }
-        )
-    return feeds
 
 
 def export_fp32(spec: EncoderSpec, seq_len: int, out: Path) -> Path:

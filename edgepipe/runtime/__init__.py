@@ -1,18 +1,28 @@
 """The on-device runtime: onnxruntime + numpy + tokenizers, nothing else.
 
 This package must stay importable on a Raspberry Pi with only those three wheels
-(no torch, transformers, optimum, onnxruntime-genai, pydantic, click or yaml).
+(no torch, transformers, optimum, onnxruntime-genai, pydantic, click or yaml), and imports nothing
+of edgepipe outside itself but ``edgepipe.errors``.
 """
 
+from edgepipe.runtime.artifact import open_artifact, run_prompt
 from edgepipe.runtime.generate import GenerationConfig, generate
-from edgepipe.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, verify_artifact
+from edgepipe.runtime.kinds import ArtifactKind
+from edgepipe.runtime.lm import LM
+from edgepipe.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, read_manifest, verify_artifact
 from edgepipe.runtime.model import CausalLM
 
 __all__ = [
+    "LM",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "ArtifactKind",
     "CausalLM",
     "GenerationConfig",
+    "Manifest",
     "generate",
+    "open_artifact",
+    "read_manifest",
+    "run_prompt",
     "verify_artifact",
 ]

@@ -39,29 +39,34 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("artifact")
     args = p.parse_args(argv)
     try:
-        from edgepipe.runtime import device
-
         if args.cmd == "validate":
+            from edgepipe.runtime.validate import validate
+
             text = None
             if args.eval_file:
                 try:
                     text = Path(args.eval_file).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as e:
                     raise EdgepipeError(f"cannot read eval file {args.eval_file}: {e}") from None
-            out = device.validate(
+            out = validate(
                 args.artifact, eval_text=text, max_tokens=args.max_tokens, with_bench=not args.no_bench, threads=args.threads
             )
             print(json.dumps(out))
         elif args.cmd == "bench":
-            lm, _ = device.open_artifact(args.artifact, threads=args.threads, verify=not args.no_verify)
-            out = device.bench(lm)
-            out["model_bytes"] = device.artifact_bytes(Path(args.artifact))
+            from edgepipe.runtime.artifact import open_artifact
+            from edgepipe.runtime.facts import artifact_bytes
+            from edgepipe.runtime.kinds import spec_of
+
+            lm, manifest = open_artifact(args.artifact, threads=args.threads, verify=not args.no_verify, generates=True)
+            out = spec_of(manifest.kind).run_bench(lm)
+            out["model_bytes"] = artifact_bytes(Path(args.artifact))
             print(json.dumps(out))
         elif args.cmd == "run":
+            from edgepipe.runtime.artifact import run_prompt
             from edgepipe.runtime.generate import GenerationConfig
 
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-            for piece in device.run_prompt(args.artifact, args.prompt, cfg):
+            for piece in run_prompt(args.artifact, args.prompt, cfg):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             from edgepipe.runtime.manifest import verify_artifact
 
             m = verify_artifact(args.artifact)
-            print(json.dumps({"verified": True, "files": len(m["files"])}))
+            print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value}))
     except EdgepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

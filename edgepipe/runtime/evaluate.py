@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement, perplexities, KL(ref || got) and the largest logit difference of ``got`` vs
+    ``ref`` on the same positions; row ``i`` predicts ``targets[i]`` (every row scored)."""
+    lr, lg = log_softmax(ref), log_softmax(got)
+    idx = np.arange(len(targets))
+    nll_r, nll_g = -lr[idx, targets], -lg[idx, targets]
+    ppl_r, ppl_g = float(np.exp(nll_r.mean())), float(np.exp(nll_g.mean()))
+    kl = float(np.mean(np.sum(np.exp(lr) * (lr - lg), axis=-1)))
+    return {
+        "positions": int(len(targets)),
+        "top1_agreement": float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))),
+        "reference_perplexity": ppl_r,
+        "perplexity": ppl_g,
+        "ppl_increase_pct": 100.0 * (ppl_g / ppl_r - 1.0),
+        "kl_divergence": kl,
+        "max_abs_logit_diff": float(np.max(np.abs(ref.astype(np.float64) - got))),
+    }
 
 
 @dataclass

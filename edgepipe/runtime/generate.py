@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepipe.runtime.model import CausalLM
+from edgepipe.runtime.lm import LM
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
     return int(rng.choice(p.size, p=p))
 
 
-def generate(lm: CausalLM, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
+def generate(lm: LM, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
     """Yield new token ids until EOS, ``max_new_tokens`` or the context length."""
     rng = np.random.default_rng(cfg.seed)
-    limit = max(min(cfg.max_new_tokens, lm.spec.context_length - len(prompt_ids)), 0)
+    limit = max(min(cfg.max_new_tokens, lm.context_length - len(prompt_ids)), 0)
     state = lm.stepper(len(prompt_ids) + limit)
     ids = np.asarray(prompt_ids, dtype=np.int64)
-    eos = set(lm.spec.eos_token_ids)
+    eos = set(lm.eos_token_ids)
     for _ in range(limit):
         logits = state.step(ids, last_only=True)
         token = sample_next(logits[-1], cfg, rng)

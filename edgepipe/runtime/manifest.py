@@ -3,6 +3,11 @@
 An artifact is a folder; ``manifest.json`` lists every file with its sha256 and size. A
 file that is missing, changed, a symlink, or a path that escapes the folder is refused,
 naming the file, because a field device that runs a corrupted model is expensive to recall.
+
+:class:`Manifest` is the one typed form of that file: packaging writes it (``to_dict``), the
+runtime and the CLI read it (:func:`read_manifest` / :func:`verify_artifact`). Schema 2 added the
+artifact's ``kind`` (see :mod:`edgepipe.runtime.kinds`) and moved the format marker to ``format``;
+schema-1 manifests are still read, their kind derived once by ``kinds.legacy_kind``.
 """
 
 from __future__ import annotations
@@ -10,16 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgepipe.errors import ArtifactError
+from edgepipe.runtime.kinds import ArtifactKind, legacy_kind, parse_kind
+from edgepipe.runtime.threads import resolve_threads
 
 MANIFEST_NAME = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
-SCHEMA_VERSION = 1
-KIND = "edgepipe-artifact"
+FORMAT = "edgepipe-artifact"
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files and figures: anything larger is not one of ours
 _CHUNK = 1 << 20
+# sections the runtime reads: wrong types must be refused when read, not crash it later
+_OBJECT_SECTIONS = ("target", "metrics", "source_model", "quantization", "optimize", "eval", "calibration")
+_PROVENANCE = ("quantization", "optimize", "eval", "calibration")
 
 
 def sha256_file(path: Path) -> str:
@@ -28,6 +42,83 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One budget of the target against what was measured. ``status``: pass, fail or unchecked."""
+
+    budget: str
+    limit: float
+    value: float | None
+    status: str
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"budget": self.budget, "limit": self.limit, "value": self.value, "status": self.status}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``, typed. ``metrics`` and the provenance sections stay JSON mappings: their
+    keys differ by kind and are documented where they are measured (``edgepipe.validate``)."""
+
+    kind: ArtifactKind
+    files: Mapping[str, FileEntry]
+    created: str = ""
+    edgepipe_version: str = ""
+    versions: Mapping[str, str] = field(default_factory=dict)
+    source_model: Mapping[str, Any] = field(default_factory=dict)
+    target: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    budgets: tuple[BudgetCheck, ...] = ()
+    verdict: str = "unknown"
+    failed_budgets: tuple[str, ...] = ()
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # quantization, optimize, eval, calibration
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def target_name(self) -> str:
+        return str(self.target.get("name", ""))
+
+    def threads(self, requested: int = 0) -> int:
+        """The session thread count for this artifact on this host (see ``runtime.threads``)."""
+        runtime = self.target.get("runtime")
+        profile = runtime.get("threads", 0) if isinstance(runtime, Mapping) else 0
+        return resolve_threads(requested, profile if isinstance(profile, int) else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (schema ``SCHEMA_VERSION``), as written to ``manifest.json``."""
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind.value,
+            "created": self.created,
+            "edgepipe_version": self.edgepipe_version,
+            "versions": dict(self.versions),
+            "source_model": dict(self.source_model),
+            "target": dict(self.target),
+            "metrics": dict(self.metrics),
+            "budgets": [b.to_dict() for b in self.budgets],
+            "verdict": self.verdict,
+            "failed_budgets": list(self.failed_budgets),
+            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in self.files.items()},
+        }
+        out.update({k: v for k, v in self.provenance.items() if v is not None})
+        return out
 
 
 def _safe_member(root: Path, rel: Any) -> Path:
@@ -53,32 +144,32 @@ def _safe_member(root: Path, rel: Any) -> Path:
     return full
 
 
-def read_manifest(artifact: Path | str) -> dict[str, Any]:
-    """Parse and structurally check ``manifest.json`` without hashing the files."""
-    root = Path(artifact)
-    if not root.is_dir():
-        raise ArtifactError(f"{root} is not an artifact folder (it does not exist or is a file)")
-    mpath = root / MANIFEST_NAME
-    if mpath.is_symlink():
-        raise ArtifactError(f"{mpath} is a symlink; refusing to trust it")
-    if not mpath.is_file():
-        raise ArtifactError(f"{root} has no {MANIFEST_NAME}: not an edgepipe artifact, or an incomplete one; rebuild it")
+def _load_json(mpath: Path) -> Any:
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB; not an edgepipe manifest, rebuild the artifact")
+        return json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({type(e).__name__}); the artifact is damaged, rebuild it") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{mpath} must hold a JSON object; the artifact is damaged, rebuild it")
-    if data.get("kind") != KIND:
-        raise ArtifactError(f"{mpath} is not an edgepipe manifest (kind={data.get('kind')!r})")
+
+
+def _check_header(mpath: Path, data: dict[str, Any]) -> int:
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    marker = data.get("format") if "format" in data else data.get("kind")  # schema 1 marked itself in "kind"
+    if marker != FORMAT:
+        raise ArtifactError(f"{mpath} is not an edgepipe manifest (format={marker!r})")
+    if isinstance(version, bool) or version not in READABLE_SCHEMAS:
         raise ArtifactError(
-            f"{mpath} has schema_version {version!r}; this runtime reads version {SCHEMA_VERSION}: upgrade edgepipe or rebuild"
+            f"{mpath} has schema_version {version!r}; this runtime reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}: upgrade edgepipe or rebuild"
         )
-    files = data.get("files")
+    return int(version)
+
+
+def _check_files(root: Path, mpath: Path, files: Any) -> dict[str, FileEntry]:
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{mpath} lists no files; rebuild the artifact")
+    out = {}
     for rel, entry in files.items():
         _safe_member(root, rel)
         if rel == MANIFEST_NAME:
@@ -92,31 +183,96 @@ def read_manifest(artifact: Path | str) -> dict[str, Any]:
             or entry["size"] < 0
         ):
             raise ArtifactError(f"{mpath}: entry for {rel!r} needs a 64-hex sha256 and an integer size; rebuild")
-    # sections the runtime reads: wrong types must be refused here, not crash it later
-    for section in ("target", "metrics", "source_model", "quantization"):
+        out[rel] = FileEntry(entry["sha256"], entry["size"])
+    return out
+
+
+def _check_sections(mpath: Path, data: dict[str, Any]) -> None:
+    for section in _OBJECT_SECTIONS:
         if section in data and not isinstance(data[section], dict):
             raise ArtifactError(f"{mpath}: {section!r} must be a JSON object, got {type(data[section]).__name__}; rebuild")
     for section, sub in (("metrics", "throughput"), ("target", "runtime")):
         if sub in data.get(section, {}) and not isinstance(data[section][sub], dict):
             raise ArtifactError(f"{mpath}: '{section}.{sub}' must be a JSON object; rebuild the artifact")
-    return data
+    budgets = data.get("budgets", [])
+    if not isinstance(budgets, list) or not all(isinstance(b, dict) and isinstance(b.get("budget"), str) for b in budgets):
+        raise ArtifactError(f"{mpath}: 'budgets' must be a list of budget objects; rebuild the artifact")
+    failed = data.get("failed_budgets", [])
+    if not isinstance(failed, list) or not all(isinstance(f, str) for f in failed):
+        raise ArtifactError(f"{mpath}: 'failed_budgets' must be a list of names; rebuild the artifact")
 
 
-def verify_artifact(artifact: Path | str) -> dict[str, Any]:
+def _budget(b: dict[str, Any]) -> BudgetCheck:
+    return BudgetCheck(b["budget"], b.get("limit"), b.get("value"), str(b.get("status", "unchecked")), b.get("note"))  # type: ignore[arg-type]
+
+
+def parse_manifest(root: Path, data: Any, mpath: Path | None = None) -> Manifest:
+    """Check the structure of a manifest's JSON (any readable schema) and return it typed."""
+    mpath = mpath or root / MANIFEST_NAME
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{mpath} must hold a JSON object; the artifact is damaged, rebuild it")
+    version = _check_header(mpath, data)
+    files = _check_files(root, mpath, data.get("files"))
+    _check_sections(mpath, data)
+    kind = legacy_kind(root, data) if version == 1 else parse_kind(data.get("kind"), str(mpath))
+    return Manifest(
+        kind=kind,
+        files=files,
+        created=str(data.get("created", "")),
+        edgepipe_version=str(data.get("edgepipe_version", "")),
+        versions=data.get("versions") if isinstance(data.get("versions"), dict) else {},
+        source_model=data.get("source_model", {}),
+        target=data.get("target", {}),
+        metrics=data.get("metrics", {}),
+        budgets=tuple(_budget(b) for b in data.get("budgets", [])),
+        verdict=str(data.get("verdict", "unknown")),
+        failed_budgets=tuple(data.get("failed_budgets", [])),
+        provenance={k: data[k] for k in _PROVENANCE if k in data},
+        schema_version=version,
+    )
+
+
+def read_manifest(artifact: Path | str) -> Manifest:
+    """Parse and structurally check ``manifest.json`` without hashing the files."""
+    root = Path(artifact)
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not an artifact folder (it does not exist or is a file)")
+    mpath = root / MANIFEST_NAME
+    if mpath.is_symlink():
+        raise ArtifactError(f"{mpath} is a symlink; refusing to trust it")
+    if not mpath.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST_NAME}: not an edgepipe artifact, or an incomplete one; rebuild it")
+    return parse_manifest(root, _load_json(mpath), mpath)
+
+
+def is_artifact(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest that marks it as edgepipe's (any schema; contents unchecked),
+    so that a rebuild may replace it even when it is damaged."""
+    mpath = Path(folder) / MANIFEST_NAME
+    try:
+        if mpath.is_symlink() or not mpath.is_file() or mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and FORMAT in (data.get("format"), data.get("kind"))
+
+
+def verify_artifact(artifact: Path | str) -> Manifest:
     """Check every listed file's size and sha256; return the manifest. Raises ArtifactError."""
     root = Path(artifact)
-    data = read_manifest(root)
-    for rel, entry in data["files"].items():
+    m = read_manifest(root)
+    for rel, entry in m.files.items():
         path = _safe_member(root, rel)
         if not path.is_file():
             raise ArtifactError(f"{rel} is missing from {root}; the artifact is incomplete, rebuild or re-copy it")
         size = path.stat().st_size
-        if size != entry["size"]:
-            raise ArtifactError(f"{rel} has {size} bytes, the manifest says {entry['size']}; re-copy the artifact")
-        if sha256_file(path) != entry["sha256"]:
+        if size != entry.size:
+            raise ArtifactError(f"{rel} has {size} bytes, the manifest says {entry.size}; re-copy the artifact")
+        if sha256_file(path) != entry.sha256:
             raise ArtifactError(f"{rel} does not match its sha256 in the manifest; the file is corrupt, re-copy the artifact")
-    check_loaded_files(root, data["files"])
-    return data
+    check_loaded_files(root, m.files)
+    return m
 
 
 def _keys(obj: Any) -> Any:
@@ -129,7 +285,7 @@ def _keys(obj: Any) -> Any:
             yield from _keys(v)
 
 
-def check_loaded_files(root: Path, files: dict[str, Any]) -> None:
+def check_loaded_files(root: Path, files: Mapping[str, Any]) -> None:
     """What the runtime loads must be listed (so hashed) and may name no code to run.
 
     ``genai_config.json`` names the decoder graph: it must be a listed file inside the folder. A
@@ -158,9 +314,9 @@ def check_loaded_files(root: Path, files: dict[str, Any]) -> None:
             raise ArtifactError(f"{GENAI_CONFIG} names the model file {filename!r}, which the manifest does not list; rebuild")
 
 
-def file_entries(root: Path) -> dict[str, dict[str, Any]]:
+def file_entries(root: Path) -> dict[str, FileEntry]:
     """sha256 and size of every regular file under ``root`` (sorted, POSIX paths), manifest excluded."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, FileEntry] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -170,5 +326,5 @@ def file_entries(root: Path) -> dict[str, dict[str, Any]]:
                 continue
             if full.is_symlink():
                 raise ArtifactError(f"{rel} is a symlink; artifacts hold real files only")
-            out[rel] = {"sha256": sha256_file(full), "size": full.stat().st_size}
+            out[rel] = FileEntry(sha256_file(full), full.stat().st_size)
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepipe.errors import ArtifactError
+from edgepipe.runtime.threads import intra_op_threads
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def session_options(threads: int = 0, *, spinning: bool = True) -> ort.SessionOp
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    so.intra_op_num_threads = intra_op_threads(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -89,7 +89,7 @@ def session_options(threads: int = 0, *, spinning: bool = True) -> ort.SessionOp
 
 
 class CausalLM:
-    """One decoder session and its KV cache layout."""
+    """One decoder session and its KV cache layout (an :class:`edgepipe.runtime.lm.LM`)."""
 
     def __init__(self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True):
         self.dir = Path(model_dir)
@@ -119,6 +119,18 @@ class CausalLM:
         self.can_slice_logits = LOGITS_START in self._input_names | overridable
         dtypes = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if dtypes.get(self._past_names[0]) == "tensor(float16)" else np.float32
+
+    @property
+    def context_length(self) -> int:
+        return self.spec.context_length
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.spec.eos_token_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)

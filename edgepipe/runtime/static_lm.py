@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import ArtifactError, InputError
+from edgepipe.runtime.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ class StaticSpec:
         return spec
 
 
-def is_static_artifact(artifact: Path | str) -> bool:
-    return (Path(artifact) / CONFIG_FILE).is_file()
 
 
 class StaticDecoder:
@@ -209,8 +208,8 @@ class StaticDecoder:
 
 
 class StaticCausalLM:
-    """A static-graph artifact behind the interface ``edgepipe.runtime.generate`` drives:
-    ``spec.context_length``, ``spec.eos_token_ids`` and ``stepper(total).step(ids)``.
+    """A static-graph artifact behind :class:`edgepipe.runtime.lm.LM`: ``stepper(total).step(ids)``
+    prefills through the prefill graph, then decodes one token at a time.
 
     On the HTP only one session is alive at a time (the simulator fails a run with two live
     sessions, QNN error 1100; a phone's HTP memory is also tight), so the stepper closes the prefill
@@ -236,7 +235,19 @@ class StaticCausalLM:
         self._sessions: dict[str, tuple[Any, list[str]]] = {}  # mode -> (session, output names)
         self.runner("prefill")  # a graph that cannot load fails here, before any output
         dim = self._sessions["prefill"][0].get_outputs()[0].shape[-1]
-        self.vocab_size = int(dim) if isinstance(dim, int) else 0
+        self._vocab_size = int(dim) if isinstance(dim, int) else 0
+
+    @property
+    def context_length(self) -> int:
+        return self.spec.context_length
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.spec.eos_token_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def _model_path(self, mode: str) -> Path:
         files = self.spec.files
@@ -253,13 +264,12 @@ class StaticCausalLM:
         import onnxruntime as ort
 
         if self.backend == "htp":
-            from edgepipe.npu import qnn  # onnxruntime-qnn; no build toolchain
+            from edgepipe.runtime import qnn  # onnxruntime-qnn; no build toolchain
 
             return qnn.create_session(self.models[mode], self.spec.htp_arch, self.spec.soc_model)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if self.threads > 0:
-            so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = intra_op_threads(self.threads)
         try:
             return ort.InferenceSession(str(self.models[mode]), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types

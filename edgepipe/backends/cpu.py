@@ -1,0 +1,179 @@
+"""The CPU backend: export -> quantize -> optimize -> validate -> package, for onnxruntime's CPU EP.
+
+Each step is a cached stage, so a build killed at any point resumes from the last complete one;
+only throughput is measured afresh (it is a measurement of now, on the packaged folder).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+from typing import Any
+
+from edgepipe.pipeline import BuildRequest, BuildResult
+from edgepipe.errors import InputError
+from edgepipe.runtime.kinds import ArtifactKind
+from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.progress import Progress
+from edgepipe.stage import StageContext
+
+QEMU_EVAL_TOKENS = 128  # emulated kernels run 200-1000x slower than native: score a short prefix there
+
+
+class CpuBackend:
+    def build(self, request: BuildRequest, progress: Progress) -> BuildResult:
+        from edgepipe.cache import key_of
+        from edgepipe.export import inspect_model
+        from edgepipe.export.stage import ExportConfig, run_export
+        from edgepipe.models import resolve_model
+        from edgepipe.optimize.stage import OptimizeConfig, run_optimize
+        from edgepipe.package import tool_versions
+        from edgepipe.quantize import WeightOnly
+        from edgepipe.quantize.stage import QuantizeConfig, run_quantize
+        from edgepipe.runtime.threads import resolve_threads
+        from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
+        from edgepipe.validate.accuracy import AccuracyConfig, run_accuracy
+
+        t_start, tgt = time.time(), request.target
+        calib = read_text_file(request.calib, "calib.txt", "calibration")
+        evalt = read_text_file(request.eval_file, "eval.txt", "eval")
+        runner = _device_runner(request)
+        model = resolve_model(request.model, progress)
+        info = inspect_model(model.path)
+        progress(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters")
+        est = _check_fits(info, tgt)
+        versions = tool_versions()
+        ctx = StageContext(progress=progress, threads=resolve_threads(0, tgt.runtime.threads))
+        timings: dict[str, float] = {}
+
+        t0 = time.time()
+        fp32 = run_export(info, ExportConfig(info.sha256, versions["onnxruntime-genai"], versions["transformers"]), ctx)
+        timings["export_s"] = round(time.time() - t0, 2)
+
+        t0 = time.time()
+        tok = fp32.model_dir / "tokenizer.json"
+        calib_windows = token_windows(tok, calib, CALIB_WINDOWS, "calibration")
+        eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
+        qcfg = QuantizeConfig(fp32.key, WeightOnly.from_target(tgt.quantization), key_of({"t": calib.text}))
+        quant = run_quantize(fp32, qcfg, calib_windows, ctx, num_parameters=info.num_parameters, model_config=info.config)
+        timings["quantize_s"] = round(time.time() - t0, 2)
+
+        opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key), ctx)
+
+        t0 = time.time()
+        score_from = len(eval_windows[0]) // 2
+        acc = run_accuracy(fp32.model_dir, opt.model_dir, eval_windows, AccuracyConfig(
+            fp32.key, opt.key, key_of({"t": evalt.text}), len(eval_windows), len(eval_windows[0]), score_from,
+        ), ctx)
+        timings["validate_accuracy_s"] = round(time.time() - t0, 2)
+
+        base = Manifest(
+            kind=ArtifactKind.CPU_DECODER, files={}, created="", edgepipe_version=versions["edgepipe"], versions=versions,
+            source_model={
+                "path": str(info.path), "name": info.config.get("_name_or_path") or model.name,
+                "architecture": info.architecture, "parameters": info.num_parameters, "sha256": info.sha256,
+                "default_model": model.default,
+            },
+            target=tgt.to_dict(),
+            provenance={
+                "quantization": quant.info, "optimize": opt.info,
+                "eval": {
+                    "source": evalt.source, "windows": len(eval_windows), "window_tokens": len(eval_windows[0]),
+                    "scored_from_position": score_from,
+                    "protocol": "as llama.cpp's perplexity tool: each window's second half is scored",
+                },
+                "calibration": {"source": calib.source, "windows": len(calib_windows)},
+            },
+        )
+        metrics = {"accuracy": acc.accuracy, "estimate": est, "measured_by": {
+            "accuracy": "host CPU, quantized vs fp32 export, exact full-vocabulary KL",
+            "throughput": "host CPU (not the target device): a relative figure, not the board's speed",
+        }}
+        return _package(request, base, metrics, opt.model_dir, acc.reference_npz, runner, ctx, timings, t_start)
+
+
+def _device_runner(request: BuildRequest) -> Any:
+    if not request.device or request.device == "local":
+        return None
+    from edgepipe.devices import get_runner
+
+    return get_runner(request.device, target=request.target)
+
+
+def _check_fits(info: Any, tgt: Any) -> dict[str, Any]:
+    """Refuse up front only what cannot run (RAM). A predicted artifact-size overrun is measured and
+    reported like every other budget: the artifact is built and the verdict says what failed (exit 3)."""
+    from edgepipe.estimate import estimate_for
+
+    est = estimate_for(info, tgt)
+    if est["peak_ram_mb"] > est["ram_budget_mb"]:
+        raise InputError(
+            f"{info.path.name} does not fit {tgt.name}: needs about {est['peak_ram_mb']:.0f} MB of RAM, "
+            f"the budget is {est['ram_budget_mb']:.0f} MB; pick a smaller model or a larger target"
+        )
+    return est
+
+
+def _package(
+    request: BuildRequest, base: Manifest, metrics: dict[str, Any], model_dir: Path, reference_npz: Path,
+    runner: Any, ctx: StageContext, timings: dict[str, float], t_start: float,
+) -> BuildResult:
+    """Assemble the folder, measure throughput on it (and on the device), check budgets, publish."""
+    import dataclasses
+    import shutil
+
+    from edgepipe.cache import dir_size, disk_full
+    from edgepipe.package import copy_files, now_utc, publish, staged, write_manifest
+    from edgepipe.package.report import render_report
+    from edgepipe.validate import Measured, check_budgets, failed
+    from edgepipe.validate.throughput import bench_subprocess
+
+    out = request.out
+    try:
+        with staged(out) as staging:
+            copy_files(model_dir, staging)
+            shutil.copyfile(reference_npz, staging / reference_npz.name)
+            size = sum((staging / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+            base = write_manifest(staging, dataclasses.replace(base, created=now_utc()))  # the bench verifies what it runs
+            t0 = time.time()
+            ctx.progress("measuring throughput on the host CPU")
+            metrics = {"artifact_mb": round(size / 2**20, 2), "artifact_bytes": size, **metrics,
+                       "throughput": bench_subprocess(staging, ctx.threads)}
+            timings["validate_throughput_s"] = round(time.time() - t0, 2)
+            device_tps = _validate_on_device(request, runner, staging, metrics, ctx)
+            acc, thr = metrics["accuracy"], metrics["throughput"]
+            checks = check_budgets(request.target, Measured(
+                artifact_mb=metrics["artifact_mb"], peak_rss_mb=thr.get("peak_rss_mb"), ppl_increase_pct=acc.get("ppl_increase_pct"),
+                top1_agreement=acc.get("top1_agreement"), device_decode_tok_s=device_tps,
+            ))
+            timings["total_s"] = round(time.time() - t_start, 2)
+            names = failed(checks)
+            manifest = dataclasses.replace(
+                base, metrics={**metrics, "timings": timings}, budgets=tuple(checks),
+                verdict="fail" if names else "pass", failed_budgets=tuple(names),
+            )
+            (staging / "report.md").write_text(render_report(manifest.to_dict()), encoding="utf-8")
+            manifest = write_manifest(staging, manifest)
+            publish(staging, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # the previous artifact at --out is untouched
+            raise disk_full("package", out.parent, dir_size(model_dir) + 2**20) from None
+        raise
+    ctx.progress(f"artifact written to {out} ({metrics['artifact_mb']:.1f} MB), verdict: {manifest.verdict}")
+    return BuildResult(artifact=out, manifest=manifest, passed=not names, failed_budgets=names)
+
+
+def _validate_on_device(request: BuildRequest, runner: Any, staging: Path, metrics: dict[str, Any], ctx: StageContext) -> float | None:
+    """Run the device runner on the staged artifact; return decode tok/s when the device's speed counts."""
+    if runner is None:
+        return None
+    ctx.progress(f"validating on device {request.device}")
+    limit = QEMU_EVAL_TOKENS if getattr(runner, "name", "") == "qemu" else None
+    result = runner.validate(staging, max_tokens=limit, progress=ctx.progress)
+    metrics["device"] = result
+    if result.get("runner") == "ssh" and result.get("throughput"):
+        metrics["measured_by"]["device_throughput"] = f"measured on the device {request.device}"
+        tps: float | None = result["throughput"].get("decode_tok_s")
+        return tps
+    return None

@@ -1,0 +1,67 @@
+"""``edgepipe.pipeline``: what a build is asked for, what it returns, and the pipeline the target's
+backend runs for it.
+
+Nothing is printed here: progress goes to a callback. The steps themselves are stages
+(``edgepipe.stage``: a frozen config in, a typed result out, cached); each backend
+(``edgepipe.backends``) composes them for its kind of artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.progress import Progress, silent
+from edgepipe.targets import Target, load_target
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything a build was asked for, checked before any work (``build`` makes it)."""
+
+    target: Target
+    out: Path
+    model: Path | None = None  # None: the embedded default model
+    calib: Path | None = None
+    eval_file: Path | None = None
+    device: str | None = None  # also validate on a device runner (``edgepipe.devices``)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    artifact: Path
+    manifest: Manifest
+    passed: bool
+    failed_budgets: list[str] = field(default_factory=list)
+
+
+def build(
+    *,
+    target: str | Target,
+    out: Path | str,
+    model: Path | str | None = None,
+    calib: Path | str | None = None,
+    eval_file: Path | str | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input.
+
+    The pipeline, as the target's backend runs it: check the inputs (texts, ``--out``, the model
+    folder, the device spec), export, quantize, optimize, validate (accuracy, throughput, budgets),
+    package (staged beside ``--out``, published atomically).
+    """
+    from edgepipe.backends import backend_for
+    from edgepipe.package import check_out_dir
+
+    request = BuildRequest(
+        target=target if isinstance(target, Target) else load_target(target),
+        out=Path(out).absolute(),
+        model=Path(model) if model is not None else None,
+        calib=Path(calib) if calib is not None else None,
+        eval_file=Path(eval_file) if eval_file is not None else None,
+        device=device,
+    )
+    check_out_dir(request.out)
+    return backend_for(request.target).build(request, progress or silent)

@@ -1,0 +1,86 @@
+"""Open an artifact on the device: verify every hash, check free memory, load what its kind says.
+
+The manifest's ``kind`` picks the loader from :mod:`edgepipe.runtime.kinds`; nothing here looks at
+the files to decide what the artifact is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import ArtifactError, InputError
+from edgepipe.runtime.facts import artifact_bytes, mem_available_mb
+from edgepipe.runtime.generate import GenerationConfig, generate
+from edgepipe.runtime.kinds import spec_of
+from edgepipe.runtime.manifest import Manifest, read_manifest, verify_artifact
+
+TOKENIZER = "tokenizer.json"
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / TOKENIZER
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; rebuild the artifact")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise ArtifactError(f"{path} cannot be read by tokenizers ({str(e)[:200]}); rebuild the artifact") from None
+
+
+def check_free_ram(artifact: Path, manifest: Manifest | None = None) -> None:
+    """Refuse to load when the device has clearly too little free memory for the model."""
+    need = artifact_bytes(artifact) / 2**20 * 1.3 + 64
+    metrics = manifest.metrics if manifest is not None else None
+    throughput = metrics.get("throughput") if isinstance(metrics, dict) else None
+    measured = throughput.get("peak_rss_mb") if isinstance(throughput, dict) else None
+    if isinstance(measured, (int, float)) and not isinstance(measured, bool) and 0 < measured < 1e7:
+        need = max(need, float(measured))
+    avail = mem_available_mb()
+    if avail is not None and avail < need:
+        raise InputError(
+            f"this device has {avail:.0f} MB of free RAM and the artifact needs about {need:.0f} MB; "
+            "close other programs or build for a smaller target"
+        )
+
+
+def open_artifact(
+    artifact: Path | str, *, threads: int = 0, verify: bool = True, generates: bool = False
+) -> tuple[Any, Manifest]:
+    """Verify the manifest (``verify=False``: read it only), then load the model its kind names:
+    an :class:`edgepipe.runtime.lm.LM` for decoders, a ``SentenceEncoder`` for encoders.
+    ``generates``: the caller needs text generation; other kinds are refused by name, before loading."""
+    artifact = Path(artifact)
+    manifest = verify_artifact(artifact) if verify else read_manifest(artifact)
+    spec = spec_of(manifest.kind)
+    if generates and not spec.generates:
+        raise InputError(f"{artifact} is a {manifest.kind} artifact ({spec.description}); it cannot run, bench or validate text")
+    check_free_ram(artifact, manifest)
+    return spec.load(artifact, threads=manifest.threads(threads)), manifest
+
+
+def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, threads: int = 0) -> Iterator[str]:
+    """Verify and load the artifact now (errors surface before any output), then return an
+    iterator of decoded text pieces as they are generated."""
+    lm, _ = open_artifact(artifact, threads=threads, generates=True)
+    tok = load_tokenizer(Path(artifact))
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise InputError("the prompt is empty after tokenization; pass some text with --prompt")
+
+    def pieces() -> Iterator[str]:
+        out: list[int] = []
+        printed = ""
+        for token in generate(lm, ids, cfg):
+            out.append(token)
+            text = tok.decode(out)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                yield text[len(printed):]
+                printed = text
+
+    return pieces()
+
+

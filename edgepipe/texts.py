@@ -1,0 +1,60 @@
+"""The texts a build calibrates and evaluates on: read once, up front, with one-line errors.
+
+The packaged defaults (``edgepipe/data``) are used when the user names none. Calibration and
+evaluation texts must differ: a build never scores on the text it calibrated on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe.errors import InputError
+
+EVAL_WINDOW = 512
+EVAL_WINDOWS = 16  # the packaged eval text has 13 windows of 512 tokens
+CALIB_WINDOWS = 8
+MIN_EVAL_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text and where it came from (a path, or ``edgepipe/data/NAME`` for a packaged one)."""
+
+    text: str
+    source: str
+
+
+def read_text_file(path: Path | str | None, default: str, what: str) -> Text:
+    """Read a calibration / evaluation text; the packaged ``default`` when ``path`` is None."""
+    if path is None:
+        return Text(resources.files("edgepipe.data").joinpath(default).read_text(encoding="utf-8"), f"edgepipe/data/{default}")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} file {path} does not exist; pass an existing UTF-8 text file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} file {path} is a folder; pass a UTF-8 text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} file {path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} file {path}: {e.strerror}; check its permissions") from None
+    if not text.strip():
+        raise InputError(f"{what} file {path} is empty; pass a file with real text")
+    return Text(text, str(path))
+
+
+def token_windows(tokenizer_path: Path, text: Text, n: int, what: str) -> list[np.ndarray]:
+    """Up to ``n`` non-overlapping windows of ``EVAL_WINDOW`` tokens (one shorter window for a short text)."""
+    from tokenizers import Tokenizer
+
+    from edgepipe.runtime.evaluate import windows_from_ids
+
+    ids = Tokenizer.from_file(str(tokenizer_path)).encode(text.text).ids
+    if len(ids) < MIN_EVAL_TOKENS:
+        raise InputError(f"{what} text {text.source} has {len(ids)} tokens; it needs at least {MIN_EVAL_TOKENS}")
+    return windows_from_ids(ids, min(EVAL_WINDOW, len(ids)), n)
