@@ -61,10 +61,10 @@ def log(msg: str) -> None:
 
 def fp32_export() -> Path:
     """The fp32 export of the default model, from the build's stage cache (exported if missing)."""
-    from edgepipe.pipeline import _versions
     from edgepipe.cache import cached_stage
     from edgepipe.export import export_fp32, inspect_model
     from edgepipe.models import default_model_dir
+    from edgepipe.pipeline import _versions
 
     info = inspect_model(default_model_dir(log))
     v = _versions()

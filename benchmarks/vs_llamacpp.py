@@ -324,8 +324,8 @@ def edgepipe_artifacts(
     reuse_any: bool = False,
 ) -> dict[str, Path]:
     import edgepipe
-    from edgepipe.pipeline import build
     from edgepipe.export import inspect_model
+    from edgepipe.pipeline import build
     from edgepipe.targets import load_target
 
     sha = inspect_model(model_dir).sha256
@@ -358,9 +358,9 @@ def edgepipe_artifacts(
 
 def fp32_export_dir(model_dir: Path, progress: Progress) -> Path:
     """edgepipe's fp32 ONNX export of the model (the stage ``build`` keys it by; exported if absent)."""
-    from edgepipe.pipeline import _versions
     from edgepipe.cache import cached_stage
     from edgepipe.export import export_fp32, inspect_model
+    from edgepipe.pipeline import _versions
 
     info = inspect_model(model_dir)
     versions = _versions()

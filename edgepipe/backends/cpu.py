@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepipe.pipeline import BuildRequest, BuildResult
 from edgepipe.errors import InputError
+from edgepipe.pipeline import BuildRequest, BuildResult
 from edgepipe.runtime.kinds import ArtifactKind
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.progress import Progress

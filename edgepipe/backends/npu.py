@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edgepipe.pipeline import BuildRequest, BuildResult
 from edgepipe.errors import InputError
+from edgepipe.pipeline import BuildRequest, BuildResult
 from edgepipe.runtime.kinds import ArtifactKind
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.progress import Progress
