@@ -106,27 +106,13 @@ def cached_stage(
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
-    marker = final / COMPLETE
-    if marker.is_file():
-        try:
-            info = json.loads(marker.read_text())
-            damaged = _damaged_file(final, info.get("files"))
-            if damaged:
-                raise ValueError(f"{damaged} is missing or changed")
-            os.utime(final)  # for `cache prune`: least recently used goes first
-            if progress:
-                progress(f"{stage}: cached ({key[:12]})")
-            return final, info.get("info") or {}
-        except (OSError, ValueError, AttributeError) as e:
-            logger.warning("damaged cache entry %s (%s); rebuilding", final, e)
+    hit = _complete_entry(final)
+    if hit is not None:
+        if progress:
+            progress(f"{stage}: cached ({key[:12]})")
+        return final, hit
     base.mkdir(parents=True, exist_ok=True)
-    for stale in base.glob(".tmp-*"):
-        # a killed build's leftovers; only sweep ones old enough not to belong to a live build
-        try:
-            if time.time() - stale.stat().st_mtime > 6 * 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:  # swept by a concurrent build
-            pass
+    _sweep_stale(base)
     if need_bytes and shutil.disk_usage(base).free < need_bytes:
         raise disk_full(stage, base, need_bytes)
     try:
@@ -137,37 +123,65 @@ def cached_stage(
         raise
     try:
         info = produce(tmp) or {}
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE).write_text(
-            json.dumps({"stage": stage, "parts": parts, "info": info, "files": files}, sort_keys=True, default=str)
-        )
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError as e:
-            # a concurrent build of the same inputs renamed its complete copy into place first
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not marker.is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
+        _commit(tmp, final, {"stage": stage, "parts": parts, "info": info})
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise disk_full(stage, base, need_bytes) from None
-        raise
-    except StageError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if "No space left on device" in str(e) or "Errno 28" in str(e):  # ENOSPC inside a stage's subprocess
-            raise disk_full(stage, base, need_bytes) from None
-        raise
-    except MemoryError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise out_of_memory(stage, need_ram_bytes) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise _as_stage_error(e, stage, base, need_bytes, need_ram_bytes) from None
     return final, info
+
+
+def _complete_entry(final: Path) -> dict[str, Any] | None:
+    """The recorded info of a complete, undamaged entry (its use time refreshed), else None."""
+    marker = final / COMPLETE
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        damaged = _damaged_file(final, info.get("files"))
+        if damaged:
+            raise ValueError(f"{damaged} is missing or changed")
+        os.utime(final)  # for `cache prune`: least recently used goes first
+        return info.get("info") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        logger.warning("damaged cache entry %s (%s); rebuilding", final, e)
+        return None
+
+
+def _sweep_stale(base: Path) -> None:
+    """Remove a killed build's leftovers; only ones old enough not to belong to a live build."""
+    for stale in base.glob(".tmp-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > 6 * 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # swept by a concurrent build
+            pass
+
+
+def _commit(tmp: Path, final: Path, record: dict[str, Any]) -> None:
+    """Mark ``tmp`` complete (file sizes recorded, everything fsynced) and rename it to ``final``."""
+    record["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / COMPLETE).write_text(json.dumps(record, sort_keys=True, default=str))
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        # a concurrent build of the same inputs renamed its complete copy into place first
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (final / COMPLETE).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _as_stage_error(e: BaseException, stage: str, base: Path, need_bytes: int | None, need_ram_bytes: int | None) -> BaseException:
+    """What a failed stage raises: disk full and out of memory become one-line StageErrors."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return disk_full(stage, base, need_bytes)
+    if isinstance(e, StageError) and ("No space left on device" in str(e) or "Errno 28" in str(e)):  # ENOSPC in a subprocess
+        return disk_full(stage, base, need_bytes)
+    if isinstance(e, MemoryError):
+        return out_of_memory(stage, need_ram_bytes)
+    return e
 
 
 def _damaged_file(entry: Path, files: Any) -> str | None:
@@ -182,7 +196,7 @@ def _damaged_file(entry: Path, files: Any) -> str | None:
 
 
 def list_cache() -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     root = cache_root()
     if not root.is_dir():
         return out

@@ -44,7 +44,9 @@ class StageOutput:
 
 def config_parts(stage: str, config: Any) -> dict[str, Any]:
     """The cache key's inputs: the stage's name, its config's fields and version."""
-    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"a stage config is a dataclass instance, got {config!r}")  # a bug, not user input
+    fields = dataclasses.asdict(config)
     return {"stage": stage, "config": fields, "v": getattr(config, "VERSION", 1)}
 
 

@@ -61,9 +61,8 @@ def _check_finite(path: Path, start: int, tensors: list[tuple[str, str, int, int
         del data
 
 
-def _check_safetensors(path: Path) -> int:
-    """Parse the header; catch truncated or corrupt files cheaply. Return the number of parameters."""
-    size = path.stat().st_size
+def _read_safetensors_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a safetensors file, refusing truncated or absurd headers."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -77,23 +76,36 @@ def _check_safetensors(path: Path) -> int:
         raise ModelError(f"{path.name} is not a readable safetensors file ({e}); re-download or re-save the model") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path.name} has a malformed safetensors header; re-save the model")
+    return n, header
+
+
+def _tensor_entry(path: Path, name: str, t: Any) -> tuple[str, int, int, int]:
+    """(dtype, first byte, end byte, element count) of one header entry, checked against its shape."""
+    try:
+        lo, hi = (int(v) for v in t["data_offsets"])
+        dtype = str(t["dtype"])
+        count = 1
+        for d in t["shape"]:
+            if isinstance(d, bool) or int(d) < 0:
+                raise ValueError("negative dimension")
+            count *= int(d)
+        if lo < 0 or hi < lo or (dtype in _ITEMSIZE and hi - lo != count * _ITEMSIZE[dtype]):
+            raise ValueError("offsets do not match the shape")
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path.name}: tensor {name!r} has a malformed header entry; re-save the model") from None
+    return dtype, lo, hi, count
+
+
+def _check_safetensors(path: Path) -> int:
+    """Parse the header; catch truncated or corrupt files cheaply. Return the number of parameters."""
+    size = path.stat().st_size
+    n, header = _read_safetensors_header(path, size)
     end, params = 0, 0
     tensors = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        try:
-            lo, hi = (int(v) for v in t["data_offsets"])
-            dtype = str(t["dtype"])
-            count = 1
-            for d in t["shape"]:
-                if isinstance(d, bool) or int(d) < 0:
-                    raise ValueError("negative dimension")
-                count *= int(d)
-            if lo < 0 or hi < lo or (dtype in _ITEMSIZE and hi - lo != count * _ITEMSIZE[dtype]):
-                raise ValueError("offsets do not match the shape")
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path.name}: tensor {name!r} has a malformed header entry; re-save the model") from None
+        dtype, lo, hi, count = _tensor_entry(path, name, t)
         end = max(end, hi)
         params += count
         tensors.append((name, dtype, lo, hi))
@@ -115,12 +127,8 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> ModelInfo:
-    """Validate a model folder: config, architecture, weights (complete), tokenizer."""
-    from edgepipe.export.genai_builder import SUPPORTED_ARCHITECTURES
-
-    supported = SUPPORTED_ARCHITECTURES if supported is None else supported
-    path = Path(path)
+def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``config.json`` of a model folder, its shape fields checked: (config, architecture)."""
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist; pass --model with a Hugging Face model folder")
     if not path.is_dir():
@@ -140,14 +148,17 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
     arch = archs[0]
     if arch not in supported:
         raise ModelError(f"architecture {arch} is not supported; supported: {', '.join(sorted(supported))}")
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+    required = ("hidden_size", "num_hidden_layers", "vocab_size")
+    optional = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+    for key in required + optional:
         v = config.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        if (key in required or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
-    for key in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
-        v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
+    return config, arch
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or every ``*.safetensors``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -164,7 +175,10 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
         bins = list(path.glob("*.bin"))
         hint = " (only PyTorch .bin files: re-save with save_pretrained(safe_serialization=True))" if bins else ""
         raise ModelError(f"{path} has no *.safetensors weights{hint}; pass a complete model folder")
-    params = sum(_check_safetensors(w) for w in weights)
+    return weights
+
+
+def _check_tokenizer(path: Path, vocab_size: int) -> None:
     if not (path / "tokenizer.json").is_file():
         raise ModelError(
             f"{path} has no tokenizer.json; save the tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
@@ -178,12 +192,23 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
             f"{path / 'tokenizer.json'} cannot be read by tokenizers ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__}); "
             "re-save the tokenizer"
         ) from None
-    if tok_vocab > config["vocab_size"]:
+    if tok_vocab > vocab_size:
         raise ModelError(
-            f"tokenizer.json has {tok_vocab} tokens but config.json vocab_size is {config['vocab_size']}; "
+            f"tokenizer.json has {tok_vocab} tokens but config.json vocab_size is {vocab_size}; "
             "the tokenizer does not belong to this model"
         )
-    hashed = [cfg_path, *weights] + [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
+
+
+def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> ModelInfo:
+    """Validate a model folder: config, architecture, weights (complete), tokenizer."""
+    from edgepipe.export.genai_builder import SUPPORTED_ARCHITECTURES
+
+    path = Path(path)
+    config, arch = _read_config(path, SUPPORTED_ARCHITECTURES if supported is None else supported)
+    weights = _weight_files(path)
+    params = sum(_check_safetensors(w) for w in weights)
+    _check_tokenizer(path, config["vocab_size"])
+    hashed = [path / "config.json", *weights] + [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
     return ModelInfo(
         path=path.resolve(),
         architecture=arch,

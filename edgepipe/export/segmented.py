@@ -177,15 +177,11 @@ class SegmentedRunner:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.dir))
             sess = ort.InferenceSession(self._segment_model(seg, outs, dtypes), so, providers=["CPUExecutionProvider"])
             for f, state in enumerate(carry):
-                vals = sess.run(outs, {name: state[name] for name in seg.inputs})
-                got = dict(zip(outs, vals, strict=False))
-                for name in final:
-                    results[f][name] = got[name]
-                if on_watched:
-                    for name in watched:
-                        on_watched(f, name, got[name])
-                for name in handoff:
-                    state[name] = got[name]
+                got = dict(zip(outs, sess.run(outs, {name: state[name] for name in seg.inputs}), strict=False))
+                results[f].update((name, got[name]) for name in final)
+                for name in watched if on_watched else ():
+                    on_watched(f, name, got[name])  # type: ignore[misc]
+                state.update((name, got[name]) for name in handoff)
                 for name in [n for n in state if last_use.get(n, -1) <= k]:
                     del state[name]
             del sess

@@ -69,7 +69,7 @@ class Coverage:
         text = f"{self.npu_nodes}/{self.total_nodes} nodes on the NPU in {self.partitions} partition(s)"
         if self.rejected:
             by_type = Counter(r.op_type for r in self.rejected)
-            first = {}
+            first: dict[str, str] = {}
             for r in self.rejected:
                 first.setdefault(r.op_type, r.reason)
             text += "; on the CPU: " + ", ".join(f"{n}x {t} ({first[t]})" for t, n in by_type.most_common())

@@ -10,7 +10,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, file_entries
+from edgepipe.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, file_entries
 
 _TOOLS = ("edgepipe", "onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "numpy", "tokenizers")
 
@@ -32,7 +32,8 @@ def now_utc() -> str:
 
 def write_manifest(artifact: Path, manifest: Manifest) -> Manifest:
     """Hash every file of ``artifact`` into ``manifest`` and write it (atomically); return what was written."""
-    manifest = dataclasses.replace(manifest, files=file_entries(artifact))
+    files = {rel: FileEntry(e["sha256"], e["size"]) for rel, e in file_entries(artifact).items()}
+    manifest = dataclasses.replace(manifest, files=files)
     tmp = artifact / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, artifact / MANIFEST_NAME)

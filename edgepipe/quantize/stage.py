@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.export.stage import ExportResult
-from edgepipe.quantize import WeightOnly, gptq_weights, quantize
+from edgepipe.quantize import WeightOnly, gptq_weights
 from edgepipe.stage import StageContext, run_cached
 
 
@@ -61,6 +61,7 @@ def run_quantize(
     calibrated = scheme.algorithm in ("imatrix", "gptq") and scheme.bits != 32
 
     def produce(tmp: Path) -> dict[str, Any]:
+        from edgepipe.quantize import quantize
         from edgepipe.quantize.calibrate import collect_importance
 
         importance = None

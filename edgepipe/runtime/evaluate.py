@@ -19,18 +19,19 @@ TOPK = 16
 
 def windows_from_ids(ids: Sequence[int], window: int, max_windows: int | None = None) -> list[np.ndarray]:
     """Non-overlapping windows of ``window`` tokens (the last partial one dropped unless it is the only one)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    n = len(ids) // window
-    wins = [ids[i * window : (i + 1) * window] for i in range(n)]
-    if not wins and len(ids) >= 2:
-        wins = [ids]
+    arr = np.asarray(ids, dtype=np.int64)
+    n = len(arr) // window
+    wins = [arr[i * window : (i + 1) * window] for i in range(n)]
+    if not wins and len(arr) >= 2:
+        wins = [arr]
     return wins[:max_windows] if max_windows else wins
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    out: np.ndarray = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return out
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict[str, Any]:

@@ -220,7 +220,7 @@ def parse_manifest(root: Path, data: Any, mpath: Path | None = None) -> Manifest
         files=files,
         created=str(data.get("created", "")),
         edgepipe_version=str(data.get("edgepipe_version", "")),
-        versions=data.get("versions") if isinstance(data.get("versions"), dict) else {},
+        versions=data["versions"] if isinstance(data.get("versions"), dict) else {},
         source_model=data.get("source_model", {}),
         target=data.get("target", {}),
         metrics=data.get("metrics", {}),
@@ -314,9 +314,10 @@ def check_loaded_files(root: Path, files: Mapping[str, Any]) -> None:
             raise ArtifactError(f"{GENAI_CONFIG} names the model file {filename!r}, which the manifest does not list; rebuild")
 
 
-def file_entries(root: Path) -> dict[str, FileEntry]:
-    """sha256 and size of every regular file under ``root`` (sorted, POSIX paths), manifest excluded."""
-    out: dict[str, FileEntry] = {}
+def file_entries(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file under ``root`` (sorted, POSIX paths, the manifest's JSON
+    form), manifest excluded."""
+    out: dict[str, dict[str, Any]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -326,5 +327,5 @@ def file_entries(root: Path) -> dict[str, FileEntry]:
                 continue
             if full.is_symlink():
                 raise ArtifactError(f"{rel} is a symlink; artifacts hold real files only")
-            out[rel] = FileEntry(sha256_file(full), full.stat().st_size)
+            out[rel] = {"sha256": sha256_file(full), "size": full.stat().st_size}
     return out

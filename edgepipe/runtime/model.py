@@ -166,7 +166,8 @@ class CausalLM:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a whole sequence from an empty cache (prefill only)."""
         logits, _ = self.forward(np.asarray(input_ids)[None, :], self.empty_cache())
-        return logits[0]
+        out: np.ndarray = logits[0]
+        return out
 
 
 class KVStepper:
@@ -210,5 +211,5 @@ class KVStepper:
         b.bind_output("logits", "cpu")  # re-bound each step: its shape follows the input length
         self.lm.session.run_with_iobinding(b)
         self.length = total
-        logits = b.get_outputs()[-1].numpy()[0]
+        logits: np.ndarray = b.get_outputs()[-1].numpy()[0]
         return logits[-1:] if last_only and logits.shape[0] > 1 else logits

@@ -73,7 +73,7 @@ def register() -> Any:
 def htp_backend_path() -> str:
     import onnxruntime_qnn
 
-    path = onnxruntime_qnn.get_qnn_htp_path()
+    path = str(onnxruntime_qnn.get_qnn_htp_path())
     if not Path(path).is_file():
         raise NpuUnavailableError(f"QNN HTP backend {path} is missing; reinstall onnxruntime-qnn")
     return path

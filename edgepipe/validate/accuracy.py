@@ -55,7 +55,8 @@ def run_accuracy(
         acc = score(lm.logits, windows, reference_fn=lambda w: next(it), score_from=config.score_from)
         del lm
         ref_iter = iter(ref_logits)  # reference_arrays asks for the windows in the order they were scored
-        np.savez_compressed(tmp / REFERENCE, **reference_arrays(lambda w: next(ref_iter), windows, acc.top1))
+        arrays: dict[str, Any] = reference_arrays(lambda w: next(ref_iter), windows, acc.top1)
+        np.savez_compressed(tmp / REFERENCE, **arrays)
         return {"accuracy": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in acc.result().items()}}
 
     out = run_cached("validate", config, produce, ctx)
