@@ -12,6 +12,7 @@ is copied first, so only the LayerNorm input changes type.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, ClassVar
 
@@ -28,8 +29,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["LayerNormUint8", "layernorm_weights_to_uint8"]
 
 
-def _int8_scale_dq(ln: ir.Node) -> ir.Node | None:
-    """The DequantizeLinear feeding ``ln``'s scale from an int8 initializer and its zero point, else None."""
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """A LayerNorm whose scale a DequantizeLinear makes from int8 initializer ``q`` and zero point ``zp``."""
+
+    ln: ir.Node
+    dq: ir.Node
+    q: ir.Value
+    zp: ir.Value
+
+
+def _int8_scale_site(ln: ir.Node) -> _Site | None:
+    """``ln`` as a site to rewrite, or None when its scale is not an int8 DequantizeLinear of initializers."""
     if ln.op_type != "LayerNormalization" or len(ln.inputs) < 2 or ln.inputs[1] is None:
         return None
     dq = ln.inputs[1].producer()
@@ -38,22 +49,27 @@ def _int8_scale_dq(ln: ir.Node) -> ir.Node | None:
     q, zp = dq.inputs[0], dq.inputs[2]
     if q is None or zp is None or not (q.is_initializer() and zp.is_initializer()):
         return None
-    return dq if q.dtype == ir.DataType.INT8 else None
+    return _Site(ln, dq, q, zp) if q.dtype == ir.DataType.INT8 else None
 
 
 def _to_uint8(graph: ir.Graph, value: ir.Value, name: str) -> ir.Value:
     """A new uint8 initializer holding ``value`` (an int8 initializer) + 128."""
-    array = (value.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
+    tensor = value.const_value
+    if tensor is None:  # an initializer always has one; this tells the type checker
+        raise ValueError(f"initializer {value.name!r} has no value")
+    array = (tensor.numpy().astype(np.int16) + 128).astype(np.uint8)
     new = ir.Value(name=name, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
     graph.register_initializer(new)
     return new
 
 
-def _rewrite(graph: ir.Graph, ln: ir.Node, dq: ir.Node) -> None:
-    """Point ``ln``'s scale at a uint8 DequantizeLinear: ``dq`` itself if only ``ln`` reads it, else a copy."""
+def _rewrite(graph: ir.Graph, site: _Site) -> None:
+    """Point the LayerNorm's scale at a uint8 DequantizeLinear: the same one if only the LayerNorm reads
+    it, else a copy."""
+    ln, dq = site.ln, site.dq
     base = f"{ln.name or ln.outputs[0].name}_scale_u8"
-    q = _to_uint8(graph, dq.inputs[0], base + "_q")
-    zp = _to_uint8(graph, dq.inputs[2], base + "_zp")
+    q = _to_uint8(graph, site.q, base + "_q")
+    zp = _to_uint8(graph, site.zp, base + "_zp")
     out = dq.outputs[0]
     if len(out.uses()) == 1 and not out.is_graph_output():
         dq.replace_input_with(0, q)
@@ -69,9 +85,10 @@ def _rewrite(graph: ir.Graph, ln: ir.Node, dq: ir.Node) -> None:
 
 
 def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Remove the int8 originals that no node (and no graph output) uses any more."""
+    """Remove the int8 originals that no node (and no graph input or output) uses any more."""
     for value in values:
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input() and value.name in graph.initializers:
+        unused = not (value.uses() or value.is_graph_output() or value.is_graph_input())
+        if unused and value.name is not None and value.name in graph.initializers:
             del graph.initializers[value.name]
 
 
@@ -88,18 +105,17 @@ class LayerNormUint8(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
-        sites = [(ln, dq) for ln in graph if (dq := _int8_scale_dq(ln)) is not None]
-        originals = [v for _, dq in sites for v in (dq.inputs[0], dq.inputs[2])]
-        for ln, dq in sites:
-            _rewrite(graph, ln, dq)
-        _drop_unused(graph, originals)
+        sites = [site for ln in graph if (site := _int8_scale_site(ln)) is not None]
+        for site in sites:
+            _rewrite(graph, site)
+        _drop_unused(graph, [v for site in sites for v in (site.q, site.zp)])
         if sites:
             logger.info("stored %d LayerNorm scales as uint8 (HTP rejects int8)", len(sites))
         return PassReport(model, bool(sites), {"count": len(sites)})
 
     def ensures(self, model: ir.Model) -> None:
         """No LayerNorm scale is left behind an int8 DequantizeLinear of initializers."""
-        left = [ln.name for ln in model.graph if _int8_scale_dq(ln) is not None]
+        left = [ln.name for ln in model.graph if _int8_scale_site(ln) is not None]
         if left:
             raise ir.passes.PostconditionError(f"LayerNorm scales still int8: {left}")
 

@@ -47,8 +47,11 @@ def _is_constant(value: ir.Value) -> bool:
 
 
 def _is_head(node: ir.Node) -> bool:
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    return node.op_type in _HEAD_OPS and weight is not None and weight.is_initializer()
+    """A MatMul-like node of a hidden state by an initializer weight."""
+    if node.op_type not in _HEAD_OPS or len(node.inputs) < 2 or node.inputs[0] is None:
+        return False
+    weight = node.inputs[1]
+    return weight is not None and weight.is_initializer()
 
 
 def _find_head(graph: ir.Graph) -> tuple[ir.Node, list[ir.Node]] | None:
@@ -114,6 +117,8 @@ class LogitsSlicePass(ir.passes.InPlacePass):
             return PassReport(model, False)
         head, path = found
         hidden = head.inputs[0]
+        if hidden is None:  # _is_head checked it; this tells the type checker
+            return PassReport(model, False)
         start = _initializer(graph, INPUT, np.array([0], dtype=np.int64))
         graph.inputs.append(start)
         ends = _initializer(graph, "logits_slice/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
