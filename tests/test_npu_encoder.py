@@ -158,9 +158,7 @@ def test_build_fails_with_exit_3_when_layernorm_stays_on_cpu(
 ) -> None:
     """Without the uint8 LayerNorm rewrite the HTP rejects int8 LayerNorm weights: the coverage
     check names the op and QNN's reason, and the build stops (the profile forbids fallback)."""
-    import edgepipe.npu.rewrites as rewrites
-
-    monkeypatch.setattr(rewrites, "layernorm_weights_to_uint8", lambda model: 0)
+    monkeypatch.setattr("edgepipe.optimize.layernorm_uint8.layernorm_weights_to_uint8", lambda model: 0)
     with pytest.raises(NpuCoverageError) as info:
         build_npu(tiny_bert, _target(), tmp_path / "a", calib_text=_austen("emma.txt")[:20000], eval_sentences=_eval())
     assert info.value.exit_code == 3
@@ -170,9 +168,7 @@ def test_build_fails_with_exit_3_when_layernorm_stays_on_cpu(
 def test_fallback_allowed_reports_coverage(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A profile that allows fallback gets a partial artifact (QDQ only, no context binary),
     the CPU nodes with QNN's reason in the metrics, and a failing verdict."""
-    import edgepipe.npu.rewrites as rewrites
-
-    monkeypatch.setattr(rewrites, "layernorm_weights_to_uint8", lambda model: 0)
+    monkeypatch.setattr("edgepipe.optimize.layernorm_uint8.layernorm_weights_to_uint8", lambda model: 0)
     metrics = build_npu(
         tiny_bert, _target(allow_cpu_fallback=True), tmp_path / "a",
         calib_text=_austen("emma.txt")[:20000], eval_sentences=_eval(),

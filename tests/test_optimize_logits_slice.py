@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.optimize import optimize_dir, optimize_model
-from edgepipe.optimize.logits_slice import INPUT, slice_logits
+from edgepipe.optimize.logits_slice import INPUT, LogitsSlicePass, slice_logits
 from edgepipe.runtime.model import CausalLM
 
 
@@ -89,6 +91,21 @@ def test_pass_leaves_a_graph_without_lm_head_alone():
     before = model.SerializeToString()
     assert optimize_model(model) == {}
     assert model.SerializeToString() == before
+
+
+def test_pass_ensures_the_default_keeps_every_position():
+    """As an onnx-ir pass: it reports what it did, and its postcondition rejects a slice whose start
+    is not the defaulted graph input (callers that do not feed it would lose logits)."""
+    model = ir.serde.deserialize_model(tiny_head_graph(softcap=True))
+    result = LogitsSlicePass()(model)
+    assert result.modified and result.details["input"] == INPUT
+    assert [n.op_type for n in model.graph] == ["Mul", "Slice", "MatMul", "Div", "Tanh", "Mul"]
+    LogitsSlicePass().ensures(model)
+    model.graph.initializers[INPUT].const_value = ir.tensor(np.array([3], dtype=np.int64))
+    with pytest.raises(ir.passes.PostconditionError, match="default 0"):
+        LogitsSlicePass().ensures(model)
+    model.graph.initializers[INPUT].const_value = ir.tensor(np.array([0], dtype=np.int64))
+    assert not LogitsSlicePass()(model).modified  # already sliced
 
 
 def test_optimize_dir_on_tiny_llama_last_logits_equal_full_pass(zoo, tmp_path):

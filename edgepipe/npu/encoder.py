@@ -209,7 +209,8 @@ def quantize_qdq(
     from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
     from edgepipe.npu.qnn import qdq_quantize
-    from edgepipe.npu.rewrites import fuse_erf_gelu, layernorm_weights_to_uint8
+    from edgepipe.optimize.gelu_fusion import fuse_erf_gelu
+    from edgepipe.optimize.layernorm_uint8 import layernorm_weights_to_uint8
 
     counts = {}
     model = onnx.load(str(fp32))

@@ -17,87 +17,135 @@ a model may apply after the head (a soft-cap's Div / Tanh / Mul, a Cast).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from edgepipe.optimize.manager import PassReport, apply_to_proto
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["INPUT", "LOGITS", "LogitsSlicePass", "slice_logits"]
+
 INPUT = "logits_start"
 LOGITS = "logits"
+SLICE_NODE = "/lm_head/logits_slice"  # the runtime's profile test looks the kernel up by this name
 _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 # ops that act on each position alone, which a model may put between the head and the output
 _POINTWISE = ("Div", "Mul", "Tanh", "Cast", "Add", "Sub", "Softcap", "Identity")
 _MAX_WALK = 8
 
 
-def _find_head(graph: Any, initializers: set[str]) -> tuple[Any, list[Any]] | None:
-    """The lm_head node producing ``logits`` and the nodes between it and the output."""
-    producer = {o: n for n in graph.node for o in n.output}
+def _is_constant(value: ir.Value) -> bool:
     # the builder writes scalars such as Granite's 1/logits_scaling as Constant nodes
-    constants = initializers | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    node = producer.get(LOGITS)
-    path: list[Any] = []
+    producer = value.producer()
+    return value.is_initializer() or (producer is not None and producer.op_type == "Constant")
+
+
+def _is_head(node: ir.Node) -> bool:
+    """A MatMul-like node of a hidden state by an initializer weight."""
+    if node.op_type not in _HEAD_OPS or len(node.inputs) < 2 or node.inputs[0] is None:
+        return False
+    weight = node.inputs[1]
+    return weight is not None and weight.is_initializer()
+
+
+def _find_head(graph: ir.Graph) -> tuple[ir.Node, list[ir.Node]] | None:
+    """The lm_head node producing ``logits`` and the nodes between it and the output."""
+    output = next((o for o in graph.outputs if o.name == LOGITS), None)
+    node = output.producer() if output is not None else None
+    path: list[ir.Node] = []
     for _ in range(_MAX_WALK):
         if node is None:
             return None
-        if node.op_type in _HEAD_OPS and len(node.input) > 1 and node.input[1] in initializers:
+        if _is_head(node):
             return node, path
         if node.op_type not in _POINTWISE:
             return None
-        dynamic = [i for i in node.input if i and i not in constants and i in producer]
+        dynamic = [v for v in node.inputs if v is not None and not _is_constant(v) and v.producer() is not None]
         if len(dynamic) != 1:
             return None
         path.append(node)
-        node = producer.get(dynamic[0])
+        node = dynamic[0].producer()
     return None
 
 
-def slice_logits(model: Any) -> dict[str, Any] | None:
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.val(name, ir.DataType.from_numpy(array.dtype), array.shape, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _forget_shapes(head: ir.Node, path: list[ir.Node]) -> None:
+    """The sequence axis of everything after the slice is no longer the input's length."""
+    for value in (v for n in [head, *path] for v in n.outputs):
+        if not value.is_graph_output():
+            value.type, value.shape = None, None  # no stale value_info
+        elif value.shape is not None and value.shape.rank() == 3:
+            dims = list(value.shape.dims)
+            value.shape = ir.Shape([dims[0], "logits_length", dims[2]])
+
+
+class LogitsSlicePass(ir.passes.InPlacePass):
+    """Insert ``Slice(hidden, logits_start, INT64_MAX, axes=[1])`` before the lm_head.
+
+    Needs: a graph output named ``logits`` produced by a MatMul / MatMulNBits / Gemm with an
+    initializer weight, possibly through a few per-position ops. Otherwise (or when the graph
+    already has ``logits_start``) it changes nothing and says why in the log.
+    Changes: one ``Slice`` node, the ``logits_start`` input with its default initializer (0) and
+    two constant initializers; the ``logits`` output's second axis becomes ``logits_length``.
+    Tensors are never read, so the pass runs on a model whose weights stay in external data.
+    """
+
+    name: ClassVar[str] = "logits_slice"
+
+    def call(self, model: ir.Model) -> PassReport:
+        graph = model.graph
+        if any(i.name == INPUT for i in graph.inputs):
+            logger.info("logits_slice: the graph already has %s", INPUT)
+            return PassReport(model, False)
+        if not any(o.name == LOGITS for o in graph.outputs):
+            logger.warning("logits_slice: no graph output named %r; not applied", LOGITS)
+            return PassReport(model, False)
+        found = _find_head(graph)
+        if found is None:
+            logger.warning("logits_slice: no MatMul lm_head with a constant weight feeds %r; not applied", LOGITS)
+            return PassReport(model, False)
+        head, path = found
+        hidden = head.inputs[0]
+        if hidden is None:  # _is_head checked it; this tells the type checker
+            return PassReport(model, False)
+        start = _initializer(graph, INPUT, np.array([0], dtype=np.int64))
+        graph.inputs.append(start)
+        ends = _initializer(graph, "logits_slice/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+        axes = _initializer(graph, "logits_slice/axes", np.array([1], dtype=np.int64))
+        sliced = ir.val(f"{hidden.name}/logits_slice")
+        # inserted right before the head, so the node list stays topologically sorted
+        graph.insert_before(head, ir.node("Slice", [hidden, start, ends, axes], outputs=[sliced], name=SLICE_NODE))
+        head.replace_input_with(0, sliced)
+        _forget_shapes(head, path)
+        return PassReport(model, True, {"input": INPUT, "default": 0, "head": head.name, "sliced": hidden.name})
+
+    def ensures(self, model: ir.Model) -> None:
+        """Callers that do not feed ``logits_start`` must still get every position: the slice starts
+        at a graph input whose initializer default is 0."""
+        node = next((n for n in model.graph if n.name == SLICE_NODE), None)
+        start = node.inputs[1] if node is not None else None
+        if start is None:
+            return
+        if not (start.is_graph_input() and start.const_value is not None and start.const_value.numpy().tolist() == [0]):
+            raise ir.passes.PostconditionError(f"the slice starts at {start.name!r}, not at graph input {INPUT} with default 0")
+
+
+def slice_logits(model: onnx.ModelProto) -> dict[str, Any] | None:
     """Insert the ``logits_start`` slice in ``model`` (an onnx.ModelProto, changed in place).
 
     Returns what was inserted, or None when the graph already has it or has no recognisable lm_head
     (then the graph is left untouched and callers simply get full-sequence logits).
     """
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    if any(i.name == INPUT for i in graph.input):
-        logger.info("logits_slice: the graph already has %s", INPUT)
-        return None
-    if not any(o.name == LOGITS for o in graph.output):
-        logger.warning("logits_slice: no graph output named %r; not applied", LOGITS)
-        return None
-    inits = {t.name for t in graph.initializer}
-    found = _find_head(graph, inits)
-    if found is None:
-        logger.warning("logits_slice: no MatMul lm_head with a constant weight feeds %r; not applied", LOGITS)
-        return None
-    head, path = found
-    hidden = head.input[0]
-    sliced = f"{hidden}/logits_slice"
-    ends, axes = "logits_slice/ends", "logits_slice/axes"
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array([0], dtype=np.int64), INPUT),
-            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), ends),
-            numpy_helper.from_array(np.array([1], dtype=np.int64), axes),
-        ]
-    )
-    graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.INT64, [1]))
-    node = helper.make_node("Slice", [hidden, INPUT, ends, axes], [sliced], name="/lm_head/logits_slice")
-    head.input[0] = sliced
-    # keep the node list topologically sorted: the slice goes right before the head
-    nodes = list(graph.node)
-    idx = next(i for i, n in enumerate(nodes) if n is head)
-    nodes.insert(idx, node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    # the sequence axis of everything after the slice is no longer the input's length
-    changed = {o for n in [head, *path] for o in n.output}
-    kept = [v for v in graph.value_info if v.name not in changed]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    for out in graph.output:
-        if out.name == LOGITS and len(out.type.tensor_type.shape.dim) == 3:
-            out.type.tensor_type.shape.dim[1].dim_param = "logits_length"
-    return {"input": INPUT, "default": 0, "head": head.name, "sliced": hidden}
+    report = apply_to_proto(LogitsSlicePass(), model)
+    return dict(report.details) if report.modified else None

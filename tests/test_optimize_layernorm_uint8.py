@@ -1,73 +1,21 @@
-"""Each HTP rewrite on a tiny graph: node counts change and onnxruntime gives the same outputs."""
+"""The LayerNorm uint8 weight pass on tiny QDQ graphs: the DequantizeLinear feeding the scale becomes
+uint8, node counts change as expected and onnxruntime gives exactly the same outputs."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepipe.npu.rewrites import fuse_erf_gelu, layernorm_weights_to_uint8
+from edgepipe.optimize.layernorm_uint8 import LayerNormUint8, layernorm_weights_to_uint8
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
-
-
-def _const(name: str, value: float) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
-
-
-def _erf_gelu_model(opset: int, half_first: bool, use_mul: bool) -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
-    inits = [_const("sqrt2", math.sqrt(2.0)), _const("inv_sqrt2", 1 / math.sqrt(2.0)),
-             _const("one", 1.0), _const("half", 0.5)]
-    nodes = [helper.make_node("Relu", ["x"], ["h"])]  # the GELU input is an inner value
-    if use_mul:
-        nodes.append(helper.make_node("Mul", ["h", "inv_sqrt2"], ["a"]))
-    else:
-        nodes.append(helper.make_node("Div", ["h", "sqrt2"], ["a"]))
-    nodes += [helper.make_node("Erf", ["a"], ["e"]), helper.make_node("Add", ["one", "e"], ["p"])]
-    if half_first:
-        nodes += [helper.make_node("Mul", ["h", "half"], ["hh"]), helper.make_node("Mul", ["hh", "p"], ["g"])]
-    else:
-        nodes += [helper.make_node("Mul", ["h", "p"], ["hp"]), helper.make_node("Mul", ["hp", "half"], ["g"])]
-    nodes.append(helper.make_node("Neg", ["g"], ["y"]))
-    graph = helper.make_graph(nodes, "gelu", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
-
-
-@pytest.mark.parametrize("opset", [17, 20])
-@pytest.mark.parametrize("half_first", [False, True])
-@pytest.mark.parametrize("use_mul", [False, True])
-def test_fuse_erf_gelu(opset: int, half_first: bool, use_mul: bool) -> None:
-    model = _erf_gelu_model(opset, half_first, use_mul)
-    feeds = {"x": np.random.default_rng(0).normal(0, 2, (2, 8)).astype(np.float32)}
-    before = _run(model, feeds)[0]
-    n_before = len(model.graph.node)
-    assert fuse_erf_gelu(model) == 1
-    onnx.checker.check_model(model)
-    ops = [n.op_type for n in model.graph.node]
-    assert ops == ["Relu", "Gelu", "Neg"] and len(ops) == n_before - 4
-    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [20]
-    np.testing.assert_allclose(_run(model, feeds)[0], before, rtol=1e-5, atol=1e-6)
-    assert fuse_erf_gelu(model) == 0  # idempotent
-
-
-def test_fuse_erf_gelu_leaves_other_erf_alone() -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
-    model = helper.make_model(
-        helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "erf", [x], [y]),
-        opset_imports=[helper.make_opsetid("", 20)],
-    )
-    assert fuse_erf_gelu(model) == 0
-    assert [n.op_type for n in model.graph.node] == ["Erf"]
 
 
 def _qdq_layernorm_model(shared: bool) -> onnx.ModelProto:
@@ -99,10 +47,14 @@ def _dq_types(model: onnx.ModelProto) -> list[int]:
     return sorted(inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear")
 
 
+def _feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(2).normal(0, 1, (3, 16)).astype(np.float32)}
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_layernorm_weights_to_uint8(shared: bool) -> None:
     model = _qdq_layernorm_model(shared)
-    feeds = {"x": np.random.default_rng(2).normal(0, 1, (3, 16)).astype(np.float32)}
+    feeds = _feeds()
     before = _run(model, feeds)
     n_before = len(model.graph.node)
     assert _dq_types(model) == [TensorProto.INT8]
@@ -123,3 +75,29 @@ def test_layernorm_weights_to_uint8(shared: bool) -> None:
     for a, b in zip(_run(model, feeds), before, strict=False):
         np.testing.assert_array_equal(a, b)  # exact: same real values
     assert layernorm_weights_to_uint8(model) == 0
+
+
+def test_float_scale_is_left_alone() -> None:
+    """A LayerNorm with a plain float scale is not a site: the model stays byte-identical."""
+    model = _qdq_layernorm_model(shared=False)
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    del float_model.graph.node[0]  # gamma becomes a float initializer
+    float_model.graph.initializer.append(numpy_helper.from_array(np.ones(16, np.float32), "gamma"))
+    before = float_model.SerializeToString()
+    assert layernorm_weights_to_uint8(float_model) == 0
+    assert float_model.SerializeToString() == before
+
+
+def test_pass_reports_and_ensures_on_an_ir_model() -> None:
+    """Run as an onnx-ir pass: the report counts the sites and the postcondition holds after it."""
+    model = ir.serde.deserialize_model(_qdq_layernorm_model(shared=True))
+    with pytest.raises(ir.passes.PostconditionError, match="ln0"):
+        LayerNormUint8().ensures(model)  # before the pass: an int8 LayerNorm scale
+    result = LayerNormUint8()(model)
+    assert result.modified and result.details == {"count": 1}
+    LayerNormUint8().ensures(model)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("DequantizeLinear") == 2 and ops.count("LayerNormalization") == 1
