@@ -172,6 +172,7 @@ CASES = [
     Case("target-schema-2", lambda w: w.build(target=w.target_edit("schema_version: 1", "schema_version: 2")), 2, "schema_version 2 is not supported"),
     Case("target-missing-cpu", lambda w: w.build(target=w.target("name: t\ndescription: d\nquantization: {}\nruntime: {}\nbudgets: {}\n")), 2, "missing required key 'cpu'"),
     Case("target-npu-on-cpu-ep", lambda w: w.build(target=w.target(GOOD_TARGET + "npu:\n  htp_arch: 75\n")), 2, "needs runtime.execution_provider"),
+    Case("target-qnn-without-npu", lambda w: w.build(target=w.target(GOOD_TARGET.replace("CPUExecutionProvider", "QNNExecutionProvider"))), 2, "needs an npu section"),
     Case("target-alias-cycle", lambda w: (w.target(f"name: b\nalias_of: {w.root / 'a.yaml'}\n", "b.yaml"),
                                           w.build(target=w.target(f"name: a\nalias_of: {w.root / 'b.yaml'}\n", "a.yaml")))[1],
          2, "alias_of forms a cycle"),

@@ -20,7 +20,8 @@ class Backend(Protocol):
 
 
 def backend_for(target: Target) -> Backend:
-    if target.npu is not None:
+    """The backend of the target's execution provider (the profile schema ties QNN to an ``npu:`` section)."""
+    if target.runtime.execution_provider == "QNNExecutionProvider":
         from edgepipe.backends.npu import NpuBackend
 
         return NpuBackend()

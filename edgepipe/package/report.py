@@ -15,6 +15,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, met = m["source_model"], m["target"], m["metrics"]
+    cpu = tgt.get("cpu") or {}
     acc, thr = met.get("accuracy", {}), met.get("throughput", {})
     q = m.get("quantization", {})
     cfg = q.get("config", {})
@@ -25,7 +26,8 @@ def render_report(m: dict[str, Any]) -> str:
         "",
         f"- Source: `{src['path']}` ({src['architecture']}, {src['parameters'] / 1e6:.1f}M parameters, sha256 `{src['sha256'][:16]}…`)",
         f"- Target: {tgt['name']} — {tgt['description']}"
-        + (f" (alias of {tgt['alias_of']})" if tgt.get("alias_of") else ""),
+        + (f" (alias of {tgt['alias_of']})" if tgt.get("alias_of") else "")
+        + (f"; {cpu.get('cores')} x {cpu.get('model')} ({cpu.get('arch')}, {' '.join(cpu.get('isa') or []) or 'baseline ISA'})" if cpu else ""),
         f"- Quantization: int{cfg.get('bits')} weights, block {cfg.get('block_size')}, "
         f"{'symmetric' if cfg.get('symmetric') else 'asymmetric'}, accuracy_level {cfg.get('accuracy_level')}, "
         f"algorithm {q.get('algorithm_used', cfg.get('algorithm'))}; embedding / lm_head: {q.get('embedding')}; "

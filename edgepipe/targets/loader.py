@@ -121,8 +121,11 @@ def parse_target(data: Any, source: str = "target") -> Target:
         v = getattr(q, key)
         if v is not None and v not in (16, 32, 64, 128, 256):
             raise TargetError(f"{source}.quantization.{key} is {v}; use 16, 32, 64, 128 or 256")
-    if target.npu is not None and target.runtime.execution_provider != "QNNExecutionProvider":
+    qnn = target.runtime.execution_provider == "QNNExecutionProvider"
+    if target.npu is not None and not qnn:
         raise TargetError(f"{source}: a profile with an npu section needs runtime.execution_provider: QNNExecutionProvider")
+    if qnn and target.npu is None:
+        raise TargetError(f"{source}: runtime.execution_provider QNNExecutionProvider needs an npu section (htp_arch, ...); add one")
     return target
 
 
