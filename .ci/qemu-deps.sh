@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian bits the qemu device runner (edgepipe/devices/qemu.py) needs on a fresh machine.
+# Debian bits the qemu device runner (edgepipe/devices/qemu.py; its aarch64 environment: qemu_env.py)
+# needs on a fresh machine.
 # Run as root. The runner itself fetches qemu-user 10 (bookworm-backports), the arm64 Python 3.11
 # packages and the aarch64 wheels into its own cache through a private apt configuration: this
 # script changes no apt sources and adds no dpkg architecture.

@@ -18,9 +18,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgepipe.devices import get_runner
+from edgepipe.devices import apt, get_runner
 from edgepipe.devices import qemu as q
+from edgepipe.devices import qemu_env as qe
+from edgepipe.devices.base import strip_throughput
+from edgepipe.devices.remote.guest_probe import parse_cpu_features
 from edgepipe.errors import ArtifactError, DeviceError, InputError
+from edgepipe.models import cache_root
 
 # --------------------------------------------------------------------------- fast
 
@@ -44,32 +48,32 @@ def test_pins_follow_pyproject():
     import tomllib
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
-    expected = {d.split("==")[0]: d.split("==")[1] for d in deps if d.split("==")[0] in q.RUNTIME_WHEELS}
-    assert q.runtime_pins() == expected
-    assert list(q.runtime_pins()) == list(q.RUNTIME_WHEELS)
+    expected = {d.split("==")[0]: d.split("==")[1] for d in deps if d.split("==")[0] in qe.RUNTIME_WHEELS}
+    assert qe.runtime_pins() == expected
+    assert list(qe.runtime_pins()) == list(qe.RUNTIME_WHEELS)
 
 
 def test_cache_key_and_location(monkeypatch, tmp_path):
     pins = {"onnxruntime": "1.31.1", "numpy": "2.4.6", "tokenizers": "0.23.3"}
-    key = q.env_key(pins)
-    assert key.startswith("py3.11-ort1.31.1-") and key == q.env_key(dict(reversed(list(pins.items()))))
-    assert q.env_key({**pins, "numpy": "2.4.7"}) != key
-    assert q.env_key(pins, guest_python="3.12") != key
+    key = qe.env_key(pins)
+    assert key.startswith("py3.11-ort1.31.1-") and key == qe.env_key(dict(reversed(list(pins.items()))))
+    assert qe.env_key({**pins, "numpy": "2.4.7"}) != key
+    assert qe.env_key(pins, guest_python="3.12") != key
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))
-    assert q.cache_root() == tmp_path
-    assert q.QemuRunner("cortex-a76").env_dir() == tmp_path / "qemu" / q.env_key(q.runtime_pins())
+    assert cache_root() == tmp_path
+    assert q.QemuRunner("cortex-a76").env_dir() == tmp_path / "qemu" / qe.env_key(qe.runtime_pins())
     monkeypatch.delenv("EDGEPIPE_CACHE")
-    assert q.cache_root() == Path.home() / ".cache" / "edgepipe"
+    assert cache_root() == Path.home() / ".cache" / "edgepipe"
 
 
 def test_parsers():
-    assert q.parse_qemu_version("qemu-aarch64 version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright") == (10, 0, 2)
-    assert q.parse_qemu_version("qemu-aarch64 version 7.2.0") == (7, 2, 0)
-    assert q.parse_qemu_version("nonsense") is None
+    assert qe.parse_qemu_version("qemu-aarch64 version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright") == (10, 0, 2)
+    assert qe.parse_qemu_version("qemu-aarch64 version 7.2.0") == (7, 2, 0)
+    assert qe.parse_qemu_version("nonsense") is None
     arm = "processor\t: 0\nBogoMIPS\t: 125.00\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n"
-    assert q.parse_cpu_features(arm) == ["fp", "asimd", "asimddp"]
+    assert parse_cpu_features(arm) == ["fp", "asimd", "asimddp"]
     x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme avx2\n"
-    assert q.parse_cpu_features(x86) is None
+    assert parse_cpu_features(x86) is None
 
 
 def test_apt_sources_parsing(tmp_path):
@@ -92,22 +96,22 @@ def test_apt_sources_parsing(tmp_path):
             """
         )
     )
-    src = q.system_debian_mirror("bookworm", etc)
+    src = apt.system_debian_mirror("bookworm", etc)
     assert src.uri == "http://mirror.example/debian"
     assert src.signed_by == "/usr/share/keyrings/debian-archive-keyring.gpg"
-    one = q.parse_apt_sources("deb [arch=amd64 signed-by=/k.gpg] http://m/debian bookworm main contrib\n", deb822=False)
-    assert one == [q.AptSource("http://m/debian", ("bookworm",), ("main", "contrib"), "/k.gpg")]
-    line = q._deb_line(src.uri, "bookworm-backports", ["amd64"], src.signed_by)
+    one = apt.parse_apt_sources("deb [arch=amd64 signed-by=/k.gpg] http://m/debian bookworm main contrib\n", deb822=False)
+    assert one == [apt.AptSource("http://m/debian", ("bookworm",), ("main", "contrib"), "/k.gpg")]
+    line = apt.deb_line(src.uri, "bookworm-backports", ["amd64"], src.signed_by)
     assert line == (
         "deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
         "http://mirror.example/debian bookworm-backports main"
     )
     # no matching entry: the default mirror
-    assert q.system_debian_mirror("bookworm", tmp_path / "nothing").uri == q.DEFAULT_MIRROR
+    assert apt.system_debian_mirror("bookworm", tmp_path / "nothing").uri == apt.DEFAULT_MIRROR
 
 
 def test_strip_throughput():
-    out = q.strip_throughput(
+    out = strip_throughput(
         {"accuracy": {"perplexity": 3.0, "top1_agreement": 0.9},
          "throughput": {"prefill_tok_s": 5.0, "decode_tok_s": 2.0, "ttft_ms": 9.0, "peak_rss_mb": 100.0},
          "tokens_per_second": 1.0, "throughput_note": "x"}
@@ -141,17 +145,17 @@ def test_old_qemu_on_path_is_refused(monkeypatch, tmp_path, caplog):
     _fake_tool(bin_dir, "qemu-aarch64", 'echo "qemu-aarch64 version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"\n')
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
-    assert q.QemuRunner._usable_qemu_on_path() is None
+    assert qe.usable_qemu_on_path() is None
     assert "7.2.19" in caplog.text
     with pytest.raises(DeviceError, match="qemu-aarch64 >= 8"):
         q.QemuRunner("cortex-a76").ensure_env()
     _fake_tool(bin_dir, "qemu-aarch64", 'echo "qemu-aarch64 version 10.0.2"\n')
-    found = q.QemuRunner._usable_qemu_on_path()
+    found = qe.usable_qemu_on_path()
     assert found is not None and found[1] == "10.0.2"
 
 
-def _fake_env(tmp_path: Path) -> q.QemuEnv:
-    return q.QemuEnv(tmp_path, tmp_path / "qemu-aarch64", "10.0.2")
+def _fake_env(tmp_path: Path) -> qe.QemuEnv:
+    return qe.QemuEnv(tmp_path, tmp_path / "qemu-aarch64", "10.0.2")
 
 
 def test_validate_merges_device_facts_and_claims(monkeypatch, tmp_path):
@@ -171,7 +175,7 @@ def test_validate_merges_device_facts_and_claims(monkeypatch, tmp_path):
         return SimpleNamespace(returncode=0, stdout=json.dumps(out) + "\n", stderr="")
 
     monkeypatch.setattr(runner, "ensure_env", lambda progress=None: _fake_env(tmp_path))
-    monkeypatch.setattr(q, "_run_guest", fake_run)
+    monkeypatch.setattr(qe, "run_guest", fake_run)
     msgs: list[str] = []
     res = runner.validate(artifact, eval_file=None, max_tokens=32, progress=msgs.append)
     assert calls[1] == (
@@ -193,7 +197,7 @@ def test_validate_merges_device_facts_and_claims(monkeypatch, tmp_path):
             return fake_run(env, cpu, args, timeout=timeout)
         return SimpleNamespace(returncode=2, stdout="", stderr="error: manifest.json is missing; rebuild\n")
 
-    monkeypatch.setattr(q, "_run_guest", failing)
+    monkeypatch.setattr(qe, "run_guest", failing)
     with pytest.raises(ArtifactError, match=r"^validation in the qemu guest \(cortex-a76\): manifest.json is missing"):
         runner.validate(artifact)
     with pytest.raises(InputError):
@@ -207,15 +211,16 @@ def test_probe_refuses_x86_cpuinfo(monkeypatch, tmp_path):
         out = {"machine": "aarch64", "cpu_features": None, "onnxruntime": "1.31.1", "python": "3.11.2"}
         return SimpleNamespace(returncode=0, stdout=json.dumps(out), stderr="")
 
-    monkeypatch.setattr(q, "_run_guest", fake_run)
+    monkeypatch.setattr(qe, "run_guest", fake_run)
     with pytest.raises(DeviceError, match="qemu-user >= 8"):
-        q._probe(_fake_env(tmp_path), "cortex-a76", timeout=10)
+        qe.probe_guest(_fake_env(tmp_path), "cortex-a76", timeout=10)
 
 
 def test_no_heavy_imports():
-    src = Path(q.__file__).read_text()
-    for mod in ("torch", "transformers", "click", "yaml"):
-        assert f"import {mod}" not in src and f"from {mod}" not in src
+    for path in sorted(Path(q.__file__).parent.rglob("*.py")):  # the transport, its environment, the remote programs
+        src = path.read_text()
+        for mod in ("torch", "transformers", "click", "yaml"):
+            assert f"import {mod}" not in src and f"from {mod}" not in src, path
 
 
 # --------------------------------------------------------------------------- slow (builds the env)
@@ -295,7 +300,7 @@ def test_tiny_model_in_guest_matches_host(cpu, dotprod, tmp_path):
     runner.ensure_env()  # first time: builds the environment
     facts = runner.probe()
     assert facts["machine"] == "aarch64"
-    assert facts["onnxruntime"] == q.runtime_pins()["onnxruntime"]
+    assert facts["onnxruntime"] == qe.runtime_pins()["onnxruntime"]
     assert ("asimddp" in facts["cpu_features"]) is dotprod
 
     t0 = time.monotonic()
@@ -317,7 +322,7 @@ def test_env_is_complete_and_reused(tmp_path):
     env = runner.ensure_env()
     assert (env.path / "env.json").is_file() and env.python.is_file() and (env.site / "onnxruntime").is_dir()
     meta = json.loads((env.path / "env.json").read_text())
-    assert meta["wheels"] == q.runtime_pins() and meta["key"] == env.path.name
+    assert meta["wheels"] == qe.runtime_pins() and meta["key"] == env.path.name
     t0 = time.monotonic()
     assert q.QemuRunner("cortex-a72").ensure_env().path == env.path
     assert time.monotonic() - t0 < 5

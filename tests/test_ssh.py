@@ -30,7 +30,9 @@ from pathlib import Path
 import pytest
 
 from edgepipe.devices import get_runner
+from edgepipe.devices import provision as P
 from edgepipe.devices import ssh as S
+from edgepipe.devices import ssh_spec as SP
 from edgepipe.errors import ArtifactError, DeviceError, InputError
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
@@ -40,7 +42,7 @@ needs_sshd = pytest.mark.skipif(not HAVE_TOOLS, reason="OpenSSH server/client mi
 
 @pytest.fixture(autouse=True)
 def _no_ssh_env(monkeypatch):
-    for k in (S.ENV_IDENTITY, S.ENV_KNOWN_HOSTS, S.ENV_REMOTE_DIR):
+    for k in (SP.ENV_IDENTITY, SP.ENV_KNOWN_HOSTS, SP.ENV_REMOTE_DIR):
         monkeypatch.delenv(k, raising=False)
 
 
@@ -52,19 +54,19 @@ def test_spec_parsing(tmp_path):
     assert isinstance(r, S.SshRunner) and r.name == "ssh"
     assert (r.spec.user, r.spec.host, r.spec.port) == ("pi", "raspberrypi.local", 22)
     assert r.spec.remote_dir == "~/.cache/edgepipe" and r.spec.identity is None and r.spec.known_hosts is None
-    s = S.parse_spec("ssh://root@10.0.0.5:2222")
+    s = SP.parse_spec("ssh://root@10.0.0.5:2222")
     assert (s.user, s.host, s.port, str(s)) == ("root", "10.0.0.5", 2222, "ssh://root@10.0.0.5:2222")
-    v6 = S.parse_spec("ssh://pi@[fe80::1%eth0]:22")
+    v6 = SP.parse_spec("ssh://pi@[fe80::1%eth0]:22")
     assert v6.host == "fe80::1%eth0" and v6.destination == "pi@fe80::1%eth0" and v6.remote_prefix == "pi@[fe80::1%eth0]:"
     key, kh = tmp_path / "id", tmp_path / "kh"
     key.write_text("k")
     kh.write_text("")
-    q = S.parse_spec(f"ssh://pi@board?identity={key}&known_hosts={kh}&dir=/opt/ep")
+    q = SP.parse_spec(f"ssh://pi@board?identity={key}&known_hosts={kh}&dir=/opt/ep")
     assert (q.identity, q.known_hosts, q.remote_dir) == (str(key), str(kh), "/opt/ep")
-    env = {S.ENV_IDENTITY: str(key), S.ENV_KNOWN_HOSTS: str(kh), S.ENV_REMOTE_DIR: "edge"}
-    e = S.parse_spec("ssh://pi@board", environ=env)
+    env = {SP.ENV_IDENTITY: str(key), SP.ENV_KNOWN_HOSTS: str(kh), SP.ENV_REMOTE_DIR: "edge"}
+    e = SP.parse_spec("ssh://pi@board", environ=env)
     assert (e.identity, e.known_hosts, e.remote_dir) == (str(key), str(kh), "edge")
-    assert S.parse_spec("ssh://pi@board?dir=/x", environ=env).remote_dir == "/x"  # the query wins
+    assert SP.parse_spec("ssh://pi@board?dir=/x", environ=env).remote_dir == "/x"  # the query wins
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,7 @@ def test_spec_parsing(tmp_path):
 )
 def test_bad_specs(spec, needle):
     with pytest.raises(InputError) as info:
-        S.parse_spec(spec, environ={})
+        SP.parse_spec(spec, environ={})
     msg = str(info.value)
     assert needle in msg and "\n" not in msg
 
@@ -119,47 +121,47 @@ def test_ssh_command_options(tmp_path):
 
 
 def test_classify_ssh_failure():
-    spec = S.parse_spec("ssh://pi@board.local:2222", environ={})
-    unknown = S.classify_ssh_failure(
+    spec = SP.parse_spec("ssh://pi@board.local:2222", environ={})
+    unknown = SP.classify_ssh_failure(
         "No ED25519 host key is known for [board.local]:2222 and you have requested strict checking.\r\n"
         "Host key verification failed.\r\n",
         spec,
     )
     assert "ssh-keyscan -p 2222 board.local >> ~/.ssh/known_hosts" in unknown and "connect once" in unknown
-    changed = S.classify_ssh_failure("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.", spec)
+    changed = SP.classify_ssh_failure("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.", spec)
     assert "CHANGED" in changed and "ssh-keygen" in changed
-    auth = S.classify_ssh_failure("pi@board.local: Permission denied (publickey).", spec)
-    assert "authentication" in auth and "ssh-copy-id" in auth and S.ENV_IDENTITY in auth
-    refused = S.classify_ssh_failure("ssh: connect to host board.local port 2222: Connection refused", spec)
+    auth = SP.classify_ssh_failure("pi@board.local: Permission denied (publickey).", spec)
+    assert "authentication" in auth and "ssh-copy-id" in auth and SP.ENV_IDENTITY in auth
+    refused = SP.classify_ssh_failure("ssh: connect to host board.local port 2222: Connection refused", spec)
     assert "cannot reach" in refused and "connection refused" in refused
-    dns = S.classify_ssh_failure("ssh: Could not resolve hostname board.local: Name or service not known", spec)
+    dns = SP.classify_ssh_failure("ssh: Could not resolve hostname board.local: Name or service not known", spec)
     assert "resolve" in dns
-    other = S.classify_ssh_failure("kex_exchange_identification: something odd", spec)
+    other = SP.classify_ssh_failure("kex_exchange_identification: something odd", spec)
     assert "something odd" in other
     for msg in (unknown, changed, auth, refused, dns, other):
         assert "\n" not in msg
 
 
 def test_wheel_platforms_and_keys():
-    tags = S.wheel_platforms("aarch64", ["glibc", "2.36"])
+    tags = P.wheel_platforms("aarch64", ["glibc", "2.36"])
     assert tags[0] == "manylinux_2_36_aarch64" and "manylinux_2_28_aarch64" in tags
     assert tags[-1] == "manylinux2014_aarch64" and "manylinux_2_17_aarch64" in tags
-    assert "manylinux1_x86_64" in S.wheel_platforms("x86_64", ["glibc", "2.31"])
-    assert S.wheel_platforms("arm64", ["glibc", "2.28"])[0] == "manylinux_2_28_aarch64"
+    assert "manylinux1_x86_64" in P.wheel_platforms("x86_64", ["glibc", "2.31"])
+    assert P.wheel_platforms("arm64", ["glibc", "2.28"])[0] == "manylinux_2_28_aarch64"
     with pytest.raises(DeviceError, match="glibc"):
-        S.wheel_platforms("aarch64", ["", ""])  # musl (Alpine)
-    pins = S.base_pins()
-    assert list(pins) == list(S.BASE_DEPENDENCIES)
+        P.wheel_platforms("aarch64", ["", ""])  # musl (Alpine)
+    pins = P.base_pins()
+    assert list(pins) == list(P.BASE_DEPENDENCIES)
     import tomllib
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
     assert {f"{n}=={v}".lower() for n, v in pins.items()} <= {d.lower() for d in deps}
-    k = S.venv_key(pins, "3.11", "aarch64", ["glibc", "2.36"])
-    assert k.startswith("py3.11-aarch64-") and k == S.venv_key(dict(reversed(list(pins.items()))), "3.11", "aarch64", ["glibc", "2.36"])
-    assert k != S.venv_key(pins, "3.12", "aarch64", ["glibc", "2.36"])
-    assert k != S.venv_key({**pins, "numpy": "0"}, "3.11", "aarch64", ["glibc", "2.36"])
-    assert S.checkout_root() == Path(__file__).resolve().parents[1]
-    assert len(S.source_hash()) == 16
+    k = P.venv_key(pins, "3.11", "aarch64", ["glibc", "2.36"])
+    assert k.startswith("py3.11-aarch64-") and k == P.venv_key(dict(reversed(list(pins.items()))), "3.11", "aarch64", ["glibc", "2.36"])
+    assert k != P.venv_key(pins, "3.12", "aarch64", ["glibc", "2.36"])
+    assert k != P.venv_key({**pins, "numpy": "0"}, "3.11", "aarch64", ["glibc", "2.36"])
+    assert P.checkout_root() == Path(__file__).resolve().parents[1]
+    assert len(P.source_hash()) == 16
 
 
 def test_missing_ssh_client(monkeypatch, tmp_path):
@@ -459,7 +461,7 @@ def test_first_time_setup(sshd, tiny_artifact, tmp_path, monkeypatch):
     for dep in ("onnxruntime-1.31", "numpy-", "tokenizers-", "click-", "pyyaml-", "pip-"):
         assert any(n.lower().startswith(dep) for n in names), dep
     venv = Path(first["device"]["venv"])
-    marker = json.loads((venv / S.VENV_MARKER).read_text())
+    marker = json.loads((venv / P.VENV_MARKER).read_text())
     assert marker["key"] == venv.name.removeprefix("venv-") and len(marker["edgepipe_source"]) == 16
     wheel = tmp_path / "host-cache" / "wheels" / f"edgepipe-{marker['edgepipe_source']}" / marker["edgepipe_wheel"]
     assert wheel.is_file()

@@ -3,63 +3,25 @@
 Every runner runs the same torch-free device entry point,
 ``python -m edgepipe.runtime validate ARTIFACT --json [--eval FILE] [--max-tokens N]``,
 and returns its JSON, augmented with what the runner knows about the device and what the
-figures can claim (``claims``). A runner is chosen by a spec string:
+figures can claim (``claims``). :class:`Runner` (:mod:`.base`) does everything but reaching the
+device; each transport only provisions, copies and runs. A runner is chosen by a spec string:
 
-- ``local``            the host CPU, in this process's Python
-- ``qemu``             the aarch64 onnxruntime under qemu user-mode, CPU model from the target
-- ``ssh://user@host[:port]``  a real board
+- ``local``            the host CPU, in this process's Python (:mod:`.local`)
+- ``qemu``             the aarch64 onnxruntime under qemu user-mode, CPU model from the target (:mod:`.qemu`)
+- ``ssh://user@host[:port]``  a real board (:mod:`.ssh`)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from edgepipe.devices.base import Claims, Runner
 from edgepipe.errors import InputError
 
-Progress = Callable[[str], None]
+__all__ = ["Claims", "Runner", "get_runner"]
 
 
-def last_json_object(stdout: str | None) -> dict[str, Any] | None:
-    """The device entry's JSON object: the whole output, or its last line that parses as one
-    (stray lines a device prints before it are tolerated)."""
-    import json
-
-    text = (stdout or "").strip()
-    if not text:
-        return None
-    try:
-        obj = json.loads(text)
-        return obj if isinstance(obj, dict) else None
-    except ValueError:
-        pass
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
-
-
-class Runner(Protocol):
-    name: str
-
-    def validate(
-        self,
-        artifact: Path,
-        *,
-        eval_file: Path | None = None,
-        max_tokens: int | None = None,
-        progress: Progress | None = None,
-    ) -> dict[str, Any]: ...
-
-
-def get_runner(spec: str, *, target: Any = None) -> Runner:
+def get_runner(spec: str, *, target: Any = None) -> Runner[Any]:
     """Turn a ``--device`` spec into a runner. ``target`` supplies e.g. the qemu CPU model."""
     if spec == "local":
         from edgepipe.devices.local import LocalRunner

@@ -2,38 +2,38 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from edgepipe.errors import ArtifactError, EdgepipeError
+from edgepipe.devices.base import Claims, Job, Progress, Runner, entry_output
+
+CLAIMS = Claims(
+    "accuracy and speed on this host's CPU with the x86 onnxruntime kernels; not the target board's speed",
+    throughput=True,
+    on_board=False,
+)
 
 
 def run_entry(cmd: list[str], what: str) -> dict[str, Any]:
+    """Run a device entry command (``python -m edgepipe.runtime bench ...``) here and return its
+    JSON; a failure is a one-line ``WHAT: MESSAGE`` error (see :func:`entry_output`)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        err = ArtifactError if proc.returncode == 2 else EdgepipeError
-        raise err(f"{what}: {last.removeprefix('error: ')}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return entry_output(proc, what=what, crash=lambda rc, msg: f"{what}: {msg}")
 
 
-class LocalRunner:
+class LocalRunner(Runner[None]):
     name = "local"
+    where = "on the host"
+    claims = CLAIMS
 
-    def validate(
-        self, artifact: Path, *, eval_file: Path | None = None, max_tokens: int | None = None, progress=None
-    ) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "edgepipe.runtime", "validate", str(artifact), "--json"]
-        if eval_file:
-            cmd += ["--eval", str(eval_file)]
-        if max_tokens:
-            cmd += ["--max-tokens", str(max_tokens)]
-        if progress:
-            progress("validating on the host CPU")
-        out = run_entry(cmd, "validation on the host")
-        out["runner"] = "local"
-        out["claims"] = "accuracy and speed on this host's CPU with the x86 onnxruntime kernels; not the target board's speed"
-        return out
+    def provision(self, job: Job, say: Progress) -> None:
+        return None  # this Python is the device's
+
+    def run(self, session: None, args: Sequence[str], say: Progress) -> subprocess.CompletedProcess[str]:
+        say("validating on the host CPU")
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True)
+
+    def crash_message(self, session: None, returncode: int, msg: str) -> str:
+        return f"validation on the host: {msg}"
