@@ -18,8 +18,6 @@ from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.progress import Progress
 from edgepipe.stage import StageContext
 
-QEMU_EVAL_TOKENS = 128  # emulated kernels run 200-1000x slower than native: score a short prefix there
-
 
 class CpuBackend:
     def build(self, request: BuildRequest, progress: Progress) -> BuildResult:
@@ -169,10 +167,9 @@ def _validate_on_device(request: BuildRequest, runner: Any, staging: Path, metri
     if runner is None:
         return None
     ctx.progress(f"validating on device {request.device}")
-    limit = QEMU_EVAL_TOKENS if getattr(runner, "name", "") == "qemu" else None
-    result = runner.validate(staging, max_tokens=limit, progress=ctx.progress)
+    result = runner.validate(staging, max_tokens=runner.build_eval_tokens, progress=ctx.progress)
     metrics["device"] = result
-    if result.get("runner") == "ssh" and result.get("throughput"):
+    if runner.claims.on_board and result.get("throughput"):
         metrics["measured_by"]["device_throughput"] = f"measured on the device {request.device}"
         tps: float | None = result["throughput"].get("decode_tok_s")
         return tps

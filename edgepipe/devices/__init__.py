@@ -30,7 +30,13 @@ def get_runner(spec: str, *, target: Any = None) -> Runner[Any]:
     if spec == "qemu" or spec.startswith("qemu:"):
         from edgepipe.devices.qemu import QemuRunner
 
-        cpu = spec.split(":", 1)[1] if ":" in spec else getattr(getattr(target, "cpu", None), "qemu_cpu", None)
+        tcpu = getattr(target, "cpu", None)
+        if ":" not in spec and getattr(tcpu, "arch", "aarch64") != "aarch64":
+            raise InputError(
+                f"--device qemu emulates the target's aarch64 board, and target {target.name} is {tcpu.arch}; "
+                "name a CPU (--device qemu:cortex-a76) or use --device local"
+            )
+        cpu = spec.split(":", 1)[1] if ":" in spec else getattr(tcpu, "qemu_cpu", None)
         if not cpu:
             raise InputError("--device qemu needs a CPU model: use a target with cpu.qemu_cpu or --device qemu:cortex-a76")
         return QemuRunner(cpu=cpu)

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from edgepipe.errors import ArtifactError, DeviceError, InputError
+from edgepipe.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
 #: What a transport keeps between its steps of one validation (an environment, a probed board).
 Session = TypeVar("Session")
 #: The device entry point, after the device's Python (``python [-I] -m edgepipe.runtime validate``).
@@ -153,7 +153,7 @@ def verified_files(artifact: Path) -> dict[str, str]:
     from edgepipe.runtime.manifest import MANIFEST_NAME, sha256_file, verify_artifact
 
     manifest = verify_artifact(artifact)
-    files = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
+    files = {rel: entry.sha256 for rel, entry in manifest.files.items()}
     files[MANIFEST_NAME] = sha256_file(artifact / MANIFEST_NAME)
     return files
 
@@ -184,6 +184,8 @@ class Runner(ABC, Generic[Session]):
 
     name: ClassVar[str]
     ships: ClassVar[bool] = False
+    # tokens a build scores on this device when the caller names no limit (None: the whole reference)
+    build_eval_tokens: ClassVar[int | None] = None
     where: str
     claims: Claims
 

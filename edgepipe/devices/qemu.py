@@ -56,6 +56,7 @@ class QemuRunner(Runner[Guest]):
     """Runs ``python -m edgepipe.runtime`` on the aarch64 onnxruntime under ``qemu-aarch64 -cpu CPU``."""
 
     name = "qemu"
+    build_eval_tokens = 128  # emulated kernels run 200-1000x slower than native: a build scores a short prefix
 
     def __init__(
         self,

@@ -36,7 +36,7 @@ def main(a):
         lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
         print(json.dumps({"error": "pip install failed: " + (" | ".join(lines[-3:]) or "no output")}))
         return
-    r = subprocess.run([py, "-I", "-c", "import edgepipe.runtime.device, onnxruntime; print(onnxruntime.__version__)"],
+    r = subprocess.run([py, "-I", "-c", "import edgepipe.runtime.validate, onnxruntime; print(onnxruntime.__version__)"],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
         print(json.dumps({"error": "the new venv does not import the runtime: " + (r.stderr.strip().splitlines() or ["?"])[-1]}))
