@@ -31,7 +31,7 @@ def get_runner(spec: str, *, target: Any = None) -> Runner[Any]:
         from edgepipe.devices.qemu import QemuRunner
 
         tcpu = getattr(target, "cpu", None)
-        if ":" not in spec and getattr(tcpu, "arch", "aarch64") != "aarch64":
+        if ":" not in spec and tcpu is not None and tcpu.arch != "aarch64":
             raise InputError(
                 f"--device qemu emulates the target's aarch64 board, and target {target.name} is {tcpu.arch}; "
                 "name a CPU (--device qemu:cortex-a76) or use --device local"
