@@ -235,7 +235,7 @@ def build(
     from edgepipe.export.segmented import reference_logits
     from edgepipe.models import DEFAULT_MODEL_NAME, default_model_dir
     from edgepipe.package import check_out_dir, copy_model, publish, staging_dir, write_manifest
-    from edgepipe.quantize import WeightOnly, gptq_weights, quantize
+    from edgepipe.quantize import plan_from_onnx, quantize, scheme_from_target
     from edgepipe.quantize.calibrate import collect_importance
     from edgepipe.report import render_report
     from edgepipe.runtime.evaluate import reference_arrays, score
@@ -295,7 +295,7 @@ def build(
 
     # 2. quantize (calibrated, as the target says)
     t0 = time.time()
-    qcfg = WeightOnly.from_target(tgt.quantization)
+    qcfg = scheme_from_target(tgt.quantization)
     tok_path = fp32_model / "tokenizer.json"
     calib_windows = _windows(tok_path, calib_text, CALIB_WINDOWS, "calibration", calib_src)
     eval_windows = _windows(tok_path, eval_text, EVAL_WINDOWS, "eval", eval_src)
@@ -303,11 +303,11 @@ def build(
 
     def do_quantize(tmp: Path) -> dict[str, Any]:
         importance = None
-        if qcfg.algorithm in ("imatrix", "gptq") and qcfg.bits != 32:
+        if qcfg.needs_calibration:
             say("calibrating: activation statistics on the calibration text")
             # Hessians go to disk and come back one at a time: 12 GB of them for a 2.5B model
             importance = collect_importance(
-                fp32_model, calib_windows, threads=threads, hessians=gptq_weights(fp32_model / "model.onnx", qcfg),
+                fp32_model, calib_windows, threads=threads, hessians=plan_from_onnx(fp32_model / "model.onnx", qcfg).hessian_weights(),
                 store=tmp / "hessians", progress=say,
             )
         try:
@@ -319,7 +319,7 @@ def build(
     # v3: Hessians accumulated in float32, piece by piece (edgepipe.export.segmented)
     # v5: the scale search in torch (float64 error expansion: rare ties resolve differently)
     quant_key = {"export": key_of(export_key), "q": qcfg.to_dict(), "calib": key_of({"t": calib_text}), "v": 5}
-    hessian_bytes = _hessian_bytes(info.config) if qcfg.algorithm == "gptq" else 0
+    hessian_bytes = _hessian_bytes(info.config) if qcfg.needs_hessian else 0
     q_dir, q_info = cached_stage("quantize", quant_key, do_quantize, need_bytes=int(info.num_parameters * 1.5) + hessian_bytes,
                                  need_ram_bytes=int(info.num_parameters * 1.2) + (3 << 30), progress=say)
     q_model = q_dir / "model"
