@@ -22,6 +22,7 @@ Scratch data (~1 GB) lives in ``--work`` (default ``$EDGEPIPE_CACHE/int4_search`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -105,8 +106,8 @@ def importance(model_dir: Path, calib, work: Path) -> dict[str, np.ndarray]:
 
 def install_memo(work: Path) -> None:
     """Memoise the per-matrix quantizers on disk (same results, computed once)."""
-    import edgepipe.quantize as q
     import edgepipe.quantize.gptq as g
+    import edgepipe.quantize.handlers as q  # the handlers call quantize_matrix through this module
     from edgepipe.quantize.blockwise import QuantizedBlocks
 
     memo = work / "memo"
@@ -259,23 +260,39 @@ class Scorer:
         return acc.result()
 
 
+def profile_record(cfg_kw: dict) -> dict:
+    """A variant's keyword arguments as a full profile ``quantization`` section (lists, defaults filled)."""
+    import dataclasses
+
+    from edgepipe.targets import Quantization
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(Quantization(**cfg_kw)).items()}
+
+
+def scheme_of(cfg_kw: dict):
+    """The quantize scheme of a variant: its keyword arguments are a profile's ``quantization`` fields."""
+    from edgepipe.quantize import scheme_from_target
+    from edgepipe.targets import Quantization
+
+    return scheme_from_target(Quantization(**cfg_kw))
+
+
 def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: Path) -> dict:
-    from edgepipe.quantize import WeightOnly, quantize
+    from edgepipe.quantize import quantize
 
     res_f = work / "results" / f"{name}.json"
-    cfg = WeightOnly(**cfg_kw)
     if res_f.exists():
         r = json.loads(res_f.read_text())
-        if r["config"] == cfg.to_dict():
+        if r["config"] == profile_record(cfg_kw):
             return r
     out = work / "q" / name
     t0 = time.time()
-    info = quantize(fp32, out, cfg, importance=imp)
+    info = quantize(fp32, out, scheme_of(cfg_kw), importance=imp)
     tq = time.time() - t0
     acc = scorer(out)
     r = {
         "name": name,
-        "config": cfg.to_dict(),
+        "config": profile_record(cfg_kw),
         "bytes": artifact_bytes(out),
         "matmuls": info["matmuls"],
         "quantize_s": round(tq, 1),
@@ -294,8 +311,8 @@ def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
     import onnx
     from onnx import numpy_helper
 
-    import edgepipe.quantize as q
     import edgepipe.quantize.gptq as g
+    import edgepipe.quantize.handlers as q
 
     model = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
     rows = []
@@ -336,11 +353,12 @@ def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
 
 def bytes8(r: dict, block: int | None) -> int:
     """Bytes of a matrix at 8 bits, asymmetric, in blocks of ``block`` (None: as measured)."""
+    from edgepipe.quantize import Format
+
     if block is None:
         return r["bytes8"]
     K, N = r["shape"]
-    nb = -(-K // block)
-    return N * nb * (block + 4 + 1)
+    return Format(8, block, symmetric=False).nbytes(K, N)
 
 
 def greedy_ops(
@@ -369,8 +387,7 @@ def kl_weight(ctx, r: dict) -> float:
 
 
 def variants(ctx) -> dict[str, Callable]:
-    """name -> function(ctx) returning WeightOnly keyword arguments (some need measured figures)."""
-    from edgepipe.quantize import WeightOnly
+    """name -> function(ctx) returning a profile's quantization fields (some need measured figures)."""
     from edgepipe.targets import load_target
 
     def greedy(weight=lambda ctx, r: 1.0, budget=Q4_K_M["bytes"], **over):
@@ -410,9 +427,7 @@ def variants(ctx) -> dict[str, Callable]:
         "q4_0-size-int4-block32": greedy(
             weight=kl_weight, budget=int(Q4_0_BYTES * 1.05), embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64
         ),
-        "raspberrypi5": lambda ctx: WeightOnly.from_target(
-            load_target("raspberrypi5").quantization
-        ).to_dict(),
+        "raspberrypi5": lambda ctx: profile_record(dataclasses.asdict(load_target("raspberrypi5").quantization)),
     }
 
 
@@ -504,7 +519,7 @@ class Context:
 
     def bytes_of(self, kw) -> int:
         """Artifact bytes of a configuration (quantized, not scored)."""
-        from edgepipe.quantize import WeightOnly, quantize
+        from edgepipe.quantize import quantize
 
         f = (
             self.work
@@ -513,7 +528,7 @@ class Context:
         )
         if not f.exists():
             out = self.work / "q" / "size-probe"
-            quantize(self.fp32, out, WeightOnly(**kw), importance=self.imp)
+            quantize(self.fp32, out, scheme_of(kw), importance=self.imp)
             f.parent.mkdir(exist_ok=True)
             f.write_text(json.dumps({"config": kw, "bytes": artifact_bytes(out)}, default=list))
         return json.loads(f.read_text())["bytes"]

@@ -42,12 +42,25 @@ class StageOutput:
     info: dict[str, Any]
 
 
+def _plain(value: Any) -> Any:
+    """A config value as JSON-able data that names its type: two configs of different types with the
+    same fields (say ``Mse(steps=12)`` and ``Imatrix(steps=12)``) must not share a key."""
+    if hasattr(value, "to_dict"):
+        return {"type": type(value).__name__, "fields": value.to_dict()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, "fields": {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 def config_parts(stage: str, config: Any) -> dict[str, Any]:
-    """The cache key's inputs: the stage's name, its config's fields and version."""
+    """The cache key's inputs: the stage's name, its config's fields (typed) and version."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"a stage config is a dataclass instance, got {config!r}")  # a bug, not user input
-    fields = dataclasses.asdict(config)
-    return {"stage": stage, "config": fields, "v": getattr(config, "VERSION", 1)}
+    return {"stage": stage, "config": _plain(config), "v": getattr(config, "VERSION", 1)}
 
 
 def run_cached(

@@ -147,7 +147,7 @@ def find_export(model_dir: Path) -> Path | None:
             parts = json.loads(marker.read_text())["parts"]
         except (OSError, ValueError, KeyError):
             continue
-        if parts.get("config", {}).get("source_sha256") == sha and (marker.parent / "model" / "model.onnx").is_file():
+        if parts.get("config", {}).get("fields", {}).get("source_sha256") == sha and (marker.parent / "model" / "model.onnx").is_file():
             return marker.parent / "model"
     return None
 

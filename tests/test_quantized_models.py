@@ -10,9 +10,10 @@ import onnx
 import pytest
 from conftest import HIDDEN, LAYERS, TIED, VOCAB
 
-from edgepipe.quantize import WeightOnly, plan_bits
+from edgepipe.quantize import plan_from_onnx, scheme_from_target
 from edgepipe.runtime.evaluate import log_softmax
 from edgepipe.runtime.model import CausalLM
+from edgepipe.targets import Quantization
 
 BITS = {"raspberrypi5": 4, "x86-avx512": 8}
 # the Pi profiles' table is int4, its bytes spent on 8-bit matrices instead (benchmarks/RESULTS.md)
@@ -70,11 +71,13 @@ def test_quantized_graph(zoo, arch, target):
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(fp_weights), ops
     assert weight_matmuls(q) == [], "a MatMul with a constant weight was left in fp32"
-    cfg = WeightOnly(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest.to_dict()["quantization"]["config"].items()})
+    cfg = Quantization(**{k: tuple(v) if isinstance(v, list) else v for k, v in res.manifest.to_dict()["quantization"]["config"].items()})
     assert cfg.bits == bits and cfg.embedding_bits == EMBEDDING_BITS[target]
     # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
     by_weight = {n.input[1]: n for n in nbits}
-    planned = {w.input[1]: plan_bits(w.input[1], LAYERS, cfg) for w in fp_weights}
+    plan = plan_from_onnx(f, scheme_from_target(cfg))
+    assert plan.num_layers == LAYERS
+    planned = {w.input[1]: plan[w.input[1]].format.bits for w in fp_weights}
     got = {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "bits") for w, b in planned.items()}
     assert got == planned
     heads = [n for n in nbits if "lm_head" in n.input[1]]

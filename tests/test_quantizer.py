@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepipe.quantize import WeightOnly, quantize
+from edgepipe.quantize import Gptq, Imatrix, MixedPrecision, Rtn, plan_from_onnx, quantize, scheme_from_target
 from edgepipe.quantize.blockwise import pack, quantize_matrix, unpack
 from edgepipe.quantize.gptq import gptq_matrix
 
@@ -106,8 +106,6 @@ def _rtn_for_test(w, symmetric):
 def test_gptq_weights_are_the_4_bit_matrices(tmp_path):
     """Calibration computes Hessians only for what GPTQ quantizes: 8-bit matrices (eight_bit_ops)
     and the embedding table are rounded to nearest and need none."""
-    from edgepipe.quantize import gptq_weights
-
     rng = np.random.default_rng(3)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
     nodes, inits, prev = [], [], "x"
@@ -121,11 +119,11 @@ def test_gptq_weights_are_the_4_bit_matrices(tmp_path):
     y = helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 64])
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
     onnx.save(model, tmp_path / "model.onnx")
-    cfg = WeightOnly(bits=4, block_size=32, algorithm="gptq", eight_bit_ops=("down_proj@0-1", "qkv_proj@2"))
-    got = gptq_weights(tmp_path / "model.onnx", cfg)
+    cfg = MixedPrecision(default=Gptq(bits=4, block_size=32), eight_bit=Rtn(bits=8, block_size=32), eight_bit_ops=("down_proj@0-1", "qkv_proj@2"))
+    got = plan_from_onnx(tmp_path / "model.onnx", cfg).hessian_weights()
     assert got == {"model.layers.0.attn.qkv_proj.MatMul.weight", "model.layers.1.attn.qkv_proj.MatMul.weight",
                    "model.layers.2.attn.down_proj.MatMul.weight"}
-    assert gptq_weights(tmp_path / "model.onnx", WeightOnly(bits=4, block_size=32, algorithm="rtn")) == set()
+    assert plan_from_onnx(tmp_path / "model.onnx", Rtn(bits=4, block_size=32)).hessian_weights() == set()
 
 
 def test_padding_when_k_is_not_a_block_multiple():
@@ -179,7 +177,7 @@ def test_one_matmul_graph_through_onnxruntime(tmp_path, bits, symmetric, K, leve
     y_fp32 = run(src, x)
     np.testing.assert_allclose(y_fp32, x @ w, atol=1e-4)
 
-    cfg = WeightOnly(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=level, algorithm="rtn")
+    cfg = Rtn(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=level)
     info = quantize(src, tmp_path / "q", cfg)
     assert info["matmuls"] == {"int4": int(bits == 4), "int8": int(bits == 8), "fp32": 0}
     q = onnx.load(str(tmp_path / "q" / "model.onnx"))
@@ -222,7 +220,7 @@ def test_tied_embedding_becomes_gather_block_quantized(tmp_path):
     model.ir_version = 9
     (tmp_path / "fp32").mkdir()
     onnx.save(model, str(tmp_path / "fp32" / "model.onnx"))
-    info = quantize(tmp_path / "fp32", tmp_path / "q", WeightOnly(bits=4, embedding_bits=8, accuracy_level=0))
+    info = quantize(tmp_path / "fp32", tmp_path / "q", MixedPrecision(default=Imatrix(bits=4, accuracy_level=0), table=Rtn(bits=8, accuracy_level=0)))
     assert info["embedding"] == "int8 (shared with lm_head)"
     q = onnx.load(str(tmp_path / "q" / "model.onnx"))
     ops = Counter(n.op_type for n in q.graph.node)
@@ -277,7 +275,9 @@ def test_eight_bit_matrices_get_their_own_block(tmp_path):
     model.ir_version = 9
     (tmp_path / "fp32").mkdir()
     onnx.save(model, str(tmp_path / "fp32" / "model.onnx"))
-    cfg = WeightOnly(bits=4, block_size=32, algorithm="rtn", accuracy_level=0, eight_bit_ops=("down_proj@last",), eight_bit_block_size=64)
+    cfg = MixedPrecision(
+        default=Rtn(bits=4, block_size=32, accuracy_level=0), eight_bit=Rtn(bits=8, block_size=64, accuracy_level=0), eight_bit_ops=("down_proj@last",)
+    )
     info = quantize(tmp_path / "fp32", tmp_path / "q", cfg)
     assert info["matmuls"] == {"int4": 1, "int8": 1, "fp32": 0}
     q = onnx.load(str(tmp_path / "q" / "model.onnx"))
@@ -304,7 +304,7 @@ def test_eight_bit_block_size_in_the_profile_schema():
     from edgepipe.targets import load_target, parse_target
 
     t = load_target("raspberrypi5")
-    assert WeightOnly.from_target(t.quantization).eight_bit_block_size == t.quantization.eight_bit_block_size
+    assert scheme_from_target(t.quantization).eight_bit.block_size == t.quantization.eight_bit_block_size
     data = t.to_dict()
     data["quantization"]["eight_bit_block_size"] = 48
     with pytest.raises(TargetError, match="eight_bit_block_size is 48; use 16, 32, 64, 128 or 256"):

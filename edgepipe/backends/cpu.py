@@ -27,7 +27,7 @@ class CpuBackend:
         from edgepipe.models import resolve_model
         from edgepipe.optimize.stage import OptimizeConfig, run_optimize
         from edgepipe.package import tool_versions
-        from edgepipe.quantize import WeightOnly
+        from edgepipe.quantize import scheme_from_target
         from edgepipe.quantize.stage import QuantizeConfig, run_quantize
         from edgepipe.runtime.threads import resolve_threads
         from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
@@ -53,7 +53,7 @@ class CpuBackend:
         tok = fp32.model_dir / "tokenizer.json"
         calib_windows = token_windows(tok, calib, CALIB_WINDOWS, "calibration")
         eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
-        qcfg = QuantizeConfig(fp32.key, WeightOnly.from_target(tgt.quantization), key_of({"t": calib.text}))
+        qcfg = QuantizeConfig(fp32.key, scheme_from_target(tgt.quantization), key_of({"t": calib.text}))
         quant = run_quantize(fp32, qcfg, calib_windows, ctx, num_parameters=info.num_parameters, model_config=info.config)
         timings["quantize_s"] = round(time.time() - t0, 2)
 

@@ -215,8 +215,9 @@ def quantize_matrix(
     symmetric: bool = False,
     algorithm: str = "rtn",
     importance: np.ndarray | None = None,
+    steps: int = 12,
 ) -> QuantizedBlocks:
-    """Quantize a MatMul weight ``weight`` [K, N] block-wise along K."""
+    """Quantize a MatMul weight ``weight`` [K, N] block-wise along K (``steps``: clipping ranges the search tries)."""
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
     if bits not in (4, 8):
@@ -235,7 +236,7 @@ def quantize_matrix(
     if algorithm == "rtn":
         scale, zp = _rtn(w, bits, symmetric)
     elif algorithm in ("mse", "imatrix"):
-        scale, zp = _mse(w, imp, bits, symmetric)
+        scale, zp = _mse(w, imp, bits, symmetric, steps)
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     qmax = (1 << bits) - 1

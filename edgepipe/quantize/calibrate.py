@@ -56,6 +56,52 @@ class Importance(Mapping):
         return len(self._diag) + len(self._hessians)
 
 
+def _hessian_activations(acts: dict[str, str], hessians: bool | Collection[str]) -> set[str]:
+    """The activations whose x^T x calibration keeps: all, or those of the named weights."""
+    if hessians is True:
+        return set(acts.values())
+    named = set(hessians or ())
+    return {a for w, a in acts.items() if w in named}
+
+
+class _Accumulator:
+    """Sums of x^2 (per channel) and x^T x per watched activation, reduced to means as each piece
+    of the segmented run finishes; a finished Hessian goes to ``store`` when one is given."""
+
+    def __init__(self, h_acts: set[str], count: int, store: Path | None):
+        self.h_acts, self.count, self.store = h_acts, count, store
+        self.sums: dict[str, np.ndarray] = {}
+        self.outer: dict[str, np.ndarray] = {}
+        self.diag: dict[str, np.ndarray] = {}
+        self.hessians: dict[str, np.ndarray | Path] = {}
+
+    def on_watched(self, _feed: int, name: str, val: np.ndarray) -> None:
+        x = val.reshape(-1, val.shape[-1]).astype(np.float32, copy=False)
+        sq = np.square(x, dtype=np.float64).sum(0)
+        self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
+        if name in self.h_acts:
+            xtx = x.T @ x  # float32 GEMM; a window's 512 tokens lose nothing that matters here
+            if name in self.outer:
+                self.outer[name] += xtx
+            else:
+                self.outer[name] = xtx
+
+    def on_segment_done(self, _k: int, names: list[str]) -> None:
+        for name in names:
+            self.diag[name] = (self.sums.pop(name) / self.count).astype(np.float32)
+            if name in self.outer:
+                h = self.outer.pop(name)
+                h /= self.count
+                self.hessians[name] = self._keep(h)
+
+    def _keep(self, h: np.ndarray) -> np.ndarray | Path:
+        if self.store is None:
+            return h
+        path = Path(self.store) / f"h{len(self.hessians):04d}.npy"
+        np.save(path, h)
+        return path
+
+
 def collect_importance(
     model_dir: Path,
     windows: Iterable[np.ndarray],
@@ -78,53 +124,21 @@ def collect_importance(
     windows = list(windows)
     runner = SegmentedRunner(model_dir, max_bytes=max_segment_bytes or DEFAULT_SEGMENT_BYTES, threads=threads)
     acts = weight_matmuls(runner.model)
-    wanted = set(acts.values())
-    if hessians is True:
-        h_acts = wanted
-    else:
-        named = set(hessians or ())
-        h_acts = {a for w, a in acts.items() if w in named}
     count = sum(int(np.asarray(w).shape[0]) for w in windows)
     if not count:
         return Importance({}, {})
-    sums: dict[str, np.ndarray] = {}
-    outer: dict[str, np.ndarray] = {}
-    done_diag: dict[str, np.ndarray] = {}
-    done_h: dict[str, np.ndarray | Path] = {}
     if store is not None:
         Path(store).mkdir(parents=True, exist_ok=True)
-
-    def on_watched(_feed: int, name: str, val: np.ndarray) -> None:
-        x = val.reshape(-1, val.shape[-1]).astype(np.float32, copy=False)
-        sq = np.square(x, dtype=np.float64).sum(0)
-        sums[name] = sq if name not in sums else sums[name] + sq
-        if name in h_acts:
-            xtx = x.T @ x  # float32 GEMM; a window's 512 tokens lose nothing that matters here
-            if name in outer:
-                outer[name] += xtx
-            else:
-                outer[name] = xtx
-
-    def on_segment_done(_k: int, names: list[str]) -> None:
-        for name in names:
-            done_diag[name] = (sums.pop(name) / count).astype(np.float32)
-            if name in outer:
-                h = outer.pop(name)
-                h /= count
-                if store is not None:
-                    path = Path(store) / f"h{len(done_h):04d}.npy"
-                    np.save(path, h)
-                    done_h[name] = path
-                else:
-                    done_h[name] = h
+    acc = _Accumulator(_hessian_activations(acts, hessians), count, store)
 
     def say(msg: str) -> None:
         if progress:
             progress(f"calibrating: {msg.removeprefix('fp32 reference: ')}")
 
     runner.run(
-        decoder_feeds(model_dir, windows), [], watch=wanted, on_watched=on_watched, on_segment_done=on_segment_done, progress=say
+        decoder_feeds(model_dir, windows), [], watch=set(acts.values()), on_watched=acc.on_watched,
+        on_segment_done=acc.on_segment_done, progress=say,
     )
-    diag = {w: done_diag[a] for w, a in acts.items() if a in done_diag}
-    hs = {f"{w}@H": done_h[a] for w, a in acts.items() if a in done_h}
+    diag = {w: acc.diag[a] for w, a in acts.items() if a in acc.diag}
+    hs = {f"{w}@H": acc.hessians[a] for w, a in acts.items() if a in acc.hessians}
     return Importance(diag, hs)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.export.stage import ExportResult
-from edgepipe.quantize import WeightOnly, gptq_weights
+from edgepipe.quantize import MixedPrecision, plan_from_onnx
 from edgepipe.stage import StageContext, run_cached
 
 
@@ -25,7 +25,7 @@ class QuantizeConfig:
     VERSION = 5
 
     export_key: str
-    scheme: WeightOnly
+    scheme: MixedPrecision
     calib_key: str  # hash of the calibration text
 
 
@@ -58,19 +58,19 @@ def run_quantize(
     model_config: dict[str, Any],
 ) -> QuantizeResult:
     scheme = config.scheme
-    calibrated = scheme.algorithm in ("imatrix", "gptq") and scheme.bits != 32
 
     def produce(tmp: Path) -> dict[str, Any]:
         from edgepipe.quantize import quantize
         from edgepipe.quantize.calibrate import collect_importance
 
         importance = None
-        if calibrated:
+        if scheme.needs_calibration:
             ctx.progress("calibrating: activation statistics on the calibration text")
             # Hessians go to disk and come back one at a time: 12 GB of them for a 2.5B model
             importance = collect_importance(
                 source.model_dir, calib_windows, threads=ctx.threads,
-                hessians=gptq_weights(source.model_dir / "model.onnx", scheme), store=tmp / "hessians", progress=ctx.progress,
+                hessians=plan_from_onnx(source.model_dir / "model.onnx", scheme).hessian_weights(), store=tmp / "hessians",
+                progress=ctx.progress,
             )
         try:
             return quantize(source.model_dir, tmp / "model", scheme, importance=importance, progress=ctx.progress)
@@ -78,7 +78,7 @@ def run_quantize(
             del importance
             shutil.rmtree(tmp / "hessians", ignore_errors=True)
 
-    extra = hessian_bytes(model_config) if scheme.algorithm == "gptq" else 0
+    extra = hessian_bytes(model_config) if scheme.needs_hessian else 0
     out = run_cached(
         "quantize", config, produce, ctx,
         need_bytes=int(num_parameters * 1.5) + extra, need_ram_bytes=int(num_parameters * 1.2) + (3 << 30),
