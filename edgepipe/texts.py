@@ -58,3 +58,12 @@ def token_windows(tokenizer_path: Path, text: Text, n: int, what: str) -> list[n
     if len(ids) < MIN_EVAL_TOKENS:
         raise InputError(f"{what} text {text.source} has {len(ids)} tokens; it needs at least {MIN_EVAL_TOKENS}")
     return windows_from_ids(ids, min(EVAL_WINDOW, len(ids)), n)
+
+
+def split_sentences(text: str, min_chars: int = 15, max_chars: int = 400) -> list[str]:
+    """Plain-text sentences (whitespace-normalised): an encoder's calibration passages and eval set."""
+    import re
+
+    flat = re.sub(r"\s+", " ", text)
+    parts = re.split(r"(?<=[.!?])\s+(?=[\"'A-Z])", flat)
+    return [p.strip() for p in parts if min_chars <= len(p.strip()) <= max_chars]

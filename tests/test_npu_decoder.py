@@ -17,9 +17,12 @@ import pytest
 pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed: pip install 'edgepipe[npu]'")
 
 from edgepipe.errors import InputError, ModelError  # noqa: E402
-from edgepipe.npu import decoder as dec  # noqa: E402
+from edgepipe.export import static_llama as dec  # noqa: E402
 from edgepipe.npu import qnn  # noqa: E402
+from edgepipe.runtime.static_lm import StaticDecoder  # noqa: E402
 from edgepipe.targets import load_target  # noqa: E402
+from edgepipe.texts import Text  # noqa: E402
+from edgepipe.validate.npu import evaluate_windows  # noqa: E402
 
 P, C = 16, 48  # prefill length and KV capacity of the tiny graphs
 
@@ -102,9 +105,9 @@ def test_static_graphs_are_plain_static_onnx(fp32_graphs: dict[str, Path], tiny_
 def test_fp32_static_graphs_match_transformers(fp32_graphs: dict[str, Path], tiny_llama: Path, zoo) -> None:
     """Teacher-forced over 40 eval tokens (16 by prefill, 24 by decode steps through the cache)."""
     spec = dec.read_decoder_spec(tiny_llama)
-    host = dec.StaticDecoder(spec, P, C)
+    host = StaticDecoder(spec, P, C)
     window = zoo.eval_ids(P + 24, offset=100)
-    logits, _ = dec.evaluate_windows(host, fp32_graphs["prefill"], fp32_graphs["decode"], [window], 0, _cpu)
+    logits, _ = evaluate_windows(host, fp32_graphs["prefill"], fp32_graphs["decode"], [window], 0, _cpu)
     ref = dec.hf_logits(zoo.torch_model("llama"), window)
     assert logits[0].shape == ref.shape == (P + 24, 384)
     diff = np.abs(logits[0] - ref)
@@ -131,7 +134,7 @@ def test_kv_decode_loop_greedy_equals_hf_greedy(fp32_graphs: dict[str, Path], ti
     """A 10-token prompt (right-padded in the 16-token prefill), then 20 decode steps."""
 
     spec = dec.read_decoder_spec(tiny_llama)
-    host = dec.StaticDecoder(spec, P, C)
+    host = StaticDecoder(spec, P, C)
     prompt = zoo.eval_ids(10, offset=300)
     pre, de = _cpu(fp32_graphs["prefill"]), _cpu(fp32_graphs["decode"])
     ours = host.greedy(lambda f: pre.run(None, f), lambda f: de.run(None, f), prompt, 21, pad_id=0)
@@ -195,30 +198,34 @@ def test_runtime_generates_like_hf_through_the_static_graphs(fp32_graphs, tiny_l
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+def tiny_build(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str], object]:
     """The whole decoder build of the tiny Llama on the simulator, once for the module."""
+    from edgepipe.backends.npu import build_decoder
+
     out = tmp_path_factory.mktemp("npu_dec") / "artifact"
     messages: list[str] = []
-    m = dec.build_decoder_npu(
+    res = build_decoder(
         tiny_llama,
         _target(),
         out,
-        calib_text=_text("calib.txt"),
-        eval_text=_text("eval.txt"),
+        calib=Text(_text("calib.txt"), "calib.txt"),
+        evalt=Text(_text("eval.txt"), "eval.txt"),
         eval_windows=2,
         eval_decode_steps=6,
         progress=messages.append,
     )
-    return out, m, messages
+    return out, dict(res.manifest.metrics), messages, res
 
 
 def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None:
-    out, m, messages = tiny_build
+    from edgepipe.npu.decoder import TOKENIZER_FILES
+
+    out, m, messages, res = tiny_build
     for graph in ("prefill", "decode"):
         cov = m["coverage"][graph]
         assert cov["whole_graph_on_npu"] and cov["npu_nodes"] == cov["total_nodes"] > 300, cov
         assert cov["cpu_nodes"] == [] and cov["fraction"] == 1.0
-    assert m["whole_model_on_npu"] and m["verdict"] == "pass" and m["verdict_reasons"] == []
+    assert m["whole_model_on_npu"] and res.manifest.verdict == "pass" and res.failed_budgets == []
     acc = m["npu_accuracy"]
     assert acc["positions"] == 2 * (P - 1 + 6) == m["eval"]["scored_positions"]
     assert acc["top1_agreement"] >= 0.75, acc
@@ -241,7 +248,7 @@ def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None
         "prefill_ctx_qnn.bin",
         "tokenizer.json",
     }
-    assert shipped <= names and names - shipped <= set(dec.TOKENIZER_FILES), names
+    assert shipped <= names and names - shipped <= {*TOKENIZER_FILES, "manifest.json", "report.md"}, names
     assert m["context_binary_bytes"]["decode"] == (out / "decode_ctx_qnn.bin").stat().st_size > 0
     config = json.loads((out / "npu_config.json").read_text())
     assert (config["seq_len"], config["context_length"], config["htp_arch"]) == (P, C, 75)
@@ -252,7 +259,7 @@ def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None
 
     assert {n.op_type for n in onnx.load(str(out / "decode_ctx.onnx")).graph.node} == {"EPContext"}
     spec = dec.read_decoder_spec(tiny_llama)
-    host = dec.StaticDecoder(spec, P, C)
+    host = StaticDecoder(spec, P, C)
     cache = [np.zeros((1, 2, C, 16), np.float32) for _ in range(4)]
     feeds = host.decode_feeds(7, 0, cache)
     results = []
@@ -315,8 +322,9 @@ def _rejected_erf_model(path: Path) -> Path:
 
 def test_rejected_op_in_coverage_report_and_verdict(tmp_path: Path) -> None:
     """A real QNN rejection: coverage < 100 % names the op and QNN's reason; with fallback
-    forbidden the verdict fails on the coverage budget, with fallback allowed it does not."""
-    from edgepipe.npu.report import decoder_report
+    forbidden the budget checker fails the coverage budget, with fallback allowed it does not."""
+    from edgepipe.package.npu_report import decoder_report
+    from edgepipe.validate import Coverage, Measured, check_budgets, failed
 
     cov = qnn.check_coverage(_rejected_erf_model(tmp_path / "erf.onnx"), 75)
     assert not cov.whole and 0 < cov.npu_nodes < cov.total_nodes
@@ -326,18 +334,26 @@ def test_rejected_op_in_coverage_report_and_verdict(tmp_path: Path) -> None:
     assert all(n["reason"] for n in d["cpu_nodes"])
     acc = {"top1_agreement": 0.95, "ppl_increase_pct": 1.0}
     strict = load_target("snapdragon-8gen3")
-    reasons = dec.verdict_reasons({"prefill": cov}, False, acc, strict.budgets)
+
+    def checks(target, coverage):
+        return check_budgets(target, Measured(
+            top1_agreement=acc["top1_agreement"], ppl_increase_pct=acc["ppl_increase_pct"],
+            coverage={g: Coverage(c.npu_nodes, c.total_nodes) for g, c in coverage.items()},
+        ))
+
+    reasons = checks(strict, {"prefill": cov})
+    row = {c.budget: c for c in reasons}["npu_coverage_prefill"]
     assert (
-        len(reasons) == 1
-        and reasons[0].startswith("npu_coverage_prefill:")
-        and f"{cov.npu_nodes}/{cov.total_nodes}" in reasons[0]
+        failed(reasons) == ["npu_coverage_prefill"]
+        and row.status == "fail"
+        and f"{cov.npu_nodes}/{cov.total_nodes}" in row.note
     )
-    assert dec.verdict_reasons({"prefill": cov}, True, acc, strict.budgets) == []
+    allowed = dataclasses.replace(strict, npu=dataclasses.replace(strict.npu, allow_cpu_fallback=True))
+    assert failed(checks(allowed, {"prefill": cov})) == []
+    assert "npu_coverage_prefill" not in {c.budget for c in checks(allowed, {"prefill": cov})}
     budgets = dataclasses.replace(strict.budgets, min_top1_agreement=0.99, max_ppl_increase_pct=0.5)
-    assert [r.split(":")[0] for r in dec.verdict_reasons({}, True, acc, budgets)] == [
-        "min_top1_agreement",
-        "max_ppl_increase_pct",
-    ]
+    raised = checks(dataclasses.replace(allowed, budgets=budgets), {})
+    assert sorted(r.split(":")[0] for r in failed(raised)) == sorted(["min_top1_agreement", "max_ppl_increase_pct"])
     metrics = {
         "coverage": {"prefill": d},
         "context_binary_bytes": {},

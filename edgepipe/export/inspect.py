@@ -117,7 +117,8 @@ def _check_safetensors(path: Path) -> int:
     return params
 
 
-def _hash_files(paths: list[Path]) -> str:
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over each file's name and bytes, in the given order: a model folder's content key."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0")
@@ -216,5 +217,5 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
         weight_files=tuple(weights),
         num_parameters=params,
         weight_bytes=sum(w.stat().st_size for w in weights),
-        sha256=_hash_files(hashed),
+        sha256=hash_files(hashed),
     )

@@ -1,12 +1,7 @@
-"""Qualcomm Hexagon NPU (HTP) path: QDQ + EPContext artifacts through onnxruntime-qnn.
+"""Qualcomm Hexagon NPU (HTP) stages through onnxruntime-qnn: QDQ graphs and EPContext binaries.
 
-Public entry point: :func:`build_npu`. Heavy imports (torch, onnxruntime-qnn) happen inside
-the functions, so importing this package costs nothing on a machine without them.
+``decoder`` and ``encoder`` hold each kind's cached stages, ``compile`` the coverage check and
+EPContext compile both share (over ``qnn``), ``data`` the encoder's default texts. The backend
+``edgepipe.backends.npu`` composes them. Heavy imports (torch, onnxruntime-qnn) happen inside the
+functions, so importing this package costs nothing on a machine without them.
 """
-
-from __future__ import annotations
-
-from edgepipe.npu.encoder import build_npu
-from edgepipe.npu.qnn import Coverage, NpuCoverageError, NpuUnavailableError
-
-__all__ = ["Coverage", "NpuCoverageError", "NpuUnavailableError", "build_npu"]

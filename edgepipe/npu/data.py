@@ -28,6 +28,6 @@ def eval_set() -> dict[str, Any]:
 
 
 def default_eval_sentences() -> list[str]:
-    """Queries then documents, flat: the input ``build_npu`` takes."""
+    """Queries then documents, flat: the encoder build's default eval sentences."""
     data = eval_set()
     return list(data["queries"]) + list(data["documents"])

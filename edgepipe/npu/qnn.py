@@ -1,4 +1,4 @@
-"""The build's side of onnxruntime-qnn: op coverage of a QDQ graph, EPContext compile, QDQ quantize.
+"""The build's side of onnxruntime-qnn: op coverage of a QDQ graph and its EPContext compile.
 
 Sessions themselves (plug-in EP registration, HTP options, stderr capture of QNN's reasons) live in
 :mod:`edgepipe.runtime.qnn`, which a phone runs too; this module adds what only a build does.
@@ -74,45 +74,6 @@ class Coverage:
                 first.setdefault(r.op_type, r.reason)
             text += "; on the CPU: " + ", ".join(f"{n}x {t} ({first[t]})" for t, n in by_type.most_common())
         return text
-
-
-def qdq_quantize(
-    pre: Path, out: Path, feeds: list[Any], cfg: Any, *, stride: int | None = None, external_data: bool | None = None
-) -> None:
-    """QDQ-quantize the QNN-preprocessed model ``pre`` into ``out``, calibrated on ``feeds``.
-
-    ``cfg`` gives activation / weight types and per-channel; ``stride=1`` computes MinMax ranges
-    run by run and merges them (the reader serves feeds in ranges, which strided calibration asks
-    for and plain calibration never does); ``external_data`` overrides where weights are written.
-    """
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.set_range(0, len(feeds))
-
-        def __len__(self) -> int:
-            return len(feeds)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(feeds[start_index:end_index])
-
-        def get_next(self) -> Any:
-            return next(self._it, None)
-
-    types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16, "int8": QuantType.QInt8}
-    qcfg = get_qnn_qdq_config(
-        str(pre),
-        Reader(),
-        activation_type=types[cfg.activation_type],
-        weight_type=types[cfg.weight_type],
-        per_channel=cfg.per_channel,
-        **({"stride": stride} if stride is not None else {}),
-    )
-    if external_data is not None:
-        qcfg.use_external_data_format = external_data
-    quantize(str(pre), str(out), qcfg)
 
 
 def check_coverage(model: Path, htp_arch: int, soc_model: int | None = None) -> Coverage:

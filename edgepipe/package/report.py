@@ -13,6 +13,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def budget_table(budgets: list[dict[str, Any]]) -> list[str]:
+    """The "Budgets" section: every budget of the target, measured value, status and why."""
+    lines = ["## Budgets", "", "| budget | limit | measured | status |", "|---|---|---|---|"]
+    for c in budgets:
+        lines.append(f"| {c['budget']} | {_fmt(c['limit'], 2)} | {_fmt(c['value'], 3)} | {c['status']}{' — ' + c['note'] if c.get('note') else ''} |")
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     src, tgt, met = m["source_model"], m["target"], m["metrics"]
     cpu = tgt.get("cpu") or {}
@@ -42,14 +50,7 @@ def render_report(m: dict[str, Any]) -> str:
             "> quantization loss measured on it understates what a model trained in full precision loses.",
             "",
         ]
-    lines += [
-        "## Budgets",
-        "",
-        "| budget | limit | measured | status |",
-        "|---|---|---|---|",
-    ]
-    for c in m.get("budgets", []):
-        lines.append(f"| {c['budget']} | {_fmt(c['limit'], 2)} | {_fmt(c['value'], 3)} | {c['status']}{' — ' + c['note'] if c.get('note') else ''} |")
+    lines += budget_table(m.get("budgets", []))
     ev = m.get("eval", {})
     lines += [
         "",

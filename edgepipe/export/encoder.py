@@ -1,0 +1,174 @@
+"""Sentence-embedding encoder (BERT family, sentence-transformers folder) -> one static fp32 graph.
+
+:func:`read_spec` reads the folder: ``config.json``, ``tokenizer.json`` and the sentence-transformers
+``modules.json`` / pooling config, so the ONNX graph computes the same embedding as
+``SentenceTransformer.encode`` (mean or CLS pooling, optional L2 norm). :func:`export_encoder`
+exports it with a *static* shape (batch 1, ``seq_len`` tokens) with torch.onnx: the HTP compiles
+fixed shapes only. The attention mask is turned into an additive bias of ``MASK_BIAS`` inside the
+graph instead of transformers' ``finfo.min``: the quantizer gives the "scores + mask" tensor one
+scale, and a range reaching -3.4e38 would leave no resolution for the scores themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import ModelError
+
+MASK_BIAS = -100.0  # exp(-100) ~ 4e-44: masked keys get no weight, and the range stays small
+OPSET = 20  # Gelu is an ONNX op from opset 20 on
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
+# besides config, weights and tokenizer: the sentence-transformers files that change the embedding
+ST_FILES = ("modules.json", "sentence_bert_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """What the folder says about how to compute one sentence embedding."""
+
+    model_dir: Path
+    model_type: str
+    hidden_size: int
+    pooling: str  # "mean" or "cls"
+    normalize: bool
+    max_seq_length: int
+    uses_token_type_ids: bool
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}; fix or re-save the model folder") from None
+
+
+def _pooling(model_dir: Path, module: dict[str, Any]) -> str | None:
+    """``mean`` or ``cls`` from a Pooling module's config (None when it has none)."""
+    pcfg_path = model_dir / module.get("path", "") / "config.json"
+    if not pcfg_path.is_file():
+        return None
+    modes = [k for k, v in _read_json(pcfg_path).items() if k.startswith("pooling_mode_") and v]
+    if modes == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if modes == ["pooling_mode_cls_token"]:
+        return "cls"
+    raise ModelError(f"{pcfg_path}: pooling {modes} is not supported (mean or cls only)")
+
+
+def _modules(model_dir: Path) -> tuple[str, bool]:
+    """(pooling, normalize) from ``modules.json``; a plain HF folder (none) gets mean pooling and
+    L2 normalisation, the sentence-transformers default for such models."""
+    modules_path = model_dir / "modules.json"
+    if not modules_path.is_file():
+        return "mean", True
+    pooling, normalize = "mean", False
+    for m in _read_json(modules_path):
+        kind = str(m.get("type", ""))
+        if kind.endswith(".Pooling"):
+            pooling = _pooling(model_dir, m) or pooling
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        elif not kind.endswith(".Transformer"):
+            raise ModelError(f"{modules_path}: module {m.get('type')} is not supported on the NPU path")
+    return pooling, normalize
+
+
+def read_spec(model_dir: Path) -> EncoderSpec:
+    """Read ``config.json`` and the sentence-transformers modules of ``model_dir``."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{model_dir} has no config.json; point --model at a Hugging Face model folder")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelError(f"{model_dir} has no tokenizer.json; save the tokenizer with the model (fast tokenizer)")
+    cfg = _read_json(cfg_path)
+    model_type = str(cfg.get("model_type", ""))
+    if model_type not in ENCODER_TYPES:
+        raise ModelError(
+            f"{model_dir}: model_type {model_type!r} is not a supported encoder for the NPU path "
+            f"({', '.join(ENCODER_TYPES)})"
+        )
+    pooling, normalize = _modules(model_dir)
+    max_len = int(cfg.get("max_position_embeddings", 512))
+    st_cfg = model_dir / "sentence_bert_config.json"
+    if (model_dir / "modules.json").is_file() and st_cfg.is_file():
+        max_len = int(_read_json(st_cfg).get("max_seq_length", max_len))
+    return EncoderSpec(
+        model_dir=model_dir,
+        model_type=model_type,
+        hidden_size=int(cfg.get("hidden_size", cfg.get("dim", 0))),
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=max_len,
+        uses_token_type_ids=int(cfg.get("type_vocab_size", 0) or 0) > 0,
+    )
+
+
+def source_sha256(model_dir: Path) -> str:
+    """The content hash that keys the export: config, weights, tokenizer and sentence-transformers
+    files. (``edgepipe.export.inspect_model`` checks decoder configs, which encoders such as
+    DistilBERT's do not follow.)"""
+    from edgepipe.export.inspect import hash_files
+
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ModelError(f"{model_dir} has no *.safetensors (or *.bin) weights; pass a complete model folder")
+    extra = sorted(model_dir.glob("*/config.json"))  # the Pooling module's config
+    names = ("config.json", *TOKENIZER_FILES, *ST_FILES)
+    return hash_files([model_dir / n for n in names if (model_dir / n).is_file()] + weights + extra)
+
+
+def export_encoder(spec: EncoderSpec, seq_len: int, out: Path) -> Path:
+    """Export the encoder + pooling + normalisation as a static-shape fp32 ONNX graph."""
+    import torch
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(spec.model_dir, attn_implementation="eager").eval()
+    except Exception as e:
+        raise ModelError(f"cannot load {spec.model_dir} with transformers: {e}") from None
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            mask = attention_mask.to(torch.float32)
+            bias = (1.0 - mask)[:, None, None, :] * MASK_BIAS  # 4D masks are used as given
+            kwargs = {"input_ids": input_ids, "attention_mask": bias}
+            if spec.uses_token_type_ids:
+                kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+            hidden = self.inner(**kwargs).last_hidden_state
+            if spec.pooling == "cls":
+                emb = hidden[:, 0]
+            else:
+                summed = (hidden * mask.unsqueeze(-1)).sum(1)
+                emb = summed / mask.sum(1, keepdim=True).clamp(min=1e-9)
+            if spec.normalize:
+                emb = torch.nn.functional.normalize(emb, p=2.0, dim=1)
+            return emb
+
+    wrapper = SentenceEncoder(model).eval()
+    # distinct example tensors: the exporter merges inputs that are the same object
+    ids = torch.full((1, seq_len), 5, dtype=torch.long)
+    am = torch.ones((1, seq_len), dtype=torch.long)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (ids, am),
+            str(out),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["sentence_embedding"],
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+        )
+    return out
