@@ -108,9 +108,9 @@ def test_plan_bytes_are_the_artifacts_quantized_tensors(zoo, arch, target):
     art, res = zoo.artifact(arch, target)
     plan = plan_from_onnx(zoo.fp32(arch) / "model.onnx", scheme_from_target(load_target(target).quantization))
     names = quantized_weights(art)
-    assert stored_bytes(art, names) == plan.bytes() == res.manifest["quantization"]["bit_plan"]["bytes"]
-    assert res.manifest["quantization"]["bit_plan"]["parameters"] == plan.parameters()
-    assert res.manifest["quantization"]["matmuls"] == plan.counts()
+    assert stored_bytes(art, names) == plan.bytes() == res.manifest.to_dict()["quantization"]["bit_plan"]["bytes"]
+    assert res.manifest.to_dict()["quantization"]["bit_plan"]["parameters"] == plan.parameters()
+    assert res.manifest.to_dict()["quantization"]["matmuls"] == plan.counts()
     if TIED[arch]:  # the lm_head's tensors serve the lookup too: counted once, stored once
         assert plan.shared_table() is not None and plan.shared_table().matrix.K == HIDDEN
 

@@ -25,7 +25,7 @@ from typing import Any
 from edgepipe.errors import InputError, NpuCoverageError, TargetError
 from edgepipe.models import ModelSource
 from edgepipe.pipeline import BuildRequest, BuildResult
-from edgepipe.runtime.kinds import ArtifactKind
+from edgepipe.runtime.kinds import NPU_CONFIG, ArtifactKind
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.progress import Progress, silent
 from edgepipe.targets import Target
@@ -34,7 +34,6 @@ from edgepipe.validate import Measured
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "npu_config.json"
 NO_DEVICE_RAM = "the HTP simulator runs no device process; peak RAM is measured on a phone"
 NO_TOKENS = "an encoder predicts no tokens"
 
@@ -265,7 +264,7 @@ def _package(art: _Artifact, target: Target, out: Path, versions: dict[str, str]
         with staged(out) as staging:
             for path in art.files:
                 shutil.copyfile(path, staging / path.name)
-            (staging / CONFIG_FILE).write_text(json.dumps(art.npu_config, indent=2) + "\n", encoding="utf-8")
+            (staging / NPU_CONFIG).write_text(json.dumps(art.npu_config, indent=2) + "\n", encoding="utf-8")
             size = dir_size(staging)
             metrics = {"artifact_mb": round(size / 2**20, 2), "artifact_bytes": size, **art.metrics}
             checks = check_budgets(target, dataclasses.replace(art.measured, artifact_mb=metrics["artifact_mb"]))

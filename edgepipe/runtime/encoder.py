@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import ArtifactError, InputError
+from edgepipe.runtime.kinds import NPU_CONFIG as CONFIG_FILE
 from edgepipe.runtime.threads import intra_op_threads
-
-CONFIG_FILE = "npu_config.json"
 
 
 def load_tokenizer(model_dir: Path, seq_len: int) -> Any:

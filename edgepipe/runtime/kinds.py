@@ -21,6 +21,8 @@ from typing import Any
 
 from edgepipe.errors import ArtifactError
 
+NPU_CONFIG = "npu_config.json"  # what an NPU artifact's host loop / encoder reads: graphs, shapes, HTP
+
 
 class ArtifactKind(str, Enum):
     """What an artifact folder holds, and so what can run it."""
@@ -142,7 +144,7 @@ def legacy_kind(root: Path, data: Mapping[str, Any]) -> ArtifactKind:
     """The kind of a schema-1 artifact, as schema-1 readers told it: an NPU folder has
     ``npu_config.json`` (a decoder's metrics say ``task: causal-lm``), anything else is a CPU decoder."""
     files = data.get("files") or {}
-    if "npu_config.json" not in files:
+    if NPU_CONFIG not in files:
         return ArtifactKind.CPU_DECODER
     metrics = data.get("metrics")
     task = metrics.get("task") if isinstance(metrics, Mapping) else None

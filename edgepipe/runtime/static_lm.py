@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import ArtifactError, InputError
+from edgepipe.runtime.kinds import NPU_CONFIG as CONFIG_FILE
 from edgepipe.runtime.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "npu_config.json"
 MASK_BIAS = -100.0  # exp(-100) is no weight, and the quantized range of the mask stays small
 BACKENDS = ("auto", "htp", "cpu")
 
