@@ -88,9 +88,9 @@ def parse_spec(spec: str, *, environ: dict[str, str] | None = None) -> SshSpec:
 
 
 def _split_url(spec: str) -> tuple[SplitResult, int | None]:
-    """The spec split as a URL, and its port. Checked first, before any part of it is looked at:
-    the scheme, white space (which ``urlsplit`` would quietly drop), a port that is no number and
-    a path or #fragment (both would be silently ignored otherwise)."""
+    """The spec split as a URL, and its port. Checked before any part of it is looked at: the
+    scheme, white space (``urlsplit`` quietly drops tabs, newlines and leading spaces), a port that
+    is no number or out of range, and a path or #fragment (both would be ignored otherwise)."""
     if not isinstance(spec, str) or not spec.startswith("ssh://"):
         raise InputError(f"bad device spec {spec!r}; {_FORM}")
     if any(c.isspace() for c in spec):
