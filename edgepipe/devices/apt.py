@@ -48,33 +48,43 @@ def os_release() -> dict[str, str]:
 
 def parse_apt_sources(text: str, *, deb822: bool) -> list[AptSource]:
     """Binary (``deb``) entries of a one-line ``.list`` or a deb822 ``.sources`` file."""
+    return _parse_deb822(text) if deb822 else _parse_one_line(text)
+
+
+def _parse_deb822(text: str) -> list[AptSource]:
+    """The ``deb`` entries of a deb822 ``.sources`` file: one per URI of each enabled stanza."""
     out: list[AptSource] = []
-    if deb822:
-        for stanza in re.split(r"\n\s*\n", text):
-            fields: dict[str, str] = {}
-            last = None
-            for line in stanza.splitlines():
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                if line[0] in " \t" and last:
-                    fields[last] += " " + line.strip()
-                    continue
-                k, sep, v = line.partition(":")
-                if sep:
-                    last = k.strip().lower()
-                    fields[last] = v.strip()
-            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
-                continue
-            for uri in fields.get("uris", "").split():
-                out.append(
-                    AptSource(
-                        uri,
-                        tuple(fields.get("suites", "").split()),
-                        tuple(fields.get("components", "").split()),
-                        fields.get("signed-by") or None,
-                    )
-                )
-        return out
+    for stanza in re.split(r"\n\s*\n", text):
+        fields = _deb822_fields(stanza)
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+            continue
+        suites = tuple(fields.get("suites", "").split())
+        components = tuple(fields.get("components", "").split())
+        out += [AptSource(uri, suites, components, fields.get("signed-by") or None) for uri in fields.get("uris", "").split()]
+    return out
+
+
+def _deb822_fields(stanza: str) -> dict[str, str]:
+    """A stanza's ``Key: value`` fields, keys lower-cased; an indented line continues the field
+    above it (a multi-line ``Signed-By`` or ``URIs``)."""
+    fields: dict[str, str] = {}
+    last = None
+    for line in stanza.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t" and last:
+            fields[last] += " " + line.strip()
+            continue
+        k, sep, v = line.partition(":")
+        if sep:
+            last = k.strip().lower()
+            fields[last] = v.strip()
+    return fields
+
+
+def _parse_one_line(text: str) -> list[AptSource]:
+    """The ``deb [opts] URI SUITE COMPONENTS...`` lines of a one-line ``.list`` file."""
+    out: list[AptSource] = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         m = re.match(r"^deb\s+(?:\[([^\]]*)\]\s+)?(\S+)\s+(\S+)\s*(.*)$", line)

@@ -210,70 +210,103 @@ def _add_qemu(final: Path, say: Progress) -> None:
 
 
 def _build(final: Path, say: Progress, *, fetch_qemu: bool) -> None:
+    """Build in a temporary sibling renamed to ``final`` when complete: never seen half-built, nothing left on failure."""
     base = final.parent
     base.mkdir(parents=True, exist_ok=True)
     _clean_stale_builds(base)
     work = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=base))
     t0 = time.monotonic()
     try:
-        pins = runtime_pins()
-        apt, suite = _apt(work / "apt", guest=True, qemu=fetch_qemu)
-        say(f"qemu env: apt-get update (private lists: {GUEST_SUITE} arm64" + (f", {suite})" if fetch_qemu else ")"))
-        apt.update()
-        qemu_ver = None
-        if fetch_qemu:
-            say(f"qemu env: downloading {QEMU_PACKAGE} from {suite} and unpacking qemu-aarch64")
-            qemu_ver = _fetch_qemu(apt, suite, work, work / "bin" / "qemu-aarch64")
-        say(f"qemu env: downloading {len(GUEST_PACKAGES)} arm64 packages for Python {GUEST_PYTHON}")
-        debs = apt.download([f"{p}:arm64" for p in GUEST_PACKAGES], work / "debs")
-        root = work / "root"
-        for deb in debs:
-            run_tool(["dpkg-deb", "-x", str(deb), str(root)], what=f"dpkg-deb -x {deb.name}", fix=DEPS_HINT, timeout=1800)
-        if not (root / "usr" / "bin" / f"python{GUEST_PYTHON}").is_file():
-            raise DeviceError(f"the arm64 packages gave no usr/bin/python{GUEST_PYTHON}; {DEPS_HINT}")
-        wheels = [f"{name}=={ver}" for name, ver in pins.items()]
-        say(f"qemu env: pip install aarch64 wheels {' '.join(wheels)}")
-        platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
-        run_tool(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-             "--target", str(work / "site"), *platforms, "--only-binary=:all:",
-             "--python-version", GUEST_PYTHON, "--implementation", "cp", *wheels],
-            what="pip install (aarch64 wheels)",
-            fix="check that PyPI is reachable (`pip download onnxruntime`) and pip is installed (`python -m ensurepip`)",
-            timeout=1800,
-        )  # fmt: skip
-        if sys.version_info[:2] == tuple(int(x) for x in GUEST_PYTHON.split(".")):
-            # bytecode is architecture-independent: compiling on the host saves emulated time
-            say("qemu env: precompiling bytecode on the host")
-            import compileall
-
-            for d in (root / "usr" / "lib" / f"python{GUEST_PYTHON}", work / "site"):
-                compileall.compile_dir(str(d), quiet=2, workers=0)
-        for sub in ("apt", "debs", "qemu-debs"):
-            shutil.rmtree(work / sub, ignore_errors=True)
-        qemu = work / "bin" / "qemu-aarch64" if fetch_qemu else (usable_qemu_on_path() or (None,))[0]
-        if qemu is None:
-            raise DeviceError("qemu-aarch64 vanished from PATH during set-up; " + DEPS_HINT)
-        say("qemu env: smoke test (import onnxruntime in the guest)")
-        probe = probe_guest(QemuEnv(work, Path(qemu), qemu_ver or "?"), "cortex-a72", timeout=600)
-        meta = {
-            "layout": LAYOUT_VERSION, "key": final.name, "python": GUEST_PYTHON, "suite": GUEST_SUITE,
-            "packages": [d.name for d in debs], "wheels": pins, "qemu_version": qemu_ver,
-            "qemu_package": QEMU_PACKAGE if fetch_qemu else None, "guest_python": probe.get("python"),
-            "built_seconds": round(time.monotonic() - t0, 1),
-        }  # fmt: skip
+        meta = _fill(work, final.name, say, fetch_qemu=fetch_qemu)
+        meta["built_seconds"] = round(time.monotonic() - t0, 1)
         (work / "env.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.rename(work, final)
-        except OSError:
-            if not (final / "env.json").is_file():
-                raise
-            logger.info("another process finished %s first; using it", final)
-            shutil.rmtree(work, ignore_errors=True)
+        _move_into_place(work, final)
         say(f"qemu env: ready in {time.monotonic() - t0:.0f} s at {final}")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _fill(work: Path, key: str, say: Progress, *, fetch_qemu: bool) -> dict[str, Any]:
+    """Fetch and smoke-test everything in ``work``; what was built (for ``env.json``)."""
+    pins = runtime_pins()
+    apt, suite = _apt(work / "apt", guest=True, qemu=fetch_qemu)
+    say(f"qemu env: apt-get update (private lists: {GUEST_SUITE} arm64" + (f", {suite})" if fetch_qemu else ")"))
+    apt.update()
+    qemu_ver = None
+    if fetch_qemu:
+        say(f"qemu env: downloading {QEMU_PACKAGE} from {suite} and unpacking qemu-aarch64")
+        qemu_ver = _fetch_qemu(apt, suite, work, work / "bin" / "qemu-aarch64")
+    debs = _unpack_guest_root(apt, work, say)
+    _install_wheels(work / "site", pins, say)
+    _precompile([work / "root" / "usr" / "lib" / f"python{GUEST_PYTHON}", work / "site"], say)
+    for sub in ("apt", "debs", "qemu-debs"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    qemu = _build_qemu(work, fetch_qemu=fetch_qemu)
+    say("qemu env: smoke test (import onnxruntime in the guest)")
+    probe = probe_guest(QemuEnv(work, qemu, qemu_ver or "?"), "cortex-a72", timeout=600)
+    return {
+        "layout": LAYOUT_VERSION, "key": key, "python": GUEST_PYTHON, "suite": GUEST_SUITE,
+        "packages": [d.name for d in debs], "wheels": pins, "qemu_version": qemu_ver,
+        "qemu_package": QEMU_PACKAGE if fetch_qemu else None, "guest_python": probe.get("python"),
+    }  # fmt: skip
+
+
+def _unpack_guest_root(apt: PrivateApt, work: Path, say: Progress) -> list[Path]:
+    """The guest's arm64 packages unpacked into ``work/root`` (the .debs it took)."""
+    say(f"qemu env: downloading {len(GUEST_PACKAGES)} arm64 packages for Python {GUEST_PYTHON}")
+    debs = apt.download([f"{p}:arm64" for p in GUEST_PACKAGES], work / "debs")
+    root = work / "root"
+    for deb in debs:
+        run_tool(["dpkg-deb", "-x", str(deb), str(root)], what=f"dpkg-deb -x {deb.name}", fix=DEPS_HINT, timeout=1800)
+    if not (root / "usr" / "bin" / f"python{GUEST_PYTHON}").is_file():
+        raise DeviceError(f"the arm64 packages gave no usr/bin/python{GUEST_PYTHON}; {DEPS_HINT}")
+    return debs
+
+
+def _install_wheels(site: Path, pins: dict[str, str], say: Progress) -> None:
+    """The pinned aarch64 wheels into ``site``, by the host's pip (nothing runs emulated)."""
+    wheels = [f"{name}=={ver}" for name, ver in pins.items()]
+    say(f"qemu env: pip install aarch64 wheels {' '.join(wheels)}")
+    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+    run_tool(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+         "--target", str(site), *platforms, "--only-binary=:all:",
+         "--python-version", GUEST_PYTHON, "--implementation", "cp", *wheels],
+        what="pip install (aarch64 wheels)",
+        fix="check that PyPI is reachable (`pip download onnxruntime`) and pip is installed (`python -m ensurepip`)",
+        timeout=1800,
+    )  # fmt: skip
+
+
+def _precompile(dirs: Sequence[Path], say: Progress) -> None:
+    """Bytecode is architecture-independent: if the host runs the guest's Python, compiling here saves emulated time."""
+    if sys.version_info[:2] != tuple(int(x) for x in GUEST_PYTHON.split(".")):
+        return
+    say("qemu env: precompiling bytecode on the host")
+    import compileall
+
+    for d in dirs:
+        compileall.compile_dir(str(d), quiet=2, workers=0)
+
+
+def _build_qemu(work: Path, *, fetch_qemu: bool) -> Path:
+    """The qemu for the smoke test: the fetched one, or the one on PATH (checked again: it may have gone meanwhile)."""
+    qemu = work / "bin" / "qemu-aarch64" if fetch_qemu else (usable_qemu_on_path() or (None,))[0]
+    if qemu is None:
+        raise DeviceError("qemu-aarch64 vanished from PATH during set-up; " + DEPS_HINT)
+    return Path(qemu)
+
+
+def _move_into_place(work: Path, final: Path) -> None:
+    """Rename ``work`` to ``final``; if another process got there first, its environment is as good: use it, drop ours."""
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not (final / "env.json").is_file():
+            raise
+        logger.info("another process finished %s first; using it", final)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _clean_stale_builds(base: Path, max_age_s: float = 6 * 3600) -> None:
