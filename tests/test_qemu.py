@@ -340,3 +340,13 @@ def test_device_entry_imports_only_runtime_deps():
     proc = q.QemuRunner("cortex-a76", timeout=600).run_python(["-c", code])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_qemu_for_an_x86_target_needs_an_explicit_cpu():
+    """A target's own board is emulated only when it is an aarch64 board; an explicit CPU always works."""
+    from edgepipe.targets import load_target
+
+    with pytest.raises(InputError, match="x86-avx2 is x86_64"):
+        get_runner("qemu", target=load_target("x86-avx2"))
+    assert get_runner("qemu:cortex-a76", target=load_target("x86-avx2")).cpu == "cortex-a76"
+    assert get_runner("qemu", target=load_target("raspberrypi5")).cpu == "cortex-a76"

@@ -1,18 +1,15 @@
 """The cached aarch64 environment the qemu transport runs in, and how a guest Python runs there.
 
-The environment lives in the user's cache (``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``,
-subfolder ``qemu/<key>/``)::
+It lives in the user's cache (``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``) as ``qemu/<key>/``::
 
     root/   an aarch64 Python 3.11 file tree (Debian bookworm arm64 packages, ``dpkg-deb -x``)
     site/   aarch64 wheels of onnxruntime, numpy, tokenizers (``pip install --target --platform``)
-    bin/qemu-aarch64   qemu >= 8 from Debian (bookworm-backports ``qemu-user``), unless a usable
-                       one is on PATH
+    bin/qemu-aarch64   qemu >= 8 (bookworm-backports ``qemu-user``), unless a usable one is on PATH
     env.json           what was built, with which versions
 
-Everything is fetched through a private apt (:mod:`.apt`): the system's apt is never changed.
-The environment is built in a temporary folder and renamed into place when complete, so a
-half-built one is never used. Its key covers the wheel versions (the edgepipe package's own
-pins), the guest Python and the layout.
+Everything is fetched through a private apt (:mod:`.apt`): the system's apt is never changed. It is
+built in a temporary folder and renamed into place when complete, so a half-built one is never
+used. Its key covers the wheel versions (edgepipe's own pins), the guest Python and the layout.
 """
 
 from __future__ import annotations

@@ -1,72 +1,11 @@
 """Graph transforms: onnx-ir passes composed by a pass manager, and onnxscript rewrite rules.
 
-One transform per module, each with its own test:
-
-- ``logits_slice``: the CPU decoder's pass (graph-only, makes it cheaper to run, never different in
-  what it computes). ``optimize_dir`` runs the decoder's passes (``PASSES``) on an exported folder.
-- ``gelu_fusion``: the Erf-GELU -> ``Gelu`` fusion the Qualcomm HTP needs (onnxscript rewrite rules).
-- ``layernorm_uint8``: LayerNorm scales stored as uint8 for the HTP (an onnx-ir pass on a QDQ model).
-- ``manager``: the pass manager, the report type, and running a pass on an ``onnx.ModelProto``.
-
-The decoder's passes take a model whose weights may stay in external data (they never read or
-write tensors' bytes). ``optimize_dir`` writes the result beside the source; the weight file is
-copied unread. A hard link would save the copy, but onnx refuses to load external data that has
-several links ("potential hardlink attack"), which breaks every later ``onnx.load`` of either folder.
-
-The passes keep the graph's default behaviour (every new input has an initializer default), so
-onnxruntime-genai and any caller that does not know about them get exactly the original outputs.
-
-This module stays light (onnx-ir and onnxscript take seconds to import): the passes are imported
-when they run.
+One transform per module, each with its own test: ``logits_slice`` (the CPU decoder's pass),
+``gelu_fusion`` (onnxscript rules: Erf-GELU -> ``Gelu`` for the HTP), ``layernorm_uint8`` (an onnx-ir
+pass on a QDQ model), ``manager`` (the pass manager); ``decoder`` runs the CPU decoder's passes on an
+exported folder. Importing this package costs nothing: the passes are imported when they run.
 """
 
-from __future__ import annotations
-
-import logging
-import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from edgepipe.optimize.manager import PassManager
-
-logger = logging.getLogger(__name__)
+from edgepipe.optimize.decoder import PASSES, decoder_passes, optimize_dir, optimize_model
 
 __all__ = ["PASSES", "decoder_passes", "optimize_dir", "optimize_model"]
-
-# The CPU decoder's passes, in the order they run: {pass name: version}. Bump a pass's version when
-# its output changes: the build's stage cache keys on this. (logits_slice 2: written by onnx-ir.)
-PASSES = {"logits_slice": 2}
-
-
-def decoder_passes() -> PassManager:
-    """The pass manager for the CPU decoder: one pass per entry of ``PASSES``, in that order."""
-    from edgepipe.optimize.logits_slice import LogitsSlicePass
-    from edgepipe.optimize.manager import PassManager
-
-    return PassManager([LogitsSlicePass()])
-
-
-def optimize_model(model: Any) -> dict[str, Any]:
-    """Run the decoder's passes on ``model`` (an onnx.ModelProto, changed in place only if a pass
-    applied); return {pass name: what it did} for those that applied."""
-    from edgepipe.optimize.manager import apply_to_proto
-
-    return dict(apply_to_proto(decoder_passes(), model).details)
-
-
-def optimize_dir(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
-    """Optimize the decoder in ``src_dir`` into ``dst_dir``: ``model.onnx`` rewritten, every other
-    file (the external weights included) copied as is."""
-    import onnx
-
-    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src_dir / "model.onnx"), load_external_data=False)
-    done = optimize_model(model)
-    for f in src_dir.iterdir():
-        if f.is_file() and f.name != "model.onnx":
-            shutil.copy2(f, dst_dir / f.name)
-    # tensors keep their external_data entries: the rewritten graph points at the same data file
-    onnx.save_model(model, str(dst_dir / "model.onnx"))
-    return {"passes": done, "versions": dict(PASSES)}
