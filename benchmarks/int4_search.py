@@ -8,9 +8,10 @@ exact KL against the fp32 export), so the figures are the ones a build's manifes
 
 What makes it cheap enough to try many allocations on 2 shared cores:
 - the calibration Hessians are computed once and kept in ``--work`` (npz);
-- each matrix's quantized blocks are memoised on disk by (weight bytes, bits, block, symmetry,
-  algorithm): GPTQ of a matrix does not depend on how the other matrices are quantized, so a new
-  8-bit allocation only re-packs the graph. The memo wraps the real quantizers; nothing is faked.
+- each matrix's quantized blocks are kept on disk (:class:`edgepipe.quantize.WeightCache`, keyed by
+  the weight, its config and the statistics the config reads): GPTQ of a matrix does not depend on
+  how the other matrices are quantized, so a new 8-bit allocation only re-packs the graph. The cache
+  holds what the real quantizers returned; nothing is faked.
 - the fp32 reference logits are computed once per process.
 
     python benchmarks/int4_search.py                    # the decisive comparison (table on stdout)
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+import edgepipe
 
 Q4_K_M = {
     "name": "llama.cpp Q4_K_M",
@@ -61,34 +64,23 @@ def log(msg: str) -> None:
 
 
 def fp32_export() -> Path:
-    """The fp32 export of the default model, from the build's stage cache (exported if missing)."""
-    from edgepipe.cache import cached_stage
-    from edgepipe.export import export_fp32, inspect_model
+    """The fp32 export of the default model: the build's export stage (cached; exported if missing)."""
+    from edgepipe.export.stage import ExportConfig, run_export
     from edgepipe.models import default_model_dir
-    from edgepipe.pipeline import _versions
+    from edgepipe.stage import StageContext
 
-    info = inspect_model(default_model_dir(log))
-    v = _versions()
-    key = {"source": info.sha256, "genai": v["onnxruntime-genai"], "transformers": v["transformers"], "v": 1}
-
-    def do_export(tmp: Path) -> None:
-        export_fp32(
-            info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=log
-        )
-
-    d, _ = cached_stage("export", key, do_export, progress=log)
-    return d / "model"
+    info = edgepipe.inspect_model(default_model_dir(log))
+    return run_export(info, ExportConfig.for_model(info), StageContext(progress=log)).model_dir
 
 
 def windows(model_dir: Path):
-    from edgepipe.pipeline import CALIB_WINDOWS, EVAL_WINDOWS, _windows, read_text_file
+    """The build's calibration and eval token windows (the packaged texts), as ``edgepipe build`` cuts them."""
+    from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
 
-    calib_text, src_c = read_text_file(None, "calib.txt", "calibration")
-    eval_text, src_e = read_text_file(None, "eval.txt", "eval")
     tok = model_dir / "tokenizer.json"
-    return _windows(tok, calib_text, CALIB_WINDOWS, "calibration", src_c), _windows(
-        tok, eval_text, EVAL_WINDOWS, "eval", src_e
-    )
+    calib = read_text_file(None, "calib.txt", "calibration")
+    evalt = read_text_file(None, "eval.txt", "eval")
+    return token_windows(tok, calib, CALIB_WINDOWS, "calibration"), token_windows(tok, evalt, EVAL_WINDOWS, "eval")
 
 
 def importance(model_dir: Path, calib, work: Path) -> dict[str, np.ndarray]:
@@ -104,57 +96,24 @@ def importance(model_dir: Path, calib, work: Path) -> dict[str, np.ndarray]:
     return imp
 
 
-def install_memo(work: Path) -> None:
-    """Memoise the per-matrix quantizers on disk (same results, computed once)."""
-    import edgepipe.quantize.gptq as g
-    import edgepipe.quantize.handlers as q  # the handlers call quantize_matrix through this module
-    from edgepipe.quantize.blockwise import QuantizedBlocks
-
-    memo = work / "memo"
-    memo.mkdir(exist_ok=True)
-
-    def wrap(fn, tag):
-        def inner(w, *args, **kw):
-            h = hashlib.sha1(np.ascontiguousarray(w).tobytes())
-            h.update(
-                json.dumps(
-                    [tag, sorted((k, v) for k, v in kw.items() if not isinstance(v, np.ndarray))]
-                ).encode()
-            )
-            f = memo / f"{h.hexdigest()[:20]}.npz"
-            if f.exists():
-                with np.load(f) as z:
-                    zp = z["zero_points"] if "zero_points" in z.files else None
-                    return QuantizedBlocks(
-                        z["data"],
-                        z["scales"],
-                        zp,
-                        int(z["bits"]),
-                        int(z["block_size"]),
-                        int(z["K"]),
-                        int(z["N"]),
-                    )
-            qb = fn(w, *args, **kw)
-            arrs = {
-                "data": qb.data,
-                "scales": qb.scales,
-                "bits": qb.bits,
-                "block_size": qb.block_size,
-                "K": qb.K,
-                "N": qb.N,
-            }
-            if qb.zero_points is not None:
-                arrs["zero_points"] = qb.zero_points
-            np.savez(f, **arrs)
-            return qb
-
-        return inner
-
-    g.gptq_matrix = wrap(g.gptq_matrix, "gptq")
-    q.quantize_matrix = wrap(q.quantize_matrix, "qm")
-
-
 RESIDUAL_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
+def first_residual_norm(outputs, consumers: dict[str, list]) -> tuple[str, str] | None:
+    """The two inputs (residual, branch) of the first Skip*Norm reached breadth-first from ``outputs``."""
+    seen, frontier = set(), list(outputs)
+    while frontier:
+        nxt = []
+        for t in frontier:
+            for c in consumers.get(t, []):
+                if id(c) in seen:
+                    continue
+                seen.add(id(c))
+                if c.op_type in RESIDUAL_NORMS:
+                    return (c.input[0], c.input[1])
+                nxt.extend(o for o in c.output if o)
+        frontier = nxt
+    return None
 
 
 def residual_inputs(model) -> dict[str, tuple[str, str]]:
@@ -172,23 +131,11 @@ def residual_inputs(model) -> dict[str, tuple[str, str]]:
     weights = set(weight_matmuls(model))
     out: dict[str, tuple[str, str]] = {}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
+        if node.op_type != "MatMul" or node.input[1] not in weights or node.input[1] in out:
             continue
-        seen, frontier = set(), list(node.output)
-        while frontier and node.input[1] not in out:
-            nxt = []
-            for t in frontier:
-                for c in consumers.get(t, []):
-                    if id(c) in seen:
-                        continue
-                    seen.add(id(c))
-                    if c.op_type in RESIDUAL_NORMS:
-                        out[node.input[1]] = (c.input[0], c.input[1])
-                        break
-                    nxt.extend(o for o in c.output if o)
-                if node.input[1] in out:
-                    break
-            frontier = nxt
+        found = first_residual_norm(node.output, consumers)
+        if found:
+            out[node.input[1]] = found
     return out
 
 
@@ -262,8 +209,6 @@ class Scorer:
 
 def profile_record(cfg_kw: dict) -> dict:
     """A variant's keyword arguments as a full profile ``quantization`` section (lists, defaults filled)."""
-    import dataclasses
-
     from edgepipe.targets import Quantization
 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(Quantization(**cfg_kw)).items()}
@@ -277,7 +222,7 @@ def scheme_of(cfg_kw: dict):
     return scheme_from_target(Quantization(**cfg_kw))
 
 
-def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: Path) -> dict:
+def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: Path, cache) -> dict:
     from edgepipe.quantize import quantize
 
     res_f = work / "results" / f"{name}.json"
@@ -287,7 +232,7 @@ def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: 
             return r
     out = work / "q" / name
     t0 = time.time()
-    info = quantize(fp32, out, scheme_of(cfg_kw), importance=imp)
+    info = quantize(fp32, out, scheme_of(cfg_kw), importance=imp, weight_cache=cache)
     tq = time.time() - t0
     acc = scorer(out)
     r = {
@@ -303,7 +248,7 @@ def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: 
     return r
 
 
-def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
+def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path, cache) -> list[dict]:
     """Per transformer matrix: Hessian-weighted output error tr(dW^T H dW) at 4 and 8 bits, and bytes."""
     f = work / f"sens-b{cfg_kw['block_size']}-{'sym' if cfg_kw['symmetric'] else 'asym'}.json"
     if f.exists():
@@ -311,8 +256,14 @@ def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
     import onnx
     from onnx import numpy_helper
 
-    import edgepipe.quantize.gptq as g
-    import edgepipe.quantize.handlers as q
+    from edgepipe.quantize import Gptq, Rtn
+    from edgepipe.quantize.handlers import WeightStats, quantize_weight
+
+    # 4 bits: GPTQ with the layer's Hessian; 8 bits: round to nearest (its error is small either way)
+    configs = {
+        4: Gptq(bits=4, block_size=cfg_kw["block_size"], symmetric=cfg_kw["symmetric"]),
+        8: Rtn(bits=8, block_size=cfg_kw["block_size"], symmetric=cfg_kw["symmetric"]),
+    }
 
     model = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
     rows = []
@@ -326,20 +277,8 @@ def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path) -> list[dict]:
             "layer": int(t.name.split(".layers.")[1].split(".")[0]),
             "op": t.name.split(".")[-3],
         }
-        for bits in (4, 8):
-            if bits == 4:
-                qb = g.gptq_matrix(
-                    w, H, bits=4, block_size=cfg_kw["block_size"], symmetric=cfg_kw["symmetric"]
-                )
-            else:
-                qb = q.quantize_matrix(
-                    w,
-                    bits=8,
-                    block_size=cfg_kw["block_size"],
-                    symmetric=cfg_kw["symmetric"],
-                    algorithm="rtn",
-                    importance=imp.get(t.name),
-                )
+        for bits, qcfg in configs.items():
+            qb = quantize_weight(qcfg, w, WeightStats(imp, t.name), cache=cache)
             d = (w - qb.dequantize()).astype(np.float64)
             r[f"err{bits}"] = float((d * (H @ d)).sum())
             r[f"bytes{bits}"] = int(
@@ -388,8 +327,6 @@ def kl_weight(ctx, r: dict) -> float:
 
 def variants(ctx) -> dict[str, Callable]:
     """name -> function(ctx) returning a profile's quantization fields (some need measured figures)."""
-    from edgepipe.targets import load_target
-
     def greedy(weight=lambda ctx, r: 1.0, budget=Q4_K_M["bytes"], **over):
         def make(ctx):
             kw = dict(BASE, **over)
@@ -427,13 +364,13 @@ def variants(ctx) -> dict[str, Callable]:
         "q4_0-size-int4-block32": greedy(
             weight=kl_weight, budget=int(Q4_0_BYTES * 1.05), embedding_bits=4, embedding_block_size=None, eight_bit_block_size=64
         ),
-        "raspberrypi5": lambda ctx: profile_record(dataclasses.asdict(load_target("raspberrypi5").quantization)),
+        "raspberrypi5": lambda ctx: profile_record(dataclasses.asdict(edgepipe.load_target("raspberrypi5").quantization)),
     }
 
 
 class Context:
-    def __init__(self, fp32, imp, scorer, work):
-        self.fp32, self.imp, self.scorer, self.work = fp32, imp, scorer, work
+    def __init__(self, fp32, imp, scorer, work, cache):
+        self.fp32, self.imp, self.scorer, self.work, self.cache = fp32, imp, scorer, work, cache
         self.results: dict[str, dict] = {}
 
     def residual_ms(self) -> dict[str, float]:
@@ -448,7 +385,7 @@ class Context:
 
         In torch on the HF checkpoint (a forward pass is ~10x cheaper than re-packing an ONNX
         graph), on ``nwin`` calibration windows of ``tokens`` tokens, all positions scored. The int4
-        weights are exactly the ones the quantizer writes (the same memoised GPTQ call).
+        weights are exactly the ones the quantizer writes (the same cached GPTQ call).
         """
         f = self.work / f"kl-b{kw['block_size']}-{'sym' if kw['symmetric'] else 'asym'}-{tokens}x{nwin}.json"
         if f.exists():
@@ -458,8 +395,9 @@ class Context:
         from onnx import numpy_helper
         from transformers import AutoModelForCausalLM
 
-        import edgepipe.quantize.gptq as g
         from edgepipe.models import default_model_dir
+        from edgepipe.quantize import Gptq
+        from edgepipe.quantize.handlers import WeightStats, quantize_weight
 
         torch.set_num_threads(2)
         hf = AutoModelForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
@@ -485,13 +423,8 @@ class Context:
             orig = torch.cat([p.data for p in ps], 0)
             if not np.allclose(orig.numpy().T, w, atol=1e-6):
                 raise RuntimeError(f"{t.name} does not match the HF weights {names}")
-            qb = g.gptq_matrix(
-                w,
-                self.imp[f"{t.name}@H"],
-                bits=kw["bits"],
-                block_size=kw["block_size"],
-                symmetric=kw["symmetric"],
-            )
+            gptq = Gptq(bits=kw["bits"], block_size=kw["block_size"], symmetric=kw["symmetric"])
+            qb = quantize_weight(gptq, w, WeightStats(self.imp, t.name), cache=self.cache)
             deq = torch.from_numpy(np.ascontiguousarray(qb.dequantize().T.astype(np.float32)))
             off = 0
             for p in ps:
@@ -515,7 +448,7 @@ class Context:
             t.name: list(t.dims)
             for t in onnx.load(str(self.fp32 / "model.onnx"), load_external_data=False).graph.initializer
         }
-        return [dict(r, shape=dims[r["name"]]) for r in sensitivities(self.fp32, self.imp, kw, self.work)]
+        return [dict(r, shape=dims[r["name"]]) for r in sensitivities(self.fp32, self.imp, kw, self.work, self.cache)]
 
     def bytes_of(self, kw) -> int:
         """Artifact bytes of a configuration (quantized, not scored)."""
@@ -528,20 +461,18 @@ class Context:
         )
         if not f.exists():
             out = self.work / "q" / "size-probe"
-            quantize(self.fp32, out, scheme_of(kw), importance=self.imp)
+            quantize(self.fp32, out, scheme_of(kw), importance=self.imp, weight_cache=self.cache)
             f.parent.mkdir(exist_ok=True)
             f.write_text(json.dumps({"config": kw, "bytes": artifact_bytes(out)}, default=list))
         return json.loads(f.read_text())["bytes"]
 
     def run(self, name, kw) -> dict:
         if name not in self.results:
-            self.results[name] = run_variant(name, kw, self.fp32, self.imp, self.scorer, self.work)
+            self.results[name] = run_variant(name, kw, self.fp32, self.imp, self.scorer, self.work, self.cache)
         return self.results[name]
 
 
 def main(argv=None) -> int:
-    from edgepipe.cache import cache_root
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--variants", default=None, help="comma-separated names (default: all)")
@@ -551,13 +482,15 @@ def main(argv=None) -> int:
     if a.list:
         print("\n".join(vs))
         return 0
+    from edgepipe.models import cache_root
+    from edgepipe.quantize import WeightCache
+
     work = a.work or cache_root() / "int4_search"
     work.mkdir(parents=True, exist_ok=True)
-    install_memo(work)
     fp32 = fp32_export()
     calib, evalw = windows(fp32)
     imp = importance(fp32, calib, work)
-    ctx = Context(fp32, imp, Scorer(fp32, evalw), work)
+    ctx = Context(fp32, imp, Scorer(fp32, evalw), work, WeightCache(work / "weight-cache"))
     names = a.variants.split(",") if a.variants else list(vs)
     rows = [Q4_K_M]
     for n in names:

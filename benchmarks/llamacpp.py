@@ -265,6 +265,14 @@ def _tool_version(exe: Path) -> str:
     return ""
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     paths = ensure_llamacpp(lambda m: print(m, flush=True))
     print(json.dumps({k: str(v) for k, v in asdict(paths).items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

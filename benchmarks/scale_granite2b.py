@@ -183,11 +183,9 @@ def run_build(model: Path, target: str, out: Path, cache: Path, interval: float)
 
 
 def estimate(model: Path, target: str) -> dict[str, Any]:
-    from edgepipe.estimate import estimate_for
-    from edgepipe.export import inspect_model
-    from edgepipe.targets import load_target
+    import edgepipe
 
-    return estimate_for(inspect_model(model), load_target(target))
+    return edgepipe.estimate_for(edgepipe.inspect_model(model), edgepipe.load_target(target))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_llamacpp import PP, TG, _time_v, edgepipe_speed  # noqa: E402  (the same edgepipe timing code)
+# the same edgepipe timing code as vs_llamacpp.py
+if __package__:  # imported as benchmarks.vs_genai
+    from .vs_llamacpp import PP, TG, edgepipe_speed, time_v
+else:  # run as python benchmarks/vs_genai.py: the script's folder is sys.path[0]
+    from vs_llamacpp import PP, TG, edgepipe_speed, time_v
 
 GENAI_SPEED_CODE = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime_genai as og
-from edgepipe.runtime.device import peak_rss_mb
+from edgepipe.runtime.facts import peak_rss_mb
 art, threads, pps, tg = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
 cfg = og.Config(art)
 cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
@@ -69,17 +72,17 @@ print(json.dumps(out))
 
 
 def genai_speed(art: Path, threads: int) -> dict[str, float]:
-    out, rss = _time_v([sys.executable, "-c", GENAI_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG])
+    out, rss = time_v([sys.executable, "-c", GENAI_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG])
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_mb"] = rss
     return res
 
 
 def default_artifact() -> Path:
-    from edgepipe.pipeline import build
+    import edgepipe
 
     out = Path(tempfile.mkdtemp(prefix="vs-genai-")) / "smollm2-raspberrypi5"
-    build(target="raspberrypi5", out=out, progress=lambda m: print(f"  build: {m}", flush=True))
+    edgepipe.build(target="raspberrypi5", out=out, progress=lambda m: print(f"  build: {m}", flush=True))
     return out
 
 

@@ -13,7 +13,7 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 2. The HF folder -> GGUF f32 with llama.cpp's own converter (the full-precision reference), then
    ``llama-quantize`` to Q8_0, Q4_0 and Q4_K_M (no imatrix: llama.cpp's plain recipe).
 3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
-   ``edgepipe.build.build`` (its stage cache makes a rebuild cheap; an artifact already built for
+   ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
    the same target config and model is reused).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
@@ -60,11 +60,10 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.llamacpp import Paths, build_info, ensure_llamacpp  # noqa: E402
+if __package__:  # imported as benchmarks.vs_llamacpp (the tests)
+    from .llamacpp import Paths, build_info, ensure_llamacpp
+else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.path[0]
+    from llamacpp import Paths, build_info, ensure_llamacpp
 
 QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
@@ -120,13 +119,13 @@ def convert_and_quantize(lc: Paths, model_dir: Path, work: Path, threads: int) -
     return ggufs
 
 
-def gguf_tensors(path: Path, lc: Paths) -> dict[str, Any]:
-    """Tensor bytes by type, and the bytes a decode step reads (the embedding is skipped unless tied)."""
-    sys.path.insert(0, str(lc.gguf_py))
-    try:
-        from gguf import GGUFReader
-    finally:
-        sys.path.pop(0)
+def gguf_tensors(path: Path) -> dict[str, Any]:
+    """Tensor bytes by type, and the bytes a decode step reads (the embedding is skipped unless tied).
+
+    Read with the installed ``gguf`` package (edgepipe's build extra); llama.cpp's own copy is only
+    put on the converter's PYTHONPATH (``Paths.convert_env``)."""
+    from gguf import GGUFReader
+
     r = GGUFReader(str(path))
     by_type: dict[str, int] = {}
     total = 0
@@ -324,17 +323,14 @@ def edgepipe_artifacts(
     reuse_any: bool = False,
 ) -> dict[str, Path]:
     import edgepipe
-    from edgepipe.export import inspect_model
-    from edgepipe.pipeline import build
-    from edgepipe.targets import load_target
 
-    sha = inspect_model(model_dir).sha256
+    sha = edgepipe.inspect_model(model_dir).sha256
     pkg = Path(edgepipe.__file__).parent
     newest_code = max(f.stat().st_mtime for f in [*pkg.rglob("*.py"), *pkg.parent.glob("targets/*.yaml")])
     out: dict[str, Path] = {}
     for target, label in (targets or EDGEPIPE_TARGETS).items():
         art = work / f"edgepipe-{Path(target).stem}"
-        tgt = load_target(target).to_dict()
+        tgt = edgepipe.load_target(target).to_dict()
         mpath = art / "manifest.json"
         reuse = False
         if mpath.is_file() and not rebuild:
@@ -349,7 +345,7 @@ def edgepipe_artifacts(
             progress(f"edgepipe {target}: reusing {art}")
         else:
             progress(f"edgepipe build --target {target} (stage cache)")
-            build(
+            edgepipe.build(
                 model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}")
             )
         out[label] = art
@@ -357,32 +353,14 @@ def edgepipe_artifacts(
 
 
 def fp32_export_dir(model_dir: Path, progress: Progress) -> Path:
-    """edgepipe's fp32 ONNX export of the model (the stage ``build`` keys it by; exported if absent)."""
-    from edgepipe.cache import cached_stage
-    from edgepipe.export import export_fp32, inspect_model
-    from edgepipe.pipeline import _versions
+    """edgepipe's fp32 ONNX export of the model: the build's own export stage (cached, the same entry
+    ``edgepipe build`` uses; exported if absent)."""
+    import edgepipe
+    from edgepipe.export.stage import ExportConfig, run_export
+    from edgepipe.stage import StageContext
 
-    info = inspect_model(model_dir)
-    versions = _versions()
-    key = {
-        "source": info.sha256,
-        "genai": versions["onnxruntime-genai"],
-        "transformers": versions["transformers"],
-        "v": 1,
-    }
-
-    def do_export(tmp: Path) -> None:
-        export_fp32(
-            info.path,
-            tmp / "model",
-            cache_dir=tmp / "hf-cache",
-            log_file=tmp / "export.log",
-            progress=progress,
-        )
-        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
-
-    d, _ = cached_stage("export", key, do_export, progress=progress)
-    return d / "model"
+    info = edgepipe.inspect_model(model_dir)
+    return run_export(info, ExportConfig.for_model(info), StageContext(progress=progress)).model_dir
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -459,7 +437,7 @@ import json, sys, time
 import numpy as np
 from pathlib import Path
 from edgepipe.runtime.model import CausalLM
-from edgepipe.runtime.device import peak_rss_mb
+from edgepipe.runtime.facts import peak_rss_mb
 art, threads, pps, tg = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
 lm = CausalLM(art, threads=threads, spinning=sys.argv[5] == "spin")
 vocab = lm.spec.vocab_size
@@ -490,7 +468,7 @@ print(json.dumps(out))
 """
 
 
-def _time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float]:
+def time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float]:
     """Run under /usr/bin/time -v; return stdout and the peak RSS in MB."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         r = subprocess.run(
@@ -506,7 +484,7 @@ def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> d
     """llama-bench; ``passive``: OMP_WAIT_POLICY=passive, so that OpenMP threads sleep at barriers
     instead of spinning (spinning collapses when other processes share the cores)."""
     env = dict(os.environ, OMP_WAIT_POLICY="passive") if passive else None
-    out, rss = _time_v(
+    out, rss = time_v(
         env=env,
         cmd=[
             lc.bench,
@@ -534,7 +512,7 @@ def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> d
 def edgepipe_speed(art: Path, threads: int, spinning: bool = True) -> dict[str, float]:
     """``spinning=False``: onnxruntime's threads sleep between ops (the counterpart of llama.cpp's
     OMP_WAIT_POLICY=passive rows)."""
-    out, rss = _time_v(
+    out, rss = time_v(
         [sys.executable, "-c", EDGEPIPE_SPEED_CODE, art, threads, ",".join(map(str, PP)), TG, "spin" if spinning else "nospin"]
     )
     res = json.loads(out.strip().splitlines()[-1])
@@ -543,7 +521,7 @@ def edgepipe_speed(art: Path, threads: int, spinning: bool = True) -> dict[str, 
 
 
 def edgepipe_runtime_bench(art: Path, threads: int) -> dict[str, Any]:
-    out, rss = _time_v(
+    out, rss = time_v(
         [sys.executable, "-m", "edgepipe.runtime", "bench", art, "--json", "--threads", threads]
     )
     res = json.loads(out.strip().splitlines()[-1])
@@ -682,19 +660,14 @@ def _best(speed: dict[str, list], name: str, key: str, variant: str) -> tuple[fl
     return max(cands) if cands else (None, name)
 
 
-def summarize(R: dict[str, Any]) -> str:
-    lines: list[str] = []
-    bw = (R.get("bandwidth") or {}).get("read_gbs")
-    ep = R.get("edgepipe") or {}
-    lines.append(
+def _quality_table(R: dict[str, Any], ep: dict[str, Any]) -> list[str]:
+    lines = [
         "Quality and size (llama.cpp: llama-perplexity --kl-divergence vs the f32 GGUF; edgepipe: the same tokens and "
-        "scored positions vs its fp32 ONNX export; KL with llama.cpp's -16 log-prob cut-off):"
-    )
-    lines.append("")
-    lines.append(
-        "| engine | weights | file MB | weights read/token MB | PPL | PPL +% | mean KL | same top-1 |"
-    )
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        "scored positions vs its fp32 ONNX export; KL with llama.cpp's -16 log-prob cut-off):",
+        "",
+        "| engine | weights | file MB | weights read/token MB | PPL | PPL +% | mean KL | same top-1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = [
         ("llama.cpp", n, R["llama"]["files"][n], R["llama"]["quality"].get(n, {})) for n in ["f32", *QUANTS]
     ]
@@ -707,93 +680,124 @@ def summarize(R: dict[str, Any]) -> str:
             f"{_fmt(q.get('perplexity'), '.3f')} | {_fmt(q.get('ppl_increase_pct'), '.2f')} | "
             f"{_fmt(q.get('kl_divergence'), '.4f')} | {_fmt(q.get('top1_agreement'), '.3f')} |"
         )
+    return lines
+
+
+def _speed_table(R: dict[str, Any], ep: dict[str, Any], T: str, speed: dict[str, list], bw: float | None) -> list[str]:
+    lines = [
+        "",
+        f"Speed with {T.lstrip('t')} thread(s), tokens/s, median of {R['reps']} interleaved reps (min–max); "
+        "peak RSS from /usr/bin/time -v:",
+        "",
+        "| engine | weights | pp128 | pp512 | tg128 | decode % of read BW | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, reps in speed.items():
+        base = name.split(" ")[0]
+        eng = "edgepipe" if base in ep.get("artifacts", {}) else "llama.cpp"
+        tg = _med(reps, f"tg{TG}")
+        frac = tg * _files(R, base)["read_bytes_per_token"] / (bw * 1e9) * 100 if (tg and bw) else None
+        lines.append(
+            f"| {eng} | {name} | {_span(reps, 'pp128', '.0f')} | {_span(reps, 'pp512', '.0f')} | {_span(reps, f'tg{TG}', '.1f')} | "
+            f"{_fmt(frac, '.0f')} | {_fmt(_med(reps, 'peak_rss_mb'), '.0f')} |"
+        )
+    return lines
+
+
+RATIO_KEYS = (f"tg{TG}", "pp128", "pp512")
+
+
+def _ratio_cells(R: dict[str, Any], ep: dict[str, Any], e: str, lq: str, Ts: list[str]) -> list[str]:
+    """One row of the ratio table: speed per thread count, peak RSS (first thread count), size, quality."""
+    cells = []
+    for T in Ts:
+        sp = R["speed"][T]
+        for key in RATIO_KEYS:
+            b, _ = _best_llama(sp, lq, key)
+            a, _ = _best(sp, e, key, NOSPIN)
+            cells.append(_fmt(_ratio(a, b)))
+    for T in Ts[:1]:
+        sp = R["speed"][T]
+        cells.append(_fmt(_ratio(_med(sp.get(e, []), "peak_rss_mb"), _med(sp.get(lq, []), "peak_rss_mb"))))
+    a_q, b_q = ep["quality_matched"].get(e, {}), R["llama"]["quality"].get(lq, {})
+    cells += [
+        _fmt(_ratio(ep["files"][e]["file_bytes"], R["llama"]["files"][lq]["file_bytes"])),
+        _fmt(_ratio(a_q.get("ppl_increase_pct"), b_q.get("ppl_increase_pct"))),
+        _fmt(_ratio(a_q.get("kl_divergence"), b_q.get("kl_divergence"))),
+    ]
+    return cells
+
+
+def _ratio_table(R: dict[str, Any], ep: dict[str, Any]) -> list[str]:
+    Ts = list((R.get("speed") or {}).keys())
+    head = ["edgepipe vs llama.cpp", *(f"{k} ({T})" for T in Ts for k in RATIO_KEYS), *(f"peak RSS ({T})" for T in Ts[:1])]
+    lines = [
+        "",
+        "Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, the faster variant of each engine "
+        "(spin-wait or sleeping threads); peak RSS, size, PPL increase, KL: < 1 = edgepipe better):",
+        "",
+        "| " + " | ".join([*head, "file size", "PPL increase", "mean KL"]) + " |",
+        "|---|" + "---:|" * (len(RATIO_KEYS) * len(Ts) + len(Ts[:1]) + 3),
+    ]
+    for e, lq in PAIRS:
+        if e in ep["artifacts"]:
+            lines.append(f"| {e} / {lq} | " + " | ".join(_ratio_cells(R, ep, e, lq, Ts)) + " |")
+    return lines
+
+
+def _validation_table(ep: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "edgepipe's own validation (artifact manifest `metrics.accuracy`, vs its fp32 ONNX export, exact KL) "
+        "next to the matched protocol:",
+        "",
+        "| artifact | target | manifest eval | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched vs llama.cpp f32: PPL +% / KL |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in ep["manifest_accuracy"].items():
+        mq = ep["quality_matched"].get(label, {})
+        x = mq.get("vs_llama_f32", {})
+        lines.append(
+            f"| {label} | {ep['targets'][label]} | {ep['eval'][label]} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('reference_perplexity'), '.3f')} | "
+            f"{_fmt(m.get('ppl_increase_pct'), '.2f')} | {_fmt(m.get('kl_divergence'), '.4f')} | {_fmt(m.get('top1_agreement'), '.3f')} | "
+            f"{_fmt(mq.get('kl_divergence_exact'), '.4f')} | {_fmt(x.get('ppl_increase_pct'), '.2f')} / {_fmt(x.get('kl_divergence'), '.4f')} |"
+        )
+    return lines
+
+
+def _edgepipe_notes(ep: dict[str, Any]) -> list[str]:
+    """The fp32 reference check on the matched positions and the runtime's own bench figures."""
+    lines: list[str] = []
+    x = ep["quality_matched"].get("fp32_vs_llama_f32")
+    if x:
+        lines.append("")
+        lines.append(
+            f"Reference check on the matched positions: edgepipe fp32 ONNX PPL {x['perplexity']:.4f} vs llama.cpp f32 GGUF PPL "
+            f"{x['reference_perplexity']:.4f} ({x['ppl_increase_pct']:+.3f}%), KL {x['kl_divergence']:.5f}, same top-1 {x['top1_agreement']:.4f}."
+        )
+    rb = ep.get("runtime_bench")
+    if rb:
+        lines.append("")
+        lines.append(
+            "`python -m edgepipe.runtime bench ARTIFACT --json` (256-token prefill, 64 decode steps, best of 2): "
+            + "; ".join(
+                f"{k}: prefill {v['prefill_tok_s']:.0f} tok/s, decode {v['decode_tok_s']:.1f} tok/s, peak RSS {v['peak_rss_mb']:.0f} MB "
+                f"(time -v {v['time_v_peak_rss_mb']:.0f} MB)"
+                for k, v in rb.items()
+            )
+            + "."
+        )
+    return lines
+
+
+def summarize(R: dict[str, Any]) -> str:
+    bw = (R.get("bandwidth") or {}).get("read_gbs")
+    ep = R.get("edgepipe") or {}
+    lines = _quality_table(R, ep)
     for T, speed in (R.get("speed") or {}).items():
-        lines.append("")
-        lines.append(
-            f"Speed with {T.lstrip('t')} thread(s), tokens/s, median of {R['reps']} interleaved reps (min–max); "
-            "peak RSS from /usr/bin/time -v:"
-        )
-        lines.append("")
-        lines.append("| engine | weights | pp128 | pp512 | tg128 | decode % of read BW | peak RSS MB |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
-        for name, reps in speed.items():
-            base = name.split(" ")[0]
-            eng = "edgepipe" if base in ep.get("artifacts", {}) else "llama.cpp"
-            tg = _med(reps, f"tg{TG}")
-            frac = tg * _files(R, base)["read_bytes_per_token"] / (bw * 1e9) * 100 if (tg and bw) else None
-            lines.append(
-                f"| {eng} | {name} | {_span(reps, 'pp128', '.0f')} | {_span(reps, 'pp512', '.0f')} | {_span(reps, f'tg{TG}', '.1f')} | "
-                f"{_fmt(frac, '.0f')} | {_fmt(_med(reps, 'peak_rss_mb'), '.0f')} |"
-            )
+        lines += _speed_table(R, ep, T, speed, bw)
     if ep:
-        lines.append("")
-        lines.append(
-            "Ratios edgepipe / llama.cpp (speed: > 1 = edgepipe faster, the faster variant of each engine "
-            "(spin-wait or sleeping threads); peak RSS, size, PPL increase, KL: < 1 = edgepipe better):"
-        )
-        lines.append("")
-        Ts = list((R.get("speed") or {}).keys())
-        keys = (f"tg{TG}", "pp128", "pp512")
-        head = ["edgepipe vs llama.cpp", *(f"{k} ({T})" for T in Ts for k in keys), *(f"peak RSS ({T})" for T in Ts[:1])]
-        lines.append("| " + " | ".join([*head, "file size", "PPL increase", "mean KL"]) + " |")
-        lines.append("|---|" + "---:|" * (len(keys) * len(Ts) + len(Ts[:1]) + 3))
-        for e, lq in PAIRS:
-            if e not in ep["artifacts"]:
-                continue
-            cells = []
-            for T in Ts:
-                sp = R["speed"][T]
-                for key in keys:
-                    b, _ = _best_llama(sp, lq, key)
-                    a, _ = _best(sp, e, key, NOSPIN)
-                    cells.append(_fmt(_ratio(a, b)))
-            for T in Ts[:1]:
-                sp = R["speed"][T]
-                cells.append(_fmt(_ratio(_med(sp.get(e, []), "peak_rss_mb"), _med(sp.get(lq, []), "peak_rss_mb"))))
-            a_q, b_q = ep["quality_matched"].get(e, {}), R["llama"]["quality"].get(lq, {})
-            cells += [
-                _fmt(_ratio(ep["files"][e]["file_bytes"], R["llama"]["files"][lq]["file_bytes"])),
-                _fmt(_ratio(a_q.get("ppl_increase_pct"), b_q.get("ppl_increase_pct"))),
-                _fmt(_ratio(a_q.get("kl_divergence"), b_q.get("kl_divergence"))),
-            ]
-            lines.append(f"| {e} / {lq} | " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(
-            "edgepipe's own validation (artifact manifest `metrics.accuracy`, vs its fp32 ONNX export, exact KL) "
-            "next to the matched protocol:"
-        )
-        lines.append("")
-        lines.append(
-            "| artifact | target | manifest eval | PPL | ref PPL | PPL +% | mean KL | top-1 agree | matched: exact KL | matched vs llama.cpp f32: PPL +% / KL |"
-        )
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for label, m in ep["manifest_accuracy"].items():
-            mq = ep["quality_matched"].get(label, {})
-            x = mq.get("vs_llama_f32", {})
-            lines.append(
-                f"| {label} | {ep['targets'][label]} | {ep['eval'][label]} | {_fmt(m.get('perplexity'), '.3f')} | {_fmt(m.get('reference_perplexity'), '.3f')} | "
-                f"{_fmt(m.get('ppl_increase_pct'), '.2f')} | {_fmt(m.get('kl_divergence'), '.4f')} | {_fmt(m.get('top1_agreement'), '.3f')} | "
-                f"{_fmt(mq.get('kl_divergence_exact'), '.4f')} | {_fmt(x.get('ppl_increase_pct'), '.2f')} / {_fmt(x.get('kl_divergence'), '.4f')} |"
-            )
-        x = ep["quality_matched"].get("fp32_vs_llama_f32")
-        if x:
-            lines.append("")
-            lines.append(
-                f"Reference check on the matched positions: edgepipe fp32 ONNX PPL {x['perplexity']:.4f} vs llama.cpp f32 GGUF PPL "
-                f"{x['reference_perplexity']:.4f} ({x['ppl_increase_pct']:+.3f}%), KL {x['kl_divergence']:.5f}, same top-1 {x['top1_agreement']:.4f}."
-            )
-        rb = ep.get("runtime_bench")
-        if rb:
-            lines.append("")
-            lines.append(
-                "`python -m edgepipe.runtime bench ARTIFACT --json` (256-token prefill, 64 decode steps, best of 2): "
-                + "; ".join(
-                    f"{k}: prefill {v['prefill_tok_s']:.0f} tok/s, decode {v['decode_tok_s']:.1f} tok/s, peak RSS {v['peak_rss_mb']:.0f} MB "
-                    f"(time -v {v['time_v_peak_rss_mb']:.0f} MB)"
-                    for k, v in rb.items()
-                )
-                + "."
-            )
+        lines += _ratio_table(R, ep) + _validation_table(ep) + _edgepipe_notes(ep)
     if bw:
         lines.append("")
         lines.append(
@@ -802,7 +806,10 @@ def summarize(R: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---------------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
     p.add_argument(
@@ -858,41 +865,41 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, help="write every figure here (default: the work folder's results.json)"
     )
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    return p
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with ``speed_quants`` and ``threads`` as lists; contradictions are usage errors."""
+    p = _parser()
     args = p.parse_args(argv)
-
-    from edgepipe.export import inspect_model
-    from edgepipe.models import cache_root, default_model_dir
-
-    t_start = time.time()
-    load_before = os.getloadavg()
-    lc = ensure_llamacpp(say)
-    speed_quants = [q.strip() for q in args.speed_quants.split(",") if q.strip()]
-    if set(speed_quants) - set(QUANTS):
+    args.speed_quants = [q.strip() for q in args.speed_quants.split(",") if q.strip()]
+    if set(args.speed_quants) - set(QUANTS):
         p.error(f"--speed-quants takes some of {','.join(QUANTS)}")
     if args.random_llama and args.model:
         p.error("--random-llama and --model exclude each other")
-    model_dir = (random_llama_dir(say) if args.random_llama else args.model or default_model_dir(say)).resolve()
+    args.threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    return args
+
+
+def _edgepipe_targets(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    """Profile (name or .yaml path) -> label of each edgepipe artifact to build."""
     int4_target = args.int4_target or ("rtn" if args.random_llama else "raspberrypi5")
     ep_targets = {} if args.no_int8 else {"x86-avx512": "int8"}
-    info = inspect_model(model_dir)
-    eval_file = (
-        args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
-    ).resolve()
-    work = cache_root() / "vs_llamacpp" / info.sha256[:16]
-    work.mkdir(parents=True, exist_ok=True)
     if int4_target == "rtn":
         int4_target = str(rtn_profile(work))
     ep_targets[int4_target] = "int4"
-    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
-    T = threads[0]
-    R: dict[str, Any] = {
+    return ep_targets
+
+
+def _run_facts(args: argparse.Namespace, lc: Paths, model_dir: Path, info: Any, eval_file: Path, work: Path) -> dict[str, Any]:
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": str(model_dir),
         "model_sha256": info.sha256,
         "parameters": info.num_parameters,
         "eval_file": str(eval_file),
-        "threads": threads,
+        "threads": args.threads,
         "reps": args.reps,
         "machine": machine_facts(),
         "llamacpp": {
@@ -903,126 +910,181 @@ def main(argv: list[str] | None = None) -> int:
         "work": str(work),
     }
 
+
+def llama_results(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path, threads: int, compute: bool) -> dict[str, Any]:
+    """llama.cpp's files (sizes, bytes read per token) and quality."""
+    files = {
+        name: {"path": str(path), "file_bytes": path.stat().st_size, **gguf_tensors(path)} for name, path in ggufs.items()
+    }
+    return {"files": files, "quality": llama_quality(lc, ggufs, eval_file, work, threads, compute=compute)}
+
+
+def _artifacts(args: argparse.Namespace, model_dir: Path, work: Path, ep_targets: dict[str, str]) -> dict[str, Path]:
+    """``--artifact`` folders, and the edgepipe builds for the labels they do not cover."""
+    given = dict(a.split("=", 1) for a in args.artifact)
+    arts = {k: Path(v).resolve() for k, v in given.items()}
+    if set(ep_targets.values()) - set(arts):
+        ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
+        arts.update(
+            edgepipe_artifacts(model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse)
+        )
+    return arts
+
+
+def _eval_protocol(ev: dict[str, Any]) -> str:
+    scored = f"scored from position {ev['scored_from_position']}" if "scored_from_position" in ev else "every position"
+    return f"{ev.get('windows')}×{ev.get('window_tokens')}, " + scored
+
+
+def _artifact_facts(ep: dict[str, Any], label: str, art: Path) -> None:
+    """One artifact's size, bytes read per token, manifest accuracy, target and eval protocol, into ``ep``."""
+    # a prebuilt folder (--artifact) may be a bare model folder without a manifest
+    mp = art / "manifest.json"
+    m = json.loads(mp.read_text()) if mp.is_file() else {"metrics": {"accuracy": {}}, "target": {"name": "?"}}
+    if mp.is_file() and not m.get("optimize") and CausalLM_has_slice(art):
+        m["target"]["name"] += " + logits_slice pass"
+    ep["files"][label] = {
+        "file_bytes": sum(f.stat().st_size for f in art.glob("model.onnx*")),
+        **onnx_read_bytes(art),
+    }
+    ep["manifest_accuracy"][label] = m["metrics"]["accuracy"]
+    ep["targets"][label] = m["target"]["name"]
+    ep.setdefault("eval", {})[label] = _eval_protocol(m.get("eval") or {})
+    ep.setdefault("quantization", {})[label] = m["target"].get("quantization")
+
+
+def _matched_quality(
+    args: argparse.Namespace, arts: dict[str, Path], model_dir: Path, work: Path, threads: int
+) -> dict[str, Any]:
+    """edgepipe on llama-perplexity's tokens, cached under the base logits' and the artifacts' identity."""
+    base_file = work / f"kld-base-c{CTX}.bin"
+    qkey = {
+        "v": 2,
+        "base": base_file.stat().st_mtime_ns if base_file.is_file() else None,
+        **{
+            k: hashlib.sha256(
+                (a / "manifest.json" if (a / "manifest.json").is_file() else a / "model.onnx").read_bytes()
+            ).hexdigest()
+            for k, a in arts.items()
+        },
+    }
+    qcache = work / "quality-matched.json"
+    cached = json.loads(qcache.read_text()) if qcache.is_file() else {}
+    if cached.get("key") == qkey:
+        say("edgepipe quality on llama-perplexity's tokens: cached")
+        return cached["result"]
+    if args.no_quality:
+        say("edgepipe quality on llama-perplexity's tokens: skipped (--no-quality)")
+        return {}
+    result = edgepipe_quality_matched(arts, fp32_export_dir(model_dir, say), base_file, threads, say)
+    qcache.write_text(json.dumps({"key": qkey, "result": result}, indent=2))
+    return result
+
+
+def edgepipe_results(
+    args: argparse.Namespace, arts: dict[str, Path], model_dir: Path, work: Path, threads: int
+) -> dict[str, Any]:
+    ep: dict[str, Any] = {
+        "artifacts": {k: str(v) for k, v in arts.items()},
+        "files": {},
+        "manifest_accuracy": {},
+        "targets": {},
+    }
+    for label, art in arts.items():
+        _artifact_facts(ep, label, art)
+    ep["quality_matched"] = _matched_quality(args, arts, model_dir, work, threads)
+    return ep
+
+
+Timed = Callable[[], dict[str, float]]
+
+
+def _speed_order(
+    args: argparse.Namespace, lc: Paths, ggufs: dict[str, Path], arts: dict[str, Path], T: int
+) -> list[tuple[str, Timed]]:
+    """A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart."""
+    order: list[tuple[str, Timed]] = []
+    variants = T > 1 and not args.no_passive
+    pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
+    pairs = [(e, lq) for e, lq in pairs if lq in args.speed_quants] + ([(None, "f32")] if args.speed_f32 else [])
+    for e, lq in pairs:
+        order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
+        if e and e in arts:
+            order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
+            if variants:
+                order.append((f"{e} {NOSPIN}", lambda a=arts[e], T=T: edgepipe_speed(a, T, spinning=False)))
+        if variants:
+            order.append((f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True)))
+    return order
+
+
+def _bandwidth_between(work: Path, threads: int, bw_runs: list[float]) -> None:
+    bw_runs.append(read_bandwidth_gbs(work, threads)["read_gbs"])
+    say(f"read bandwidth: {bw_runs[-1]:.1f} GB/s")
+
+
+def speed_results(
+    args: argparse.Namespace, lc: Paths, ggufs: dict[str, Path], arts: dict[str, Path], work: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Interleaved speed runs per thread count, and the read bandwidth measured before and between rounds."""
+    bw_runs: list[float] = []
+    _bandwidth_between(work, args.threads[0], bw_runs)
+    speed: dict[str, Any] = {}
+    for T in args.threads:
+        order = _speed_order(args, lc, ggufs, arts, T)
+        runs = speed[f"t{T}"] = {}
+        for rep in range(args.reps):
+            for name, fn in order:
+                r = fn()
+                r["rep"], r["load1"] = rep, os.getloadavg()[0]
+                runs.setdefault(name, []).append(r)
+                say(
+                    f"t{T} rep {rep + 1}/{args.reps} {name}: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep")
+                )
+            _bandwidth_between(work, args.threads[0], bw_runs)  # between rounds: other jobs come and go
+    bandwidth = {
+        "read_gbs": max(bw_runs),
+        "runs_gbs": bw_runs,
+        "threads": args.threads[0],
+        "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes, highest of "
+        f"{len(bw_runs)} measurements spread over the run",
+    }
+    return speed, bandwidth
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    import edgepipe
+    from edgepipe.models import cache_root, default_model_dir
+
+    t_start = time.time()
+    load_before = os.getloadavg()
+    lc = ensure_llamacpp(say)
+    model_dir = (random_llama_dir(say) if args.random_llama else args.model or default_model_dir(say)).resolve()
+    info = edgepipe.inspect_model(model_dir)
+    eval_file = (
+        args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
+    ).resolve()
+    work = cache_root() / "vs_llamacpp" / info.sha256[:16]
+    work.mkdir(parents=True, exist_ok=True)
+    ep_targets = _edgepipe_targets(args, work)
+    T = args.threads[0]
+    R = _run_facts(args, lc, model_dir, info, eval_file, work)
+
     ggufs = convert_and_quantize(lc, model_dir, work, T)
-    R["llama"] = {"files": {}, "quality": {}}
-    for name, path in ggufs.items():
-        R["llama"]["files"][name] = {
-            "path": str(path),
-            "file_bytes": path.stat().st_size,
-            **gguf_tensors(path, lc),
-        }
-    R["llama"]["quality"] = llama_quality(lc, ggufs, eval_file, work, T, compute=not args.no_quality)
+    R["llama"] = llama_results(lc, ggufs, eval_file, work, T, compute=not args.no_quality)
 
     arts: dict[str, Path] = {}
     if not args.no_edgepipe:
-        given = dict(a.split("=", 1) for a in args.artifact)
-        arts = {k: Path(v).resolve() for k, v in given.items()}
-        if set(ep_targets.values()) - set(arts):
-            ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
-            arts.update(
-                edgepipe_artifacts(
-                    model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse
-                )
-            )
-        R["edgepipe"] = {
-            "artifacts": {k: str(v) for k, v in arts.items()},
-            "files": {},
-            "manifest_accuracy": {},
-            "targets": {},
-        }
-        for label, art in arts.items():
-            # a prebuilt folder (--artifact) may be a bare model folder without a manifest
-            mp = art / "manifest.json"
-            m = json.loads(mp.read_text()) if mp.is_file() else {"metrics": {"accuracy": {}}, "target": {"name": "?"}}
-            if mp.is_file() and not json.loads(mp.read_text()).get("optimize") and CausalLM_has_slice(art):
-                m["target"]["name"] += " + logits_slice pass"
-            R["edgepipe"]["files"][label] = {
-                "file_bytes": sum(f.stat().st_size for f in art.glob("model.onnx*")),
-                **onnx_read_bytes(art),
-            }
-            R["edgepipe"]["manifest_accuracy"][label] = m["metrics"]["accuracy"]
-            R["edgepipe"]["targets"][label] = m["target"]["name"]
-            ev = m.get("eval") or {}
-            R["edgepipe"].setdefault("eval", {})[label] = (
-                f"{ev.get('windows')}×{ev.get('window_tokens')}, "
-                + (
-                    f"scored from position {ev['scored_from_position']}"
-                    if "scored_from_position" in ev
-                    else "every position"
-                )
-            )
-            R["edgepipe"].setdefault("quantization", {})[label] = m["target"].get("quantization")
-        base_file = work / f"kld-base-c{CTX}.bin"
-        qkey = {
-            "v": 2,
-            "base": base_file.stat().st_mtime_ns if base_file.is_file() else None,
-            **{
-                k: hashlib.sha256(
-                    (a / "manifest.json" if (a / "manifest.json").is_file() else a / "model.onnx").read_bytes()
-                ).hexdigest()
-                for k, a in arts.items()
-            },
-        }
-        qcache = work / "quality-matched.json"
-        cached = json.loads(qcache.read_text()) if qcache.is_file() else {}
-        if cached.get("key") == qkey:
-            say("edgepipe quality on llama-perplexity's tokens: cached")
-            R["edgepipe"]["quality_matched"] = cached["result"]
-        elif args.no_quality:
-            say("edgepipe quality on llama-perplexity's tokens: skipped (--no-quality)")
-            R["edgepipe"]["quality_matched"] = {}
-        else:
-            R["edgepipe"]["quality_matched"] = edgepipe_quality_matched(
-                arts, fp32_export_dir(model_dir, say), base_file, T, say
-            )
-            qcache.write_text(json.dumps({"key": qkey, "result": R["edgepipe"]["quality_matched"]}, indent=2))
+        arts = _artifacts(args, model_dir, work, ep_targets)
+        R["edgepipe"] = edgepipe_results(args, arts, model_dir, work, T)
 
     if not args.no_speed:
-        bw_runs = [read_bandwidth_gbs(work, threads[0])["read_gbs"]]
-        say(f"read bandwidth: {bw_runs[-1]:.1f} GB/s")
-        R["speed"] = {}
-        for T in threads:
-            order: list[tuple[str, Callable[[], dict[str, float]]]] = []
-            # A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart
-            pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
-            pairs = [(e, lq) for e, lq in pairs if lq in speed_quants] + (
-                [(None, "f32")] if args.speed_f32 else []
-            )
-            for e, lq in pairs:
-                order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
-                if e and e in arts:
-                    order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
-                    if T > 1 and not args.no_passive:
-                        order.append((f"{e} {NOSPIN}", lambda a=arts[e], T=T: edgepipe_speed(a, T, spinning=False)))
-                if T > 1 and not args.no_passive:
-                    order.append(
-                        (f"{lq} {PASSIVE}", lambda g=ggufs[lq], T=T: llama_speed(lc, g, T, passive=True))
-                    )
-            runs = R["speed"][f"t{T}"] = {}
-            for rep in range(args.reps):
-                for name, fn in order:
-                    r = fn()
-                    r["rep"], r["load1"] = rep, os.getloadavg()[0]
-                    runs.setdefault(name, []).append(r)
-                    say(
-                        f"t{T} rep {rep + 1}/{args.reps} {name}: "
-                        + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "rep")
-                    )
-                bw_runs.append(
-                    read_bandwidth_gbs(work, threads[0])["read_gbs"]
-                )  # between rounds: other jobs come and go
-                say(f"read bandwidth: {bw_runs[-1]:.1f} GB/s")
-        R["bandwidth"] = {
-            "read_gbs": max(bw_runs),
-            "runs_gbs": bw_runs,
-            "threads": threads[0],
-            "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes, highest of "
-            f"{len(bw_runs)} measurements spread over the run",
-        }
+        R["speed"], R["bandwidth"] = speed_results(args, lc, ggufs, arts, work)
         if arts:
-            R["edgepipe"]["runtime_bench"] = {
-                label: edgepipe_runtime_bench(a, threads[0]) for label, a in arts.items()
-            }
+            R["edgepipe"]["runtime_bench"] = {label: edgepipe_runtime_bench(a, T) for label, a in arts.items()}
     R["load_before"], R["load_after"] = load_before, os.getloadavg()
     R["seconds"] = round(time.time() - t_start, 1)
 

@@ -46,7 +46,7 @@ class CpuBackend:
         timings: dict[str, float] = {}
 
         t0 = time.time()
-        fp32 = run_export(info, ExportConfig(info.sha256, versions["onnxruntime-genai"], versions["transformers"]), ctx)
+        fp32 = run_export(info, ExportConfig.for_model(info, versions), ctx)
         timings["export_s"] = round(time.time() - t0, 2)
 
         t0 = time.time()

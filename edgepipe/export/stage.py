@@ -7,6 +7,7 @@ exported once for every target, budget and build that uses it.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,16 @@ class ExportConfig:
     source_sha256: str
     genai_version: str
     transformers_version: str
+
+    @classmethod
+    def for_model(cls, info: ModelInfo, versions: Mapping[str, str] | None = None) -> ExportConfig:
+        """The config ``edgepipe build`` exports ``info``'s model with (the installed exporter's
+        versions unless ``versions`` are given), so that any caller shares the build's cache entry."""
+        if versions is None:
+            from edgepipe.package import tool_versions
+
+            versions = tool_versions()
+        return cls(info.sha256, versions["onnxruntime-genai"], versions["transformers"])
 
 
 @dataclass(frozen=True)

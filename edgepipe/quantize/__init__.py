@@ -5,7 +5,8 @@
 :func:`scheme_from_target` makes of a profile), or a :class:`BitPlan` -- which matrix gets which
 config, and its exact bytes. Handlers are looked up by config type (:mod:`.handlers`); the plan comes
 from the exported graph (:func:`plan_from_onnx`) or, before any export, from ``config.json``
-(:func:`plan_from_config`), and the two agree.
+(:func:`plan_from_config`), and the two agree. A :class:`WeightCache` keeps quantized matrices on disk
+for searches that quantize one model many ways.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from edgepipe.quantize.architectures import matrices_from_config, plan_from_conf
 from edgepipe.quantize.bitplan import BitPlan, Matrix, ModelMatrices, PlannedMatrix, matrices_from_onnx, plan_from_onnx
 from edgepipe.quantize.configs import FP32, Format, Gptq, Imatrix, MixedPrecision, Mse, Rtn, WeightOnlyConfig, as_scheme, layer_matches, scheme_from_target
 from edgepipe.quantize.graph import quantize
+from edgepipe.quantize.weight_cache import WeightCache
 
 __all__ = [
     "FP32",
@@ -27,6 +29,7 @@ __all__ = [
     "Mse",
     "PlannedMatrix",
     "Rtn",
+    "WeightCache",
     "WeightOnlyConfig",
     "as_scheme",
     "layer_matches",

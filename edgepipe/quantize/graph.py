@@ -23,6 +23,7 @@ from edgepipe.quantize.bitplan import BitPlan, gathered_tables, matrices_from_on
 from edgepipe.quantize.blockwise import QuantizedBlocks
 from edgepipe.quantize.configs import MixedPrecision, WeightOnlyConfig, as_scheme
 from edgepipe.quantize.handlers import WeightStats, quantize_weight
+from edgepipe.quantize.weight_cache import WeightCache
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def quantize(
     *,
     importance: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    weight_cache: WeightCache | None = None,
 ) -> dict[str, Any]:
     """Quantize the fp32 decoder in ``src_dir`` into ``dst_dir``; return what was done (the manifest's
     ``quantization`` section).
@@ -105,7 +107,8 @@ def quantize(
     ``config`` is one algorithm's config (every matrix, the table too), a :class:`MixedPrecision`
     scheme, or a :class:`BitPlan` made for this graph. ``importance`` is what
     :func:`~edgepipe.quantize.calibrate.collect_importance` measured; configs that need it fall back to
-    the unweighted search without it.
+    the unweighted search without it. ``weight_cache`` keeps each quantized matrix on disk, so that
+    quantizing the same model again under another plan re-quantizes only what changed.
     """
     import onnx
 
@@ -118,7 +121,7 @@ def quantize(
         (dst_dir / name).unlink(missing_ok=True)
     rewrite = _Rewrite(model, src_dir, plan, _StreamedData(dst_dir / DATA_FILE))
     try:
-        rewrite.matmuls(importance, progress)
+        rewrite.matmuls(importance, progress, weight_cache)
         embedding = rewrite.share_table()
         rewrite.save(dst_dir)
     finally:
@@ -152,7 +155,9 @@ class _Rewrite:
 
         return numpy_helper.to_array(self.inits[name], base_dir=str(self.src_dir))
 
-    def matmuls(self, importance: Mapping[str, np.ndarray], progress: Callable[[str], None] | None) -> None:
+    def matmuls(
+        self, importance: Mapping[str, np.ndarray], progress: Callable[[str], None] | None, cache: WeightCache | None = None
+    ) -> None:
         graph = self.model.graph
         consumers: dict[str, list[Any]] = {}
         for node in graph.node:
@@ -165,7 +170,7 @@ class _Rewrite:
             if cfg is None:
                 continue
             if wname not in self.quantized:
-                self._write(wname, quantize_weight(cfg, self.load(wname), WeightStats(importance, wname)))
+                self._write(wname, quantize_weight(cfg, self.load(wname), WeightStats(importance, wname), cache=cache))
             self.replaced[node.output[0]] = [self._matmul_nbits(node, wname, cfg)]
             if all(c.op_type == "MatMul" for c in consumers.get(wname, [])) or not self.plan[wname].matrix.is_table:
                 self.drop.add(wname)

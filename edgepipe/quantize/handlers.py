@@ -2,20 +2,25 @@
 
 ``HANDLERS`` maps a config class to its function, as torchao looks its quantizers up by config
 type; :func:`quantize_weight` is the only caller. A new algorithm registers its handler with
-``@handles(NewConfig)``.
+``@handles(NewConfig)``. A :class:`~edgepipe.quantize.weight_cache.WeightCache` given to
+:func:`quantize_weight` keeps each result on disk (same results, computed once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.quantize.blockwise import QuantizedBlocks, quantize_matrix
 from edgepipe.quantize.configs import Gptq, Imatrix, Mse, Rtn, WeightOnlyConfig
+from edgepipe.quantize.gptq import gptq_matrix
+
+if TYPE_CHECKING:
+    from edgepipe.quantize.weight_cache import WeightCache
 
 __all__ = ["HANDLERS", "WeightStats", "handles", "quantize_weight"]
 
@@ -51,12 +56,14 @@ def handles(config_type: type[C]) -> Callable[[Callable[[C, np.ndarray, WeightSt
     return register
 
 
-def quantize_weight(cfg: WeightOnlyConfig, w: np.ndarray, stats: WeightStats) -> QuantizedBlocks:
-    """Quantize the weight ``w`` [K, N] as ``cfg`` says."""
+def quantize_weight(cfg: WeightOnlyConfig, w: np.ndarray, stats: WeightStats, *, cache: WeightCache | None = None) -> QuantizedBlocks:
+    """Quantize the weight ``w`` [K, N] as ``cfg`` says (read from / stored in ``cache`` if given)."""
     handler = HANDLERS.get(type(cfg))
     if handler is None:
         raise InputError(f"no quantizer handles {type(cfg).__name__}; use one of {', '.join(c.__name__ for c in HANDLERS)}")
-    return handler(cfg, w, stats)
+    if cache is None:
+        return handler(cfg, w, stats)
+    return cache.get_or_make(cfg, w, stats, lambda: handler(cfg, w, stats))
 
 
 @handles(Rtn)
@@ -83,6 +90,4 @@ def _gptq(cfg: Gptq, w: np.ndarray, stats: WeightStats) -> QuantizedBlocks:
         # no Hessian (not calibrated) or blocks that would straddle K's end: the importance-weighted search
         fallback = Imatrix(bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level)
         return _imatrix(fallback, w, stats)
-    from edgepipe.quantize import gptq  # looked up per call: benchmarks/int4_search.py memoises gptq_matrix
-
-    return gptq.gptq_matrix(w, hessian, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, damp=cfg.damp, act_order=cfg.act_order)
+    return gptq_matrix(w, hessian, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, damp=cfg.damp, act_order=cfg.act_order)
