@@ -5,7 +5,8 @@ reproducibility and the model-only (ModelPack) form, on a small hand-made artifa
 runnable-image test there stands a small local tree in for the Debian root (which needs the
 mirror; the slow test uses the real one). The slow test builds the real arm64 image from
 Debian's packages, checks it with ``skopeo inspect``, unpacks its layers and runs its entrypoint
-under ``qemu-aarch64 -cpu cortex-a76``: it verifies the artifact and generates text.
+under ``qemu-aarch64 -cpu cortex-a76``: it verifies the artifact and generates the host's text.
+Another slow test runs the amd64 image natively in a chroot (root only).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def test_runnable_image_layout(toy, tmp_path):
     rootfs, site, model = (_members(layer_tar(res.out, m)) for m in doc["manifest"]["layers"])
     root_names = {m.name: m for m in rootfs}
     assert root_names["usr/bin/python3"].linkname == "python3.11" and root_names["usr/bin/python3.11"].mode == 0o755
-    assert root_names["tmp"].mode == 0o1777
+    assert root_names["tmp"].mode == 0o1777 and {"proc", "sys", "dev"} <= set(root_names)
     assert not [n for n in root_names if n.startswith("usr/share/doc")]
     site_names = {m.name for m in site}
     for rel in ("numpy/__init__.py", "edgepipe/__init__.py", "edgepipe/errors.py", "edgepipe/runtime/__main__.py", "edgepipe/runtime/model.py"):
@@ -268,3 +269,31 @@ def test_arm64_image_runs_under_qemu_cortex_a76(zoo, tmp_path):
     data.write_bytes(bytes(raw))
     refused = run(cmd)
     assert refused.returncode == 2 and "sha256" in refused.stderr and refused.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("chroot"), reason="needs root and chroot")
+def test_amd64_image_runs_in_a_chroot(zoo, tmp_path):
+    """The x86-64 image, unpacked, runs natively as a container would run it: its own root, /proc mounted."""
+    artifact = zoo.artifact("llama", "x86-avx2")[0]
+    img = package_oci(artifact, tmp_path / "img.tar", platform="linux/amd64")
+    layout, root = tmp_path / "layout", tmp_path / "rootfs"
+    layout.mkdir()
+    root.mkdir()
+    with tarfile.open(img.out) as tar:
+        tar.extractall(layout, filter="tar")
+    cfg = unpack(layout, root)["config"]
+    assert cfg["architecture"] == "amd64"
+    if subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount /proc in the chroot here")
+    try:
+        prompt = "Emma Woodhouse, handsome, clever, and"
+        cmd = [*cfg["config"]["Entrypoint"], "run", "/model", "--prompt", prompt, "--max-new-tokens", "12"]
+        env = {**_guest_env(cfg), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
+        ran = subprocess.run([shutil.which("chroot"), str(root), *cmd], capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        subprocess.run(["umount", str(root / "proc")], capture_output=True)
+    assert ran.returncode == 0, ran.stderr
+    host = subprocess.run([os.sys.executable, "-m", "edgepipe.runtime", "run", str(artifact), "--prompt", prompt, "--max-new-tokens", "12"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert ran.stdout.strip() and ran.stdout == host

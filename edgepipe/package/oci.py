@@ -181,12 +181,14 @@ def _serve_config() -> dict[str, Any]:
 
 
 def _root_entries(root: Path) -> list[ol.Entry]:
-    """The package tree, ``/usr/bin/python3``, and a world-writable ``/tmp``."""
+    """The package tree, ``/usr/bin/python3``, a world-writable ``/tmp`` and the mount points a
+    runtime fills (``/proc``: onnxruntime opens the model through ``/proc/self/fd``)."""
     entries = ol.tree_entries(root, "", skip=lambda rel: rel in ROOT_SKIP)
     names = {e.path for e in entries}
     if "usr/bin/python3" not in names:
         entries.append(ol.Entry("usr/bin/python3", "symlink", target="python3.11"))
     entries.append(ol.Entry("tmp", "dir", 0o1777))
+    entries += [ol.Entry(d, "dir", 0o755) for d in ("proc", "sys", "dev") if d not in names]
     return entries
 
 
