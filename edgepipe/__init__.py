@@ -37,6 +37,8 @@ _LAZY = {
     "Manifest": "edgepipe.runtime.manifest",
     "read_manifest": "edgepipe.runtime.manifest",
     "verify_artifact": "edgepipe.runtime.manifest",
+    "package_oci": "edgepipe.package.oci",
+    "OciImage": "edgepipe.package.oci",
     "open_artifact": "edgepipe.runtime.artifact",
     "GenerationConfig": "edgepipe.runtime.generate",
     "generate": "edgepipe.runtime.generate",

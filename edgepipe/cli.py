@@ -240,6 +240,26 @@ def verify(artifact: Path) -> None:
     click.echo(f"{artifact}: OK ({len(m.files)} files verified)")
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--oci", "oci_out", required=True, type=click.Path(path_type=Path), help="OCI image layout folder to write (a path ending in .tar: an archive).")
+@click.option("--platform", default="linux/arm64", show_default=True, type=click.Choice(["linux/arm64", "linux/amd64"]), help="Root filesystem, wheels.")
+@click.option("--model-only", is_flag=True, help="The artifact alone as an OCI artifact (CNCF ModelPack), no root filesystem.")
+@click.option("--tag", default="latest", show_default=True, help="Reference name in index.json (skopeo's oci:DIR:TAG).")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def package(artifact: Path, oci_out: Path, platform: str, model_only: bool, tag: str, as_json: bool) -> None:
+    """Write a verified artifact as an OCI image (Debian Python root + runtime + artifact), no daemon needed."""
+    from edgepipe.package.oci import package_oci
+
+    res = package_oci(artifact, oci_out, platform=platform, model_only=model_only, tag=tag, progress=_progress(True))
+    if as_json:
+        _emit_json(res.to_dict())
+        return
+    kind = "model-only OCI artifact" if model_only else f"OCI image ({platform})"
+    click.echo(f"{res.out}: {kind}, {res.bytes / 2**20:.1f} MB, manifest {res.manifest_digest}")
+
+
 @main.group(invoke_without_command=True)
 @click.pass_context
 @_guard

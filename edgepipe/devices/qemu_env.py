@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepipe.devices import pyroot
 from edgepipe.devices.apt import PrivateApt, host_arch, os_release
 from edgepipe.devices.base import Progress, last_json_object, last_line, run_tool
 from edgepipe.devices.provision import package_dir as edgepipe_package_dir
@@ -40,23 +41,20 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the layout or the build recipe of the cached environment changes.
 LAYOUT_VERSION = 1
-GUEST_PYTHON = "3.11"
+GUEST_PYTHON = pyroot.PYTHON
 #: Debian suite the aarch64 Python root comes from (the last one with python3.11).
-GUEST_SUITE = "bookworm"
+GUEST_SUITE = pyroot.SUITE
 #: Debian arm64 packages whose files make a working python3.11 + the libraries wheels need.
-GUEST_PACKAGES: tuple[str, ...] = (
-    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1",
-    "libffi8", "libssl3", "libbz2-1.0", "liblzma5", "libsqlite3-0", "libgcc-s1", "libstdc++6", "libuuid1",
-    "libncursesw6", "libtinfo6", "libreadline8", "libcrypt1", "libnsl2", "libtirpc3", "libdb5.3", "libgdbm6",
-)  # fmt: skip
+GUEST_PACKAGES: tuple[str, ...] = pyroot.PYTHON_PACKAGES
+GUEST_ARCH = pyroot.ARCHES["arm64"]
 #: The device runtime's wheels; their versions are the package's own pins.
 RUNTIME_WHEELS: tuple[str, ...] = ("onnxruntime", "numpy", "tokenizers")
-WHEEL_PLATFORMS: tuple[str, ...] = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
+WHEEL_PLATFORMS: tuple[str, ...] = GUEST_ARCH.wheel_platforms
 MIN_QEMU = (8, 0)
 #: Where qemu >= 8 comes from, per host Debian codename (default: the codename itself).
 QEMU_SUITES = {"bookworm": "bookworm-backports"}
 QEMU_PACKAGE = "qemu-user"
-DEPS_HINT = "run `sudo bash .ci/qemu-deps.sh` (Debian: apt, dpkg-deb, debian-archive-keyring)"
+DEPS_HINT = pyroot.DEPS_HINT
 
 
 @dataclass(frozen=True)
@@ -251,29 +249,12 @@ def _fill(work: Path, key: str, say: Progress, *, fetch_qemu: bool) -> dict[str,
 
 def _unpack_guest_root(apt: PrivateApt, work: Path, say: Progress) -> list[Path]:
     """The guest's arm64 packages unpacked into ``work/root`` (the .debs it took)."""
-    say(f"qemu env: downloading {len(GUEST_PACKAGES)} arm64 packages for Python {GUEST_PYTHON}")
-    debs = apt.download([f"{p}:arm64" for p in GUEST_PACKAGES], work / "debs")
-    root = work / "root"
-    for deb in debs:
-        run_tool(["dpkg-deb", "-x", str(deb), str(root)], what=f"dpkg-deb -x {deb.name}", fix=DEPS_HINT, timeout=1800)
-    if not (root / "usr" / "bin" / f"python{GUEST_PYTHON}").is_file():
-        raise DeviceError(f"the arm64 packages gave no usr/bin/python{GUEST_PYTHON}; {DEPS_HINT}")
-    return debs
+    return pyroot.unpack_python_root(apt, GUEST_ARCH, work / "debs", work / "root", lambda msg: say(f"qemu env: {msg}"))
 
 
 def _install_wheels(site: Path, pins: dict[str, str], say: Progress) -> None:
     """The pinned aarch64 wheels into ``site``, by the host's pip (nothing runs emulated)."""
-    wheels = [f"{name}=={ver}" for name, ver in pins.items()]
-    say(f"qemu env: pip install aarch64 wheels {' '.join(wheels)}")
-    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
-    run_tool(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-         "--target", str(site), *platforms, "--only-binary=:all:",
-         "--python-version", GUEST_PYTHON, "--implementation", "cp", *wheels],
-        what="pip install (aarch64 wheels)",
-        fix="check that PyPI is reachable (`pip download onnxruntime`) and pip is installed (`python -m ensurepip`)",
-        timeout=1800,
-    )  # fmt: skip
+    pyroot.install_wheels(site, pins, GUEST_ARCH, lambda msg: say(f"qemu env: {msg}"))
 
 
 def _precompile(dirs: Sequence[Path], say: Progress) -> None:
