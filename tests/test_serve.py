@@ -138,6 +138,20 @@ def test_seeded_sampling_equals_edgepipe_run(live: Live, artifact: Path) -> None
     assert want != edgepipe_run(artifact, PROMPT, 24, "--seed", "11"), "sampling gave the greedy text: pick another seed"
 
 
+def test_token_id_prompt_and_ignore_eos(live: Live, artifact: Path) -> None:
+    """The token-id form of a prompt gives the string form's text; ``ignore_eos`` (the benchmark's
+    fixed-length decode) runs to max_tokens."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(PROMPT).ids
+    client = live.client()
+    a = client.completions.create(model=live.model, prompt=PROMPT, max_tokens=12, temperature=0.9, seed=2)
+    b = client.completions.create(model=live.model, prompt=ids, max_tokens=12, temperature=0.9, seed=2)
+    assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == b.usage.prompt_tokens == len(ids)
+    c = client.completions.create(model=live.model, prompt=ids, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    assert c.usage.completion_tokens == 40 and c.choices[0].finish_reason == "length"
+
+
 def test_chat_completions_stream_and_not(live: Live, artifact: Path) -> None:
     from edgepipe.runtime.serve.api import Message
     from edgepipe.runtime.serve.chat import chatml
@@ -193,6 +207,7 @@ BAD = [  # (what, method, path, body, extra headers, status, words in the messag
     ("max_tokens a string", "POST", "/v1/completions", {"prompt": "a", "max_tokens": "9"}, {}, 400, "max_tokens"),
     ("temperature a string", "POST", "/v1/completions", {"prompt": "a", "temperature": "hot"}, {}, 400, "temperature"),
     ("prompt a number", "POST", "/v1/completions", {"prompt": 5}, {}, 400, "prompt"),
+    ("token id over the vocabulary", "POST", "/v1/completions", {"prompt": [1, 384]}, {}, 400, "below 384"),
     ("messages a string", "POST", "/v1/chat/completions", {"messages": "hi"}, {}, 400, "messages"),
     ("bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "role"),
     ("stream not a bool", "POST", "/v1/completions", {"prompt": "a", "stream": "yes"}, {}, 400, "stream"),

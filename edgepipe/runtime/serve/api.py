@@ -45,7 +45,9 @@ class CompletionRequest:
     """One ``/v1/completions`` (``prompt``) or ``/v1/chat/completions`` (``messages``) request."""
 
     model: str
-    prompt: str | None = None
+    chat: bool
+    prompt: str = ""
+    prompt_ids: tuple[int, ...] = ()  # /v1/completions' token-id form of the prompt
     messages: tuple[Message, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -54,10 +56,7 @@ class CompletionRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-
-    @property
-    def chat(self) -> bool:
-        return self.prompt is None
+    ignore_eos: bool = False  # an extension (as llama.cpp's and vLLM's servers have): decode max_tokens whatever comes
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -135,13 +134,16 @@ def _messages(body: dict[str, Any]) -> tuple[Message, ...]:
     return tuple(out)
 
 
-def _prompt(body: dict[str, Any]) -> str:
+def _prompt(body: dict[str, Any], vocab_size: int) -> tuple[str, tuple[int, ...]]:
+    """A string, a list of one string, or a list of token ids (OpenAI's forms of one prompt)."""
     v = body.get("prompt")
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
-        v = v[0]  # the client's list form with one prompt
-    if not isinstance(v, str) or not v:
-        raise _bad("prompt", "a non-empty string (one prompt per request)", v)
-    return v
+        v = v[0]
+    if isinstance(v, str) and v:
+        return v, ()
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in v):
+        return "", tuple(v)
+    raise _bad("prompt", f"a non-empty string or a list of token ids below {vocab_size} (one prompt per request)", v)
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -154,7 +156,7 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, _bool(opts, "include_usage")
 
 
-def parse_request(body: dict[str, Any], *, chat: bool, model_id: str, context_length: int) -> CompletionRequest:
+def parse_request(body: dict[str, Any], *, chat: bool, model_id: str, context_length: int, vocab_size: int) -> CompletionRequest:
     """The typed request, or :class:`ApiError` (400 for a bad field, 404 for another model)."""
     model = body.get("model")
     if not isinstance(model, str):
@@ -165,9 +167,12 @@ def parse_request(body: dict[str, Any], *, chat: bool, model_id: str, context_le
     del n  # only one choice per request: the device generates one sequence at a time
     max_tokens = _int(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens", 1, context_length)
     stream, include_usage = _stream(body)
+    prompt, prompt_ids = ("", ()) if chat else _prompt(body, vocab_size)
     return CompletionRequest(
         model=model,
-        prompt=None if chat else _prompt(body),
+        chat=chat,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
         messages=_messages(body) if chat else (),
         stream=stream,
         include_usage=include_usage,
@@ -176,4 +181,5 @@ def parse_request(body: dict[str, Any], *, chat: bool, model_id: str, context_le
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=_int(body, "seed", 0, 2**63 - 1),
         stop=_stop(body),
+        ignore_eos=_bool(body, "ignore_eos"),
     )

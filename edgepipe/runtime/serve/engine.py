@@ -106,8 +106,11 @@ class Engine:
     def prepare(self, req: CompletionRequest) -> Job:
         """Render and tokenize; a prompt that leaves no room in the context is a 400 naming the limit."""
         received = time.perf_counter()
-        text = self.template.render(req.messages) if req.chat else req.prompt or ""
-        ids = self.tokenizer.encode(text, add_special_tokens=not req.chat).ids  # a template writes its own BOS
+        if req.prompt_ids:
+            ids = list(req.prompt_ids)
+        else:
+            text = self.template.render(req.messages) if req.chat else req.prompt
+            ids = self.tokenizer.encode(text, add_special_tokens=not req.chat).ids  # a template writes its own BOS
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization", param="messages" if req.chat else "prompt")
         ctx = self.lm.context_length
@@ -155,7 +158,7 @@ class Engine:
 
     def _tokens(self, job: Job, gone: Gone, stats: _Stats) -> Iterator[int]:
         req = job.request
-        cfg = GenerationConfig(max_new_tokens=job.limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        cfg = GenerationConfig(max_new_tokens=job.limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
         for token in generate(self.lm, list(job.prompt_ids), cfg):
             if self._draining or gone():
                 stats.reason = "shutdown" if self._draining else "cancelled"

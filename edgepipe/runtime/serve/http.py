@@ -95,6 +95,12 @@ class Handler(BaseHTTPRequestHandler):
     _consumed = True  # the request's body has been read (or it has none)
 
     # -- plumbing -------------------------------------------------------------------------
+    def setup(self) -> None:
+        super().setup()
+        # one small write per token: without this, Nagle's algorithm holds a token back until the
+        # previous one is acknowledged, and the stream arrives in bursts
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
@@ -228,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, *, chat: bool) -> None:
         eng = self.server.engine
         body = self._body()
-        req = parse_request(body, chat=chat, model_id=eng.model_id, context_length=eng.lm.context_length)
+        req = parse_request(body, chat=chat, model_id=eng.model_id, context_length=eng.lm.context_length, vocab_size=eng.lm.vocab_size)
         job = eng.prepare(req)
         with eng.turn(self._gone):
             events = eng.run(job, self._gone)
