@@ -27,9 +27,9 @@ READY = re.compile(r"serving (\S+) at http://127\.0\.0\.1:(\d+)/v1")
 class Live:
     """A server subprocess (``python -m edgepipe.runtime serve``) and what it announced."""
 
-    def __init__(self, artifact: Path, *args: str) -> None:
+    def __init__(self, artifact: Path, *args: str, entry: tuple[str, ...] = (sys.executable, "-m", "edgepipe.runtime")) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgepipe.runtime", "serve", str(artifact), "--port", "0", "--threads", "1", *args],
+            [*entry, "serve", str(artifact), "--port", "0", "--threads", "1", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []
@@ -351,6 +351,13 @@ def test_sigterm_cuts_a_stream_with_a_final_event(artifact: Path) -> None:
     assert "stopped" in server.lines
 
 
+def test_edgepipe_serve_command(artifact: Path) -> None:
+    """The click command: same server, and SIGTERM with nothing running is a clean exit 0."""
+    server = Live(artifact, "--max-queue", "1", entry=(sys.executable, "-c", "import sys; from edgepipe.cli import main; sys.exit(main())"))
+    assert server.client().completions.create(model=server.model, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+    assert server.stop() == 0 and "stopped" in server.lines
+
+
 def test_tampered_artifact_never_opens_the_port(artifact: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(artifact, bad)
@@ -426,6 +433,7 @@ def test_serve_imports_only_the_runtime() -> None:
     assert [m for m in mods if m not in ("edgepipe", "edgepipe.errors") and not m.startswith("edgepipe.runtime")] == []
 
 
+@pytest.mark.slow  # converts the default model's GGUF once per stage cache (minutes on 2 shared cores)
 def test_default_model_chat_template_renders_as_transformers() -> None:
     """The default model's own template (its folder is what an artifact of it carries) renders
     exactly as ``transformers``' ``apply_chat_template``, system prompt default included."""
