@@ -175,6 +175,23 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback is reachable from the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), help="File whose first line is the key every request must send as 'Authorization: Bearer KEY'.")
+@click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True, help="Requests that may wait while one generates; more get 503.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="onnxruntime threads (0: the target's count or one per core).")
+@_guard
+def serve(artifact: Path, host: str, port: int, api_key_file: Path | None, max_queue: int, threads: int) -> None:
+    """Serve an artifact over an OpenAI-compatible HTTP API (verifies the manifest first)."""
+    from edgepipe.runtime.serve import ServeConfig
+    from edgepipe.runtime.serve import serve as run_server
+
+    cfg = ServeConfig(artifact=artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue, threads=threads)
+    run_server(cfg, lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Score perplexity on this text instead of the artifact's reference windows.")
 @click.option("--device", default="local", show_default=True, help="local, qemu, qemu:CPU or ssh://user@host[:port].")
 @click.option("--max-tokens", type=click.IntRange(2), help="Score at most this many tokens (emulated devices are slow).")

@@ -2,7 +2,8 @@
 
 This package must stay importable on a Raspberry Pi with only those three wheels
 (no torch, transformers, optimum, onnxruntime-genai, pydantic, click or yaml), and imports nothing
-of edgepipe outside itself but ``edgepipe.errors``.
+of edgepipe outside itself but ``edgepipe.errors``. ``serve/`` (``edgepipe serve``) adds the
+standard library's HTTP server and, lazily, jinja2 (the ``serve`` extra) for chat templates.
 """
 
 from edgepipe.runtime.artifact import open_artifact, run_prompt

@@ -1,4 +1,4 @@
-"""Device entry point: ``python -m edgepipe.runtime {validate,bench,run,verify} ARTIFACT``.
+"""Device entry point: ``python -m edgepipe.runtime {validate,bench,run,verify,serve} ARTIFACT``.
 
 argparse + json only, so that it runs where only onnxruntime, numpy and tokenizers are
 installed (a Raspberry Pi, or the aarch64 environment under qemu).
@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 
 from edgepipe.errors import EdgepipeError
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from edgepipe.runtime.serve import ServeConfig, serve
+
+    key = Path(args.api_key_file) if args.api_key_file else None
+    cfg = ServeConfig(Path(args.artifact), args.host, args.port, key, args.max_queue, args.threads)
+    serve(cfg, lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int)
     f = sub.add_parser("verify")
     f.add_argument("artifact")
+    s = sub.add_parser("serve")
+    s.add_argument("artifact")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key-file")
+    s.add_argument("--max-queue", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     try:
         if args.cmd == "validate":
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        elif args.cmd == "serve":
+            _serve(args)
         elif args.cmd == "verify":
             from edgepipe.runtime.manifest import verify_artifact
 

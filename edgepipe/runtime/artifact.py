@@ -6,7 +6,7 @@ the files to decide what the artifact is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +71,19 @@ def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, thre
     if not ids:
         raise InputError("the prompt is empty after tokenization; pass some text with --prompt")
 
-    def pieces() -> Iterator[str]:
-        out: list[int] = []
-        printed = ""
-        for token in generate(lm, ids, cfg):
-            out.append(token)
-            text = tok.decode(out)
-            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                yield text[len(printed):]
-                printed = text
+    return decode_pieces(tok, generate(lm, ids, cfg))
 
-    return pieces()
+
+def decode_pieces(tok: Any, tokens: Iterable[int]) -> Generator[str, None, None]:
+    """Text pieces as ``tokens`` arrive: decoding the whole output each time keeps merges and
+    spaces right, and a piece is held back until its last UTF-8 character is complete."""
+    out: list[int] = []
+    printed = ""
+    for token in tokens:
+        out.append(token)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):
+            yield text[len(printed):]
+            printed = text
 
 

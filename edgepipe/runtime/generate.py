@@ -17,6 +17,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens whatever is sampled (benchmarks: a fixed amount of decoding)
 
 
 def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
@@ -46,7 +47,7 @@ def generate(lm: LM, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[i
     limit = max(min(cfg.max_new_tokens, lm.context_length - len(prompt_ids)), 0)
     state = lm.stepper(len(prompt_ids) + limit)
     ids = np.asarray(prompt_ids, dtype=np.int64)
-    eos = set(lm.eos_token_ids)
+    eos = set() if cfg.ignore_eos else set(lm.eos_token_ids)
     for _ in range(limit):
         logits = state.step(ids, last_only=True)
         token = sample_next(logits[-1], cfg, rng)
