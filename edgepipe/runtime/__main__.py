@@ -14,6 +14,16 @@ from pathlib import Path
 from edgepipe.errors import EdgepipeError
 
 
+def _trust(value: str | None) -> None:
+    """``--trusted-keys`` stands for ``$EDGEPIPE_TRUSTED_KEYS`` (read where the artifact is opened)."""
+    if value is not None:
+        import os
+
+        from edgepipe.runtime.signing import ENV_TRUSTED_KEYS
+
+        os.environ[ENV_TRUSTED_KEYS] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgepipe.runtime")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -37,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int)
     f = sub.add_parser("verify")
     f.add_argument("artifact")
+    for cmd in (v, b, r, f):
+        cmd.add_argument("--trusted-keys", help="public key file(s) or folder(s), ':'-separated (default: $EDGEPIPE_TRUSTED_KEYS)")
     args = p.parse_args(argv)
+    _trust(args.trusted_keys)
     try:
         if args.cmd == "validate":
             from edgepipe.runtime.validate import validate
@@ -71,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
             sys.stdout.write("\n")
         elif args.cmd == "verify":
-            from edgepipe.runtime.manifest import verify_artifact
+            from edgepipe.runtime.manifest import check_artifact
 
-            m = verify_artifact(args.artifact)
-            print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value}))
+            m, sig = check_artifact(args.artifact)
+            print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value, "signature": sig.status}))
     except EdgepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
