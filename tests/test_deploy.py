@@ -156,19 +156,20 @@ def test_interrupted_deploys_keep_the_old_version(sshd, tiny_artifact, board, tm
     good = deploy(tiny_artifact, spec, name=name)
     new = tmp_path / "new"
     shutil.copytree(tiny_artifact, new)
-    with open(new / "reference.npz", "ab") as f:  # a bigger file that is not on the board yet
-        f.write(os.urandom(300_000))
+    extra = new / "extra.bin"  # a file that is not on the board yet, big enough to be cut off mid-copy
+    extra.write_bytes(os.urandom(300_000))
     m = json.loads((new / "manifest.json").read_text())
-    m["files"]["reference.npz"] = {"sha256": hashlib.sha256((new / "reference.npz").read_bytes()).hexdigest(),
-                                   "size": (new / "reference.npz").stat().st_size}  # fmt: skip
+    m["files"]["extra.bin"] = {"sha256": hashlib.sha256(extra.read_bytes()).hexdigest(), "size": extra.stat().st_size}
     (new / "manifest.json").write_text(json.dumps(m, indent=2))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPIPE_CACHE": os.environ["EDGEPIPE_CACHE"]}
     slow_env = {**env, "PATH": f"{_throttled_rsync(tmp_path / 'bin')}{os.pathsep}{env['PATH']}"}
 
-    out = _deploy_until(spec, new, name, "copying", slow_env, delay=3.0)  # mid-copy
+    out = _deploy_until(spec, new, name, " files (", slow_env, delay=3.0)  # mid-copy
     assert _current(root) == good.version, out
-    partial = list((root / "incoming").rglob("*"))
-    assert partial, "the killed copy left nothing to resume"
+    (inc,) = (root / "incoming").iterdir()
+    assert (inc / "model.onnx.data").is_file(), out  # seeded on the board from the current version
+    cut = inc / "extra.bin"  # the one file that had to travel, cut off
+    assert not cut.is_file() or cut.read_bytes() != extra.read_bytes(), out
     for marker, delay in (("health check", 0.5), ("switching", 0.0)):
         out = _deploy_until(spec, new, name, marker, env, delay)
         assert marker in out
@@ -180,6 +181,7 @@ def test_interrupted_deploys_keep_the_old_version(sshd, tiny_artifact, board, tm
     final = deploy(new, spec, name=name)
     assert _current(root) == final.version and (root / "versions" / good.version).is_dir()
     assert not list((root / "incoming").iterdir()) and not list(root.glob("current.*"))
+    assert not (root / "current" / ".rsync-partial").exists()  # the resumed copy left nothing behind
 
 
 @needs_sshd
