@@ -271,7 +271,8 @@ def verify(artifact: Path) -> None:
     from edgepipe.runtime.manifest import check_artifact
 
     m, sig = check_artifact(artifact)
-    click.echo(f"{artifact}: OK ({len(m.files)} files verified; {sig.describe()})")
+    note = "" if sig.status == "unsigned" else f"; {sig.describe()}"  # unsigned: the line it always was
+    click.echo(f"{artifact}: OK ({len(m.files)} files verified{note})")
 
 
 @main.command()

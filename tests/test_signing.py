@@ -147,7 +147,9 @@ def test_without_trusted_keys_it_runs_and_says_unsigned(llama_artifact, caplog):
     assert lm is not None
     assert any("unsigned" in r.getMessage() for r in caplog.records)
     res = CliRunner().invoke(main, ["verify", str(llama_artifact)])
-    assert res.exit_code == 0 and "unsigned" in res.output
+    assert res.exit_code == 0 and res.output.strip().endswith("files verified)")
+    proc = subprocess.run([sys.executable, "-m", "edgepipe.runtime", "verify", str(llama_artifact)], capture_output=True, text=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["signature"] == "unsigned"
 
 
 def test_cli_keygen_sign_verify(llama_artifact, tmp_path):
