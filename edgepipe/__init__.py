@@ -42,6 +42,11 @@ _LAZY = {
     "open_artifact": "edgepipe.runtime.artifact",
     "GenerationConfig": "edgepipe.runtime.generate",
     "generate": "edgepipe.runtime.generate",
+    "keygen": "edgepipe.package.signing",
+    "sign_artifact": "edgepipe.package.signing",
+    "deploy": "edgepipe.devices.deploy",
+    "rollback": "edgepipe.devices.deploy",
+    "deployments": "edgepipe.devices.deploy",
 }
 
 __all__ = [

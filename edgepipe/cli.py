@@ -98,6 +98,23 @@ def _native_stdout_to_stderr(enabled: bool) -> Iterator[None]:
         os.close(saved)
 
 
+def _set_trusted_keys(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--trusted-keys`` stands for ``$EDGEPIPE_TRUSTED_KEYS`` in this process and the device entries it starts."""
+    if value is not None:
+        from edgepipe.runtime.signing import ENV_TRUSTED_KEYS
+
+        os.environ[ENV_TRUSTED_KEYS] = value
+    return value
+
+
+def _trusted_keys_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--trusted-keys", expose_value=False, callback=_set_trusted_keys, is_eager=True,
+        help="Public key file(s) or folder(s) to check signatures with, ':'-separated; '' for none "
+        "(default: $EDGEPIPE_TRUSTED_KEYS, ~/.config/edgepipe/trusted-keys, /etc/edgepipe/trusted-keys).",
+    )(fn)  # fmt: skip
+
+
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
 
@@ -123,13 +140,26 @@ def main(verbose: bool) -> None:
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation text (UTF-8), not the calibration text.")
 @click.option("--device", help="Also validate on a device: qemu, qemu:CPU or ssh://user@host[:port].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the manifest summary) on stdout.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), help="Sign the artifact with this private key as the last step.")
 @_guard
-def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_file: Path | None, device: str | None, as_json: bool) -> None:
+def build(
+    model: Path | None, target: str, out: Path, calib: Path | None, eval_file: Path | None, device: str | None, as_json: bool,
+    sign_key: Path | None,
+) -> None:  # fmt: skip
     """Export, quantize, validate and package a model. Exit 0: every budget holds; 3: built, a budget failed."""
     from edgepipe.pipeline import build as do_build
 
+    if sign_key is not None:
+        from edgepipe.package.signing import load_private_key
+
+        load_private_key(sign_key)  # a bad key fails now, not after the build
     with _native_stdout_to_stderr(as_json):
         res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True))
+    if sign_key is not None:
+        from edgepipe.package.signing import sign_artifact
+
+        signed = sign_artifact(res.artifact, sign_key)
+        _progress(True)(f"signed with key {signed.key_id[:16]} ({signed.files} files)")
     m = res.manifest
     if as_json:
         _emit_json({
@@ -155,6 +185,7 @@ def build(model: Path | None, target: str, out: Path, calib: Path | None, eval_f
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int)
+@_trusted_keys_option
 @_guard
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
     """Generate text from an artifact (verifies the manifest first)."""
@@ -196,6 +227,7 @@ def serve(artifact: Path, host: str, port: int, api_key_file: Path | None, max_q
 @click.option("--device", default="local", show_default=True, help="local, qemu, qemu:CPU or ssh://user@host[:port].")
 @click.option("--max-tokens", type=click.IntRange(2), help="Score at most this many tokens (emulated devices are slow).")
 @click.option("--json", "as_json", is_flag=True)
+@_trusted_keys_option
 @_guard
 def validate(artifact: Path, eval_file: Path | None, device: str, max_tokens: int | None, as_json: bool) -> None:
     """Check accuracy (and, on real hardware, speed) of an artifact on a device."""
@@ -231,6 +263,7 @@ def validate(artifact: Path, eval_file: Path | None, device: str, max_tokens: in
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
+@_trusted_keys_option
 @_guard
 def bench(artifact: Path, as_json: bool) -> None:
     """Prefill / decode tokens per second, time to first token and peak RSS on this machine."""
@@ -248,13 +281,107 @@ def bench(artifact: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@_trusted_keys_option
 @_guard
 def verify(artifact: Path) -> None:
-    """Check every file of an artifact against its manifest (sha256 and size)."""
-    from edgepipe.runtime.manifest import verify_artifact
+    """Check the signature (when keys are trusted) and every file of an artifact against its manifest."""
+    from edgepipe.runtime.manifest import check_artifact
 
-    m = verify_artifact(artifact)
-    click.echo(f"{artifact}: OK ({len(m.files)} files verified)")
+    m, sig = check_artifact(artifact)
+    note = "" if sig.status == "unsigned" else f"; {sig.describe()}"  # unsigned: the line it always was
+    click.echo(f"{artifact}: OK ({len(m.files)} files verified{note})")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Private key file to write (its public key: OUT.pub).")
+@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+@_guard
+def keygen(out: Path, force: bool) -> None:
+    """Make a signing key pair (ECDSA P-256, PEM). Keep OUT private; copy OUT.pub to the devices."""
+    from edgepipe.package.signing import keygen as make_keys
+
+    pair = make_keys(out, force=force)
+    click.echo(f"private key: {pair.private}\npublic key:  {pair.public} (id {pair.key_id[:16]})")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(path_type=Path), help="Private key (PEM) from `edgepipe keygen`.")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def sign(artifact: Path, key: Path, as_json: bool) -> None:
+    """Sign an artifact (writes ARTIFACT/model.sig, OpenSSF model-signing format) after checking its hashes."""
+    from edgepipe.package.signing import sign_artifact
+
+    s = sign_artifact(artifact, key)
+    if as_json:
+        _emit_json({"artifact": str(s.artifact), "signature": str(s.signature), "key_id": s.key_id, "files": s.files})
+        return
+    click.echo(f"{artifact}: signed {s.files} files with key {s.key_id[:16]} ({s.signature})")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("board")
+@click.option("--name", help="Deployment name on the board (default: the artifact folder's name).")
+@click.option("--max-tokens", type=click.IntRange(2), default=64, show_default=True, help="Reference tokens the health check scores.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Top-1 agreement with the build host the board must reach.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def deploy(artifact: Path, board: str, name: str | None, max_tokens: int, min_agreement: float, as_json: bool) -> None:
+    """Copy ARTIFACT to BOARD (ssh://user@host[:port]) as a new version, health-check it there, then switch to it."""
+    from edgepipe.devices.deploy import HealthCheck
+    from edgepipe.devices.deploy import deploy as do_deploy
+
+    res = do_deploy(artifact, board, name=name, health=HealthCheck(max_tokens=max_tokens, min_agreement=min_agreement),
+                    progress=_progress(True))  # fmt: skip
+    if as_json:
+        _emit_json(res.to_dict())
+        return
+    click.echo(f"{res.name}: {res.version} is current on {res.board} (previous: {res.previous or 'none'}; {res.signature})")
+    click.echo(f"  path on the board: {res.path}")
+
+
+@main.command()
+@click.argument("board")
+@click.option("--name", required=True, help="Deployment name on the board.")
+@click.option("--to", "to", help="Version to switch to (default: the one before the current one).")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def rollback(board: str, name: str, to: str | None, as_json: bool) -> None:
+    """Switch a deployment on BOARD back to an earlier version (its files are still there)."""
+    import dataclasses
+
+    from edgepipe.devices.deploy import rollback as do_rollback
+
+    res = do_rollback(board, name=name, to=to)
+    if as_json:
+        _emit_json(dataclasses.asdict(res))
+        return
+    click.echo(f"{res.name}: {res.current} is current on {res.board} (was {res.previous})")
+
+
+@main.command()
+@click.argument("board")
+@click.option("--name", help="Only this deployment.")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def deployments(board: str, name: str | None, as_json: bool) -> None:
+    """List the deployments on BOARD, their versions and which one is current."""
+    from edgepipe.devices.deploy import deployments as list_deployments
+
+    deps = list_deployments(board, name=name)
+    if as_json:
+        _emit_json({"board": board, "deployments": deps})
+        return
+    if not deps:
+        click.echo(f"no deployments on {board}")
+    for d in deps:
+        click.echo(f"{d['name']} ({d['root']})")
+        for v in d["versions"]:
+            mark = "*" if v["version"] == d["current"] else " "
+            click.echo(f"  {mark} {v['version']}  {v['kind'] or '?'}  {v['target'] or '?'}  {v['created'] or '?'}  {'signed' if v['signed'] else 'unsigned'}")
 
 
 @main.command()

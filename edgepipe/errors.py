@@ -26,6 +26,10 @@ class ArtifactError(EdgepipeError):
     """An artifact folder failed verification (manifest, hashes, sizes, paths)."""
 
 
+class SignatureError(ArtifactError):
+    """An artifact's signature is missing, made by an untrusted key, or does not cover what is there."""
+
+
 class DeviceError(EdgepipeError):
     """A device runner could not be set up or reached."""
 

@@ -148,13 +148,17 @@ def strip_throughput(obj: Any) -> Any:
 
 
 def verified_files(artifact: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file the device needs, the manifest included, after
-    checking each listed file against the manifest here (raises :class:`ArtifactError`)."""
+    """``{relative path: sha256}`` of every file the device needs, the manifest and the signature
+    (when there is one) included, after checking each listed file against the manifest here
+    (raises :class:`ArtifactError`)."""
     from edgepipe.runtime.manifest import MANIFEST_NAME, sha256_file, verify_artifact
+    from edgepipe.runtime.signing import SIGNATURE_NAME
 
     manifest = verify_artifact(artifact)
     files = {rel: entry.sha256 for rel, entry in manifest.files.items()}
     files[MANIFEST_NAME] = sha256_file(artifact / MANIFEST_NAME)
+    if (artifact / SIGNATURE_NAME).is_file():
+        files[SIGNATURE_NAME] = sha256_file(artifact / SIGNATURE_NAME)
     return files
 
 

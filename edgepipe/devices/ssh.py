@@ -43,6 +43,8 @@ from edgepipe.errors import DeviceError, InputError
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 15
+#: Where rsync keeps a file cut off mid-copy, inside the destination folder (removed when done).
+PARTIAL_DIR = ".rsync-partial"
 #: What ssh, scp or rsync print when the connection itself failed (as opposed to the disk).
 _LINK_FAILURES = ("permission denied (", "host key verification", "connection refused", "could not resolve",
                   "no route", "timed out", "host key is known")  # fmt: skip
@@ -151,8 +153,9 @@ class SshRunner(Runner[Board]):
         if method == "rsync":
             ssh = shlex.join(["ssh", "-p", str(self.spec.port), *self._options()])
             # --ignore-times: the files listed differ by hash, whatever their size and mtime say;
-            # --copy-links: the staged wheel / eval folders hold symlinks to the host cache
-            argv = ["rsync", "--ignore-times", "--copy-links", "--protect-args", "--files-from=-",
+            # --copy-links: the staged wheel / eval folders hold symlinks to the host cache;
+            # --partial-dir: a file cut off by a dropped link is resumed from where it stopped
+            argv = ["rsync", "--ignore-times", "--copy-links", "--protect-args", f"--partial-dir={PARTIAL_DIR}", "--files-from=-",
                     "-e", ssh, "--", f"{local_dir}/", f"{self.spec.remote_prefix}{remote_dir}/"]  # fmt: skip
             proc = self._exec(argv, what=what, timeout=self.timeout, input="\n".join(rels) + "\n")
         else:
@@ -174,7 +177,11 @@ class SshRunner(Runner[Board]):
             fix = "free space on the board (df -h)" if "space" in low else "check the board's disk and permissions"
             raise DeviceError(f"{what} to {self.spec.destination} failed ({method}): {msg}; {fix}")
 
-    def _sync(
+    def exec_remote(self, argv: Sequence[str], *, what: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on the board (quoted for its shell); the exit code is not checked here."""
+        return self._exec(self.ssh_command(shlex.join(argv)), what=what, timeout=self.timeout if timeout is None else timeout)
+
+    def sync_files(
         self, local_dir: Path, wanted: Mapping[str, str], have: Mapping[str, str | None], remote_dir: str, *,
         method: str, what: str,
     ) -> list[str]:  # fmt: skip
@@ -240,14 +247,14 @@ class SshRunner(Runner[Board]):
         else:
             say(f"all {len(wanted)} artifact files are already on the board")
         remote_art = probe["artifact_dir"]
-        copied = self._sync(job.artifact, wanted, probe["hashes"], remote_art, method=method, what="artifact copy")
+        copied = self.sync_files(job.artifact, wanted, probe["hashes"], remote_art, method=method, what="artifact copy")
         remote_eval = None
         if job.eval_file is not None and session.eval_name is not None:
             name = session.eval_name
             remote_eval = f"{probe['base']}/eval/{name}"
             with tempfile.TemporaryDirectory(prefix="edgepipe-ssh-") as tmp:
                 os.symlink(job.eval_file, Path(tmp) / name)
-                self._sync(Path(tmp), {name: session.eval_sha or ""}, {name: probe.get("eval_sha256")},
+                self.sync_files(Path(tmp), {name: session.eval_sha or ""}, {name: probe.get("eval_sha256")},
                            f"{probe['base']}/eval", method=method, what="eval file copy")  # fmt: skip
         return Placed(remote_art, remote_eval, {"copied": copied, "bytes": nbytes, "files": len(wanted)})
 

@@ -22,7 +22,17 @@ def _serve(args: argparse.Namespace) -> None:
     serve(cfg, lambda line: print(line, file=sys.stderr, flush=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _trust(value: str | None) -> None:
+    """``--trusted-keys`` stands for ``$EDGEPIPE_TRUSTED_KEYS`` (read where the artifact is opened)."""
+    if value is not None:
+        import os
+
+        from edgepipe.runtime.signing import ENV_TRUSTED_KEYS
+
+        os.environ[ENV_TRUSTED_KEYS] = value
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edgepipe.runtime")
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate")
@@ -52,46 +62,61 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key-file")
     s.add_argument("--max-queue", type=int, default=8)
     s.add_argument("--threads", type=int, default=0)
-    args = p.parse_args(argv)
+    for cmd in (v, b, r, f, s):
+        cmd.add_argument("--trusted-keys", help="public key file(s) or folder(s), ':'-separated (default: $EDGEPIPE_TRUSTED_KEYS)")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from edgepipe.runtime.validate import validate
+
+    text = None
+    if args.eval_file:
+        try:
+            text = Path(args.eval_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgepipeError(f"cannot read eval file {args.eval_file}: {e}") from None
+    out = validate(args.artifact, eval_text=text, max_tokens=args.max_tokens, with_bench=not args.no_bench, threads=args.threads)
+    print(json.dumps(out))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from edgepipe.runtime.artifact import open_artifact
+    from edgepipe.runtime.facts import artifact_bytes
+    from edgepipe.runtime.kinds import spec_of
+
+    lm, manifest = open_artifact(args.artifact, threads=args.threads, verify=not args.no_verify, generates=True)
+    out = spec_of(manifest.kind).run_bench(lm)
+    out["model_bytes"] = artifact_bytes(Path(args.artifact))
+    print(json.dumps(out))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from edgepipe.runtime.artifact import run_prompt
+    from edgepipe.runtime.generate import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    for piece in run_prompt(args.artifact, args.prompt, cfg):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from edgepipe.runtime.manifest import check_artifact
+
+    m, sig = check_artifact(args.artifact)
+    print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value, "signature": sig.status}))
+
+
+_COMMANDS = {"validate": _validate, "bench": _bench, "run": _run, "serve": _serve, "verify": _verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _trust(args.trusted_keys)
     try:
-        if args.cmd == "validate":
-            from edgepipe.runtime.validate import validate
-
-            text = None
-            if args.eval_file:
-                try:
-                    text = Path(args.eval_file).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    raise EdgepipeError(f"cannot read eval file {args.eval_file}: {e}") from None
-            out = validate(
-                args.artifact, eval_text=text, max_tokens=args.max_tokens, with_bench=not args.no_bench, threads=args.threads
-            )
-            print(json.dumps(out))
-        elif args.cmd == "bench":
-            from edgepipe.runtime.artifact import open_artifact
-            from edgepipe.runtime.facts import artifact_bytes
-            from edgepipe.runtime.kinds import spec_of
-
-            lm, manifest = open_artifact(args.artifact, threads=args.threads, verify=not args.no_verify, generates=True)
-            out = spec_of(manifest.kind).run_bench(lm)
-            out["model_bytes"] = artifact_bytes(Path(args.artifact))
-            print(json.dumps(out))
-        elif args.cmd == "run":
-            from edgepipe.runtime.artifact import run_prompt
-            from edgepipe.runtime.generate import GenerationConfig
-
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-            for piece in run_prompt(args.artifact, args.prompt, cfg):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        elif args.cmd == "serve":
-            _serve(args)
-        elif args.cmd == "verify":
-            from edgepipe.runtime.manifest import verify_artifact
-
-            m = verify_artifact(args.artifact)
-            print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value}))
+        _COMMANDS[args.cmd](args)
     except EdgepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -6,6 +6,7 @@ the files to decide what the artifact is.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from edgepipe.errors import ArtifactError, InputError
 from edgepipe.runtime.facts import artifact_bytes, mem_available_mb
 from edgepipe.runtime.generate import GenerationConfig, generate
 from edgepipe.runtime.kinds import spec_of
-from edgepipe.runtime.manifest import Manifest, read_manifest, verify_artifact
+from edgepipe.runtime.manifest import Manifest, check_artifact
 
 TOKENIZER = "tokenizer.json"
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -50,11 +52,15 @@ def check_free_ram(artifact: Path, manifest: Manifest | None = None) -> None:
 def open_artifact(
     artifact: Path | str, *, threads: int = 0, verify: bool = True, generates: bool = False
 ) -> tuple[Any, Manifest]:
-    """Verify the manifest (``verify=False``: read it only), then load the model its kind names:
+    """Verify the signature (when the device trusts keys: :mod:`.signing`) and the manifest's hashes
+    (``verify=False``: the signature against the manifest only), then load the model its kind names:
     an :class:`edgepipe.runtime.lm.LM` for decoders, a ``SentenceEncoder`` for encoders.
-    ``generates``: the caller needs text generation; other kinds are refused by name, before loading."""
+    ``generates``: the caller needs text generation; other kinds are refused by name, before loading.
+    An artifact whose signature was not checked is loaded with a warning saying so."""
     artifact = Path(artifact)
-    manifest = verify_artifact(artifact) if verify else read_manifest(artifact)
+    manifest, signature = check_artifact(artifact, hash_files=verify)
+    if signature.status != "verified":
+        logger.warning("%s: %s", artifact, signature.describe())
     spec = spec_of(manifest.kind)
     if generates and not spec.generates:
         raise InputError(f"{artifact} is a {manifest.kind} artifact ({spec.description}); it cannot run, bench or validate text")

@@ -18,11 +18,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import ArtifactError
 from edgepipe.runtime.kinds import ArtifactKind, legacy_kind, parse_kind
 from edgepipe.runtime.threads import resolve_threads
+
+if TYPE_CHECKING:
+    from edgepipe.runtime.signing import SignatureCheck
 
 MANIFEST_NAME = "manifest.json"
 GENAI_CONFIG = "genai_config.json"
@@ -258,10 +261,31 @@ def is_artifact(folder: Path) -> bool:
     return isinstance(data, dict) and FORMAT in (data.get("format"), data.get("kind"))
 
 
-def verify_artifact(artifact: Path | str) -> Manifest:
-    """Check every listed file's size and sha256; return the manifest. Raises ArtifactError."""
+def verify_artifact(artifact: Path | str, *, trusted_keys: str | None = None) -> Manifest:
+    """Check the signature against the device's trusted keys (see :mod:`.signing`), then every
+    listed file's size and sha256; return the manifest. Raises ArtifactError (SignatureError)."""
+    return check_artifact(artifact, trusted_keys=trusted_keys)[0]
+
+
+def check_artifact(artifact: Path | str, *, trusted_keys: str | None = None, hash_files: bool = True) -> tuple[Manifest, SignatureCheck]:
+    """:func:`verify_artifact`, also returning what is known of the signature. The signature is
+    checked first (it needs only the manifest's hashes), so a refused artifact costs no hashing.
+    ``trusted_keys``: the ``--trusted-keys`` value (else the device's defaults);
+    ``hash_files=False`` checks the signature against the manifest only."""
+    from edgepipe.runtime.signing import check_signature  # signing reads this module
+    from edgepipe.runtime.signing import trusted_keys as device_keys
+
     root = Path(artifact)
     m = read_manifest(root)
+    signed = {rel: e.sha256 for rel, e in m.files.items()}
+    signed[MANIFEST_NAME] = sha256_file(root / MANIFEST_NAME)
+    sig = check_signature(root, signed, device_keys(trusted_keys))
+    if hash_files:
+        _check_hashes(root, m)
+    return m, sig
+
+
+def _check_hashes(root: Path, m: Manifest) -> None:
     for rel, entry in m.files.items():
         path = _safe_member(root, rel)
         if not path.is_file():
@@ -272,7 +296,6 @@ def verify_artifact(artifact: Path | str) -> Manifest:
         if sha256_file(path) != entry.sha256:
             raise ArtifactError(f"{rel} does not match its sha256 in the manifest; the file is corrupt, re-copy the artifact")
     check_loaded_files(root, m.files)
-    return m
 
 
 def _keys(obj: Any) -> Any:
