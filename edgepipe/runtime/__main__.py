@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edgepipe.errors import EdgepipeError
+from edgepipe.runtime import args as contract
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--prompt", required=True)
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int)
     f = sub.add_parser("verify")
     f.add_argument("artifact")
     args = p.parse_args(argv)
     try:
+        _check(args)
         if args.cmd == "validate":
             from edgepipe.runtime.validate import validate
 
@@ -63,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out))
         elif args.cmd == "run":
             from edgepipe.runtime.artifact import run_prompt
-            from edgepipe.runtime.generate import GenerationConfig
 
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            cfg = contract.generation_config(
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            )
             for piece in run_prompt(args.artifact, args.prompt, cfg):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -76,9 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             m = verify_artifact(args.artifact)
             print(json.dumps({"verified": True, "files": len(m.files), "kind": m.kind.value}))
     except EdgepipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The flags every subcommand shares, against the one contract (``edgepipe.runtime.args``)."""
+    if getattr(args, "threads", None) is not None:
+        contract.threads(args.threads)
+    if getattr(args, "max_tokens", None) is not None:
+        contract.max_tokens(args.max_tokens)
 
 
 if __name__ == "__main__":
