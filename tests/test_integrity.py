@@ -82,13 +82,19 @@ def test_untrained_model_is_refused_unless_allowed(zoo, tmp_path: Path) -> None:
 
 
 def test_export_cross_check(zoo, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
     from edgepipe.export.crosscheck import crosscheck
 
-    llama, qwen2 = zoo.model("llama"), zoo.model("qwen2")
+    llama = zoo.model("llama")
     rec = crosscheck(llama, zoo.fp32("llama"), tmp_path, vocab_size=384, num_parameters=10**5)
     assert rec["top1_agreement"] == 1.0 and rec["relative_diff"] < 1e-4
-    with pytest.raises(ModelError, match="does not compute what PyTorch does"):  # the wrong graph for these weights
-        crosscheck(qwen2, zoo.fp32("llama"), tmp_path, vocab_size=384, num_parameters=10**5)
+    other = shutil.copytree(llama, tmp_path / "other")  # the same shapes, other weights: the export is not theirs
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * -3
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="does not compute what PyTorch does"):
+        crosscheck(other, zoo.fp32("llama"), tmp_path, vocab_size=384, num_parameters=10**5)
     assert "skipped" in crosscheck(llama, zoo.fp32("llama"), tmp_path, vocab_size=384, num_parameters=10**10)
 
 

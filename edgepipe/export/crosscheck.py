@@ -77,7 +77,8 @@ def _main(model_dir: str, out: str, ids: str) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    model, info = loaded
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[int(i) for i in ids.split(",")]])).logits[0]
