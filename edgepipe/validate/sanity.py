@@ -3,9 +3,9 @@
 Every accuracy budget is relative to the fp32 export: a checkpoint whose reference is garbage
 (random weights, a broken conversion) makes garbage-vs-garbage look perfect. A model that guesses
 uniformly over its vocabulary has perplexity equal to the vocabulary size; a trained one is far
-below it (SmolLM2-135M: ~31 of 49152; the tests' tiny models, trained a few dozen steps: about a
-tenth of their 384). So the reference's perplexity on the eval text must stay under a fraction of
-that bound, unless the caller builds an untrained model on purpose (tests, shape benchmarks) and
+below it (SmolLM2-135M: ~31 of 49152; the tests' tiny models, trained a few dozen steps: 94-101 of
+their 384; a random-init one: near 384). So the reference's perplexity on the eval text must stay
+under a fraction of that bound, unless the caller builds an untrained model on purpose (tests, shape benchmarks) and
 says so (``allow_random_weights``), which the manifest records.
 """
 
