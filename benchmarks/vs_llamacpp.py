@@ -321,6 +321,7 @@ def edgepipe_artifacts(
     rebuild: bool = False,
     targets: dict[str, str] | None = None,
     reuse_any: bool = False,
+    allow_random_weights: bool = False,  # the random-init Llama: untrained on purpose
 ) -> dict[str, Path]:
     import edgepipe
 
@@ -346,7 +347,8 @@ def edgepipe_artifacts(
         else:
             progress(f"edgepipe build --target {target} (stage cache)")
             edgepipe.build(
-                model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}")
+                model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}"),
+                allow_random_weights=allow_random_weights,
             )
         out[label] = art
     return out
@@ -926,7 +928,10 @@ def _artifacts(args: argparse.Namespace, model_dir: Path, work: Path, ep_targets
     if set(ep_targets.values()) - set(arts):
         ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
         arts.update(
-            edgepipe_artifacts(model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse)
+            edgepipe_artifacts(
+                model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse,
+                allow_random_weights=args.random_llama,
+            )
         )
     return arts
 

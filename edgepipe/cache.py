@@ -3,11 +3,18 @@
 A folder is taken as complete only when it holds ``.complete``, written last after every file was
 fsynced, and the folder is renamed into place from a temporary name: a build killed at any point
 leaves at most a ``.tmp-*`` folder, which is never read and is swept on the next run.
+
+Builds and ``cache prune`` coordinate with ``flock`` on the entry folders themselves: a build holds
+a shared lock on every entry it produced or reused until it ends (:func:`leases`; the lock follows
+the folder through its rename from ``.tmp-*``), and prune deletes only entries it can lock
+exclusively without waiting. The kernel drops a killed build's locks, so nothing stays pinned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,16 +22,54 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import StageError
+from edgepipe.errors import InputError, StageError
 from edgepipe.models import cache_root
 
 logger = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+
+
+_scopes: list[list[int]] = []  # open, shared-locked entry folders of the builds in progress (innermost last)
+
+
+@contextlib.contextmanager
+def leases() -> Iterator[None]:
+    """Keep every cache entry a build uses locked against ``cache prune`` until the block ends."""
+    _scopes.append([])
+    try:
+        yield
+    finally:
+        for fd in _scopes.pop():
+            os.close(fd)
+
+
+def _lock(folder: Path, how: int) -> int | None:
+    """An open descriptor of ``folder`` holding ``flock(how)``; None if it vanished or is locked (LOCK_NB)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, how)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lease(fd: int | None) -> None:
+    """Hold ``fd``'s lock until the enclosing :func:`leases` block ends (at once when there is none)."""
+    if fd is None:
+        return
+    if _scopes:
+        _scopes[-1].append(fd)
+    else:
+        os.close(fd)
 
 
 def key_of(parts: dict[str, Any]) -> str:
@@ -106,28 +151,46 @@ def cached_stage(
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
-    hit = _complete_entry(final)
+    held = _lock(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
+    hit = _complete_entry(final) if held is not None else None
     if hit is not None:
+        _lease(held)
         if progress:
             progress(f"{stage}: cached ({key[:12]})")
         return final, hit
-    base.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(base)
-    if need_bytes and shutil.disk_usage(base).free < need_bytes:
-        raise disk_full(stage, base, need_bytes)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise disk_full(stage, base, need_bytes) from None
-        raise
+    if held is not None:
+        os.close(held)
+    tmp = _work_folder(stage, base, need_bytes)
+    held = _lock(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
     try:
         info = produce(tmp) or {}
         _commit(tmp, final, {"stage": stage, "parts": parts, "info": info})
     except BaseException as e:
+        if held is not None:
+            os.close(held)
         shutil.rmtree(tmp, ignore_errors=True)
         raise _as_stage_error(e, stage, base, need_bytes, need_ram_bytes) from None
+    _lease(held)
     return final, info
+
+
+def _work_folder(stage: str, base: Path, need_bytes: int | None) -> Path:
+    """A fresh ``.tmp-*`` folder in the stage's cache folder, after sweeping old ones and checking space."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(stage, base, need_bytes) from None
+        raise InputError(f"cannot create the stage cache folder {base} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
+    _sweep_stale(base)
+    if need_bytes and shutil.disk_usage(base).free < need_bytes:
+        raise disk_full(stage, base, need_bytes)
+    try:
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(stage, base, need_bytes) from None
+        raise InputError(f"cannot write in the stage cache folder {base} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
 
 
 def _complete_entry(final: Path) -> dict[str, Any] | None:
@@ -152,9 +215,21 @@ def _sweep_stale(base: Path) -> None:
     for stale in base.glob(".tmp-*"):
         try:
             if time.time() - stale.stat().st_mtime > 6 * 3600:
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_unused(stale)
         except OSError:  # swept by a concurrent build
             pass
+
+
+def _remove_unused(entry: Path) -> bool:
+    """Delete ``entry`` unless a build holds it (a lock taken without waiting); True when deleted."""
+    fd = _lock(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd is None:
+        return not entry.exists()
+    try:
+        shutil.rmtree(entry, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _commit(tmp: Path, final: Path, record: dict[str, Any]) -> None:
@@ -214,16 +289,17 @@ def list_cache() -> list[dict[str, Any]]:
 
 
 def prune_cache(max_bytes: int) -> list[dict[str, Any]]:
-    """Delete least recently used entries (and all temporaries) until the cache fits ``max_bytes``."""
+    """Delete least recently used entries (and all temporaries) until the cache fits ``max_bytes``;
+    entries a running build holds (work folders included) are skipped, never deleted under it."""
     entries = list_cache()
-    removed = [e for e in entries if e["key"].startswith(".tmp-")]
+    temporaries = [e for e in entries if e["key"].startswith(".tmp-")]
     entries = [e for e in entries if not e["key"].startswith(".tmp-")]
+    removed = [e for e in temporaries if _remove_unused(Path(e["path"]))]
     total = sum(e["bytes"] for e in entries)
     for e in sorted(entries, key=lambda e: e["last_used"]):
         if total <= max_bytes:
             break
-        removed.append(e)
-        total -= e["bytes"]
-    for e in removed:
-        shutil.rmtree(e["path"], ignore_errors=True)
+        if _remove_unused(Path(e["path"])):
+            removed.append(e)
+            total -= e["bytes"]
     return removed

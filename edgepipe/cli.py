@@ -141,10 +141,11 @@ def main(verbose: bool) -> None:
 @click.option("--device", help="Also validate on a device: qemu, qemu:CPU or ssh://user@host[:port].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the manifest summary) on stdout.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), help="Sign the artifact with this private key as the last step.")
+@click.option("--allow-untrained", is_flag=True, help="Build a random / untrained model on purpose (recorded in the manifest).")
 @_guard
 def build(
     model: Path | None, target: str, out: Path, calib: Path | None, eval_file: Path | None, device: str | None, as_json: bool,
-    sign_key: Path | None,
+    sign_key: Path | None, allow_untrained: bool,
 ) -> None:  # fmt: skip
     """Export, quantize, validate and package a model. Exit 0: every budget holds; 3: built, a budget failed."""
     from edgepipe.pipeline import build as do_build
@@ -154,7 +155,8 @@ def build(
 
         load_private_key(sign_key)  # a bad key fails now, not after the build
     with _native_stdout_to_stderr(as_json):
-        res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True))
+        res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True),
+                       allow_random_weights=allow_untrained)
     if sign_key is not None:
         from edgepipe.package.signing import sign_artifact
 
@@ -180,23 +182,19 @@ def build(
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
-@click.option("--max-new-tokens", type=click.IntRange(1, 100000), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="1..100000")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; up to 100.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
+@click.option("--seed", type=int, help="A non-negative integer.")
 @_trusted_keys_option
 @_guard
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
     """Generate text from an artifact (verifies the manifest first)."""
-    import math
-
+    from edgepipe.runtime import args
     from edgepipe.runtime.artifact import run_prompt
-    from edgepipe.runtime.generate import GenerationConfig
 
-    if not (math.isfinite(temperature) and math.isfinite(top_p)):  # click's FloatRange lets NaN through
-        raise click.BadParameter("--temperature and --top-p must be numbers, not NaN")
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    cfg = args.generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     pieces = run_prompt(artifact, prompt, cfg)  # verifies the manifest before anything is printed
     click.echo(prompt, nl=False)
     for piece in pieces:
@@ -225,16 +223,18 @@ def serve(artifact: Path, host: str, port: int, api_key_file: Path | None, max_q
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Score perplexity on this text instead of the artifact's reference windows.")
 @click.option("--device", default="local", show_default=True, help="local, qemu, qemu:CPU or ssh://user@host[:port].")
-@click.option("--max-tokens", type=click.IntRange(2), help="Score at most this many tokens (emulated devices are slow).")
+@click.option("--max-tokens", type=int, help="Score at most this many tokens, at least 2 (emulated devices are slow).")
 @click.option("--json", "as_json", is_flag=True)
 @_trusted_keys_option
 @_guard
 def validate(artifact: Path, eval_file: Path | None, device: str, max_tokens: int | None, as_json: bool) -> None:
     """Check accuracy (and, on real hardware, speed) of an artifact on a device."""
     from edgepipe.devices import get_runner
+    from edgepipe.runtime import args
     from edgepipe.runtime.manifest import read_manifest
     from edgepipe.texts import read_text_file
 
+    max_tokens = args.max_tokens(max_tokens)
     manifest = read_manifest(artifact)
     if eval_file is not None:
         read_text_file(eval_file, "", "eval")  # a clear error before any device work
@@ -482,11 +482,13 @@ def cache_ls(as_json: bool) -> None:
 
 
 @cache.command("prune")
-@click.option("--max-mb", type=click.FloatRange(0), default=0, show_default=True, help="Keep at most this much (least recently used go first).")
+@click.option("--max-mb", type=float, default=0, show_default=True, help="Keep at most this much (least recently used go first).")
 @_guard
 def cache_prune(max_mb: float) -> None:
     from edgepipe.cache import prune_cache
+    from edgepipe.runtime import args
 
+    max_mb = args.max_mb(max_mb)
     removed = prune_cache(int(max_mb * 2**20))
     click.echo(f"removed {len(removed)} entries ({sum(e['bytes'] for e in removed) / 2**20:.1f} MB)")
 

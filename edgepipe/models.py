@@ -33,7 +33,12 @@ _CHAT_EOS = "<|im_end|>"
 def cache_root() -> Path:
     """``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``: every stage, model and device environment lives here."""
     env = os.environ.get("EDGEPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgepipe"
+    if env:
+        return Path(env).expanduser()
+    try:
+        return Path.home() / ".cache" / "edgepipe"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry for this user
+        raise InputError("no home folder to keep the stage cache in (HOME is unset); set EDGEPIPE_CACHE to a writable folder") from None
 
 
 def default_gguf() -> Path:

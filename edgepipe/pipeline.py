@@ -26,6 +26,7 @@ class BuildRequest:
     calib: Path | None = None
     eval_file: Path | None = None
     device: str | None = None  # also validate on a device runner (``edgepipe.devices``)
+    allow_random_weights: bool = False  # an untrained model on purpose (tests, shape benchmarks): skip the reference gate
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,17 @@ def build(
     eval_file: Path | str | None = None,
     device: str | None = None,
     progress: Progress | None = None,
+    allow_random_weights: bool = False,
 ) -> BuildResult:
     """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input.
 
     The pipeline, as the target's backend runs it: check the inputs (texts, ``--out``, the model
     folder, the device spec), export, quantize, optimize, validate (accuracy, throughput, budgets),
-    package (staged beside ``--out``, published atomically).
+    package (staged beside ``--out``, published atomically). A model whose fp32 reference is no
+    better than a uniform guess is refused unless ``allow_random_weights`` (recorded in the manifest).
     """
     from edgepipe.backends import backend_for
+    from edgepipe.cache import leases
     from edgepipe.package import check_out_dir
 
     request = BuildRequest(
@@ -62,6 +66,8 @@ def build(
         calib=Path(calib) if calib is not None else None,
         eval_file=Path(eval_file) if eval_file is not None else None,
         device=device,
+        allow_random_weights=allow_random_weights,
     )
-    check_out_dir(request.out)
-    return backend_for(request.target).build(request, progress or silent)
+    check_out_dir(request.out, (request.model, request.calib, request.eval_file))
+    with leases():  # `cache prune` leaves every entry this build uses alone until it ends
+        return backend_for(request.target).build(request, progress or silent)

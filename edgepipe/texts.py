@@ -28,12 +28,19 @@ class Text:
     source: str
 
 
+MAX_TEXT_BYTES = 256 << 20  # far more text than any calibration or evaluation reads
+
+
 def read_text_file(path: Path | str | None, default: str, what: str) -> Text:
     """Read a calibration / evaluation text; the packaged ``default`` when ``path`` is None."""
     if path is None:
         return Text(resources.files("edgepipe.data").joinpath(default).read_text(encoding="utf-8"), f"edgepipe/data/{default}")
     path = Path(path)
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO blocks, /dev/zero never ends
+            raise InputError(f"{what} file {path} is not a regular file; pass a UTF-8 text file")
+        if path.is_file() and path.stat().st_size > MAX_TEXT_BYTES:
+            raise InputError(f"{what} file {path} is over {MAX_TEXT_BYTES >> 20} MB; pass a smaller sample of text")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{what} file {path} does not exist; pass an existing UTF-8 text file") from None

@@ -114,12 +114,83 @@ def _deep(n: int) -> str:
     return "[" * n + "]" * n
 
 
+def _tensors(m: Path, fn: Callable[[dict], None]) -> Path:
+    """Rewrite the model's safetensors after ``fn`` edits its tensors (name -> numpy array)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(m / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(m / "model.safetensors"), metadata={"format": "pt"})
+    return m
+
+
+def _int8_weights(t: dict) -> None:
+    """A broken conversion: the weights stored as int8."""
+    for k in list(t):
+        t[k] = np.clip(np.round(t[k] * 64), -127, 127).astype(np.int8)
+
+
+def _index(m: Path, weight_map: object) -> Path:
+    (m / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return m
+
+
+def _full_index(m: Path, **changes: str) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(m / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    return _index(m, {**{n: "model.safetensors" for n in names}, **changes})
+
+
+def _deep_header(m: Path) -> Path:
+    header = _deep(100000).encode()
+    (m / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    return m
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def _dangling(w: W) -> W:
+    w.out.symlink_to(w.root / "gone")
+    return w
+
+
+def _fifo(w: W) -> str:
+    path = w.root / "fifo.txt"
+    os.mkfifo(path)
+    return str(path)
+
+
+def _art_with(w: W, name: str, data: str) -> Path:
+    """``--out`` holding a previous artifact plus a file of the user's."""
+    shutil.copytree(built_artifact(), w.out)
+    (w.out / name).parent.mkdir(parents=True, exist_ok=True)
+    (w.out / name).write_text(data)
+    return w.out
+
+
+def _deep_manifest(a: Path) -> Path:
+    m = json.loads((a / "manifest.json").read_text())
+    nested: object = 1
+    for _ in range(40):
+        nested = {"x": nested}
+    m["metrics"]["deep"] = nested
+    (a / "manifest.json").write_text(json.dumps(m))
+    return a
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
     args: Callable[[W], list[str]]
     code: int
     message: str
+    out_exists: bool = False  # --out was made by the case (the user's folder): it must survive untouched
+    env: tuple[tuple[str, str | None], ...] = ()  # extra environment of the invocation
 
 
 def _with(thing: Path, fn: Callable[[Path], object]) -> Path:
@@ -227,6 +298,62 @@ CASES = [
     Case("art-overlong-name", lambda w: _art(w, w.manifest_edit(lambda m: m["files"].update({"ü" * 300: m["files"]["model.onnx"]}))), 2, "unusable file name"),
     Case("art-metrics-list", lambda w: _art(w, w.manifest_edit(lambda m: m.update(metrics=[1, 2])), "run"), 2, "'metrics' must be a JSON object"),
     Case("art-genai-filename-escapes", lambda w: _art(w, _genai_filename(w.artifact(), "../model.onnx")), 2, "escapes the artifact folder"),
+    # ---- issue 18: model integrity, from the files alone (before any export) ----
+    Case("model-more-layers-than-weights", lambda w: w.build(model=w.config_edit(num_hidden_layers=3)), 2, "'model.layers.2.self_attn.q_proj.weight' is missing"),
+    Case("model-fewer-layers-than-weights", lambda w: w.build(model=w.config_edit(num_hidden_layers=1)), 2, "'model.layers.1."),
+    Case("model-untied-without-lm-head", lambda w: w.build(model=w.config_edit(tie_word_embeddings=False)), 2, "'lm_head.weight' is missing"),
+    Case("model-intermediate-mismatch", lambda w: w.build(model=w.config_edit(intermediate_size=128)), 2, "but config.json implies [128, 64]"),
+    Case("model-kv-heads-mismatch", lambda w: w.build(model=w.config_edit(num_key_value_heads=4)), 2, "'model.layers.0.self_attn.k_proj.weight' has shape"),
+    Case("model-vocab-mismatch", lambda w: w.build(model=w.config_edit(vocab_size=400)), 2, "'model.embed_tokens.weight' has shape"),
+    Case("model-int8-weights", lambda w: w.build(model=_tensors(w.model(), _int8_weights)), 2, "is stored as I8, not a float"),
+    Case("model-missing-tensor", lambda w: w.build(model=_tensors(w.model(), lambda t: t.pop("model.norm.weight"))), 2, "'model.norm.weight' is missing"),
+    Case("model-unexpected-tensor", lambda w: w.build(model=_tensors(w.model(), lambda t: t.update({"model.layers.0.extra.weight": np.zeros(4, np.float32)}))),
+         2, "'model.layers.0.extra.weight' is not part of a LlamaForCausalLM"),
+    Case("model-index-escapes", lambda w: w.build(model=_full_index(w.model(), **{"model.norm.weight": "../model.safetensors"})), 2, "not a safetensors file inside the model folder"),
+    Case("model-index-not-object", lambda w: w.build(model=_index(w.model(), ["model.safetensors"])), 2, "no weight_map object"),
+    Case("model-index-deep", lambda w: w.build(model=_with(w.model(), lambda m: (m / "model.safetensors.index.json").write_text(_deep(100000)))), 2, "is nested too deeply"),
+    Case("model-index-wrong-shard", lambda w: w.build(model=_full_index(w.model(), **{"not.a.tensor": "model.safetensors"})), 2, "which does not hold it"),
+    Case("model-index-subfolder", lambda w: w.build(model=_full_index(w.model(), **{"model.norm.weight": "sub/model.safetensors"})), 2, "not a safetensors file inside"),
+    Case("model-safetensors-deep-header", lambda w: w.build(model=_deep_header(w.model())), 2, "nested too deeply"),
+    Case("model-config-deep", lambda w: w.build(model=_with(w.model(), lambda m: (m / "config.json").write_text(_deep(100000)))), 2, "is nested too deeply"),
+    Case("model-config-is-fifo", lambda w: w.build(model=_with(w.model(), lambda m: ((m / "config.json").unlink(), os.mkfifo(m / "config.json")))), 2, "has no config.json"),
+    # ---- issue 18: target profiles, bounded parsers ----
+    Case("target-alias-bomb", lambda w: w.build(target=w.target(ALIAS_BOMB)), 2, "aliases (*name) are not allowed"),
+    Case("target-alias-in-good-profile", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: &b 4\n  embedding_bits: *b")), 2, "aliases (*name) are not allowed"),
+    Case("target-duplicate-key", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: 4\n  bits: 8")), 2, "duplicate or unhashable key 'bits'"),
+    Case("target-huge-file", lambda w: w.build(target=w.target("# " + "x" * (2 << 20) + "\n" + GOOD_TARGET)), 2, "is over 1024 KB"),
+    Case("target-huge-integer", lambda w: w.build(target=w.target_edit("cores: 4", "cores: " + "9" * 400)), 2, "must be an integer between"),
+    Case("target-negative-kl", lambda w: w.build(target=w.target_edit("min_top1_agreement: 0.80", "min_top1_agreement: 0.80\n  max_kl_divergence: -1")), 2, "must be a number between"),
+    Case("target-kl-string", lambda w: w.build(target=w.target_edit("min_top1_agreement: 0.80", "min_top1_agreement: 0.80\n  max_kl_divergence: low")), 2, "must be a number between"),
+    # ---- issue 18: --out is the user's folder ----
+    Case("out-dangling-symlink", lambda w: _dangling(w).build(), 2, "is a dangling symbolic link", out_exists=True),
+    Case("out-symlink-to-folder", lambda w: (w.out.symlink_to(Path(w.file("real/x", "")).parent), w.build())[1], 2, "is a symbolic link", out_exists=True),
+    Case("out-in-proc", lambda w: w.build("--out", "/proc/edgepipe-artifact"), 2, "is on a proc filesystem"),
+    Case("out-in-sys", lambda w: w.build("--out", "/sys/kernel/edgepipe"), 2, "filesystem, not a place for files"),
+    Case("out-artifact-plus-user-file", lambda w: (_art_with(w, "notes.txt", "mine"), w.build())[1], 2, "holds 1 file(s) edgepipe did not write (e.g. notes.txt)", out_exists=True),
+    Case("out-artifact-plus-model-folder", lambda w: (_art_with(w, "my-model/config.json", "{}"), w.build())[1], 2, "did not write (e.g. my-model/config.json)", out_exists=True),
+    Case("out-contains-the-model", lambda w: w.build("--out", str(w.root), model=w.model()), 2, "contains the input"),
+    Case("out-contains-the-eval", lambda w: w.build("--eval", w.file("out/e.txt", "text " * 100)), 2, "contains the input", out_exists=True),
+    Case("out-is-the-model", lambda w: (lambda m: w.build("--out", str(m), model=m))(w.model()), 2, "contains the input"),
+    # ---- issue 18: one argument contract (CLI side; the device entry point in test_integrity.py) ----
+    Case("cli-seed-negative", lambda w: ["run", str(w.root), "--prompt", "x", "--seed", "-1"], 2, "--seed -1 is not in the range"),
+    Case("cli-seed-huge", lambda w: ["run", str(w.root), "--prompt", "x", "--seed", str(2**70)], 2, "is not in the range"),
+    Case("cli-top-k-negative", lambda w: ["run", str(w.root), "--prompt", "x", "--top-k", "-5"], 2, "--top-k -5 is not in the range"),
+    Case("cli-temperature-inf", lambda w: ["run", str(w.root), "--prompt", "x", "--temperature", "inf"], 2, "not NaN or infinity"),
+    Case("cli-top-p-nan", lambda w: ["run", str(w.root), "--prompt", "x", "--top-p", "nan"], 2, "not NaN"),
+    Case("cli-max-new-tokens-negative", lambda w: ["run", str(w.root), "--prompt", "x", "--max-new-tokens", "-3"], 2, "not in the range"),
+    Case("cli-prompt-not-utf8", lambda w: ["run", str(w.artifact()), "--prompt", "caf\udce9"], 2, "the prompt is not valid UTF-8"),
+    Case("cli-prompt-longer-than-context", lambda w: ["run", str(w.artifact()), "--prompt", "the " * 6000], 2, "shorten the prompt"),
+    Case("cli-validate-max-tokens-negative", lambda w: ["validate", str(w.root), "--max-tokens", "-3"], 2, "--max-tokens -3 is not in the range 2.."),
+    Case("cli-validate-max-tokens-1", lambda w: ["validate", str(w.root), "--max-tokens", "1"], 2, "is not in the range"),
+    Case("cli-prune-nan", lambda w: ["cache", "prune", "--max-mb", "nan"], 2, "--max-mb must be a finite number"),
+    Case("cli-prune-negative", lambda w: ["cache", "prune", "--max-mb", "-1"], 2, "--max-mb -1.0 is not in the range"),
+    # ---- issue 18: texts, manifests, environments ----
+    Case("eval-fifo", lambda w: w.build("--eval", _fifo(w)), 2, "is not a regular file"),
+    Case("eval-dev-zero", lambda w: w.build("--eval", "/dev/zero"), 2, "is not a regular file"),
+    Case("art-manifest-nested-40", lambda w: _art(w, _deep_manifest(w.artifact())), 2, "nests deeper than 32 levels"),
+    Case("env-cache-is-a-file", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/etc/hostname/cache"),)),
+    Case("env-cache-in-proc", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/proc/edgepipe-cache"),)),
 ]
 
 
@@ -254,7 +381,7 @@ def test_bad_input(case: Case, tmp_path):
     args = case.args(w)
     cache = shared_cache()
     before = tree_state(tmp_path) | tree_state(cache, hash_files=False)
-    with env(EDGEPIPE_CACHE=str(cache)):
+    with env(EDGEPIPE_CACHE=str(cache)), env(**dict(case.env)):
         res = CliRunner().invoke(main, args, catch_exceptions=True)
     out = res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), f"{res.exception!r} escaped:\n{out}"
@@ -263,6 +390,6 @@ def test_bad_input(case: Case, tmp_path):
     assert case.message in out, out
     error_lines = [ln for ln in out.splitlines() if "error:" in ln.lower()]
     assert len(error_lines) == 1, out
-    assert not w.out.exists() or case.id == "cli-out-not-artifact"
+    assert not w.out.exists() or case.id == "cli-out-not-artifact" or case.out_exists
     after = tree_state(tmp_path) | tree_state(cache, hash_files=False)
     assert after == before, "a refused input wrote, changed or removed files"

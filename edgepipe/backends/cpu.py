@@ -23,6 +23,7 @@ class CpuBackend:
     def build(self, request: BuildRequest, progress: Progress) -> BuildResult:
         from edgepipe.cache import key_of
         from edgepipe.export import inspect_model
+        from edgepipe.export.inspect import check_weights
         from edgepipe.export.stage import ExportConfig, run_export
         from edgepipe.models import resolve_model
         from edgepipe.optimize.stage import OptimizeConfig, run_optimize
@@ -32,6 +33,7 @@ class CpuBackend:
         from edgepipe.runtime.threads import resolve_threads
         from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
         from edgepipe.validate.accuracy import AccuracyConfig, run_accuracy
+        from edgepipe.validate.sanity import check_reference
 
         t_start, tgt = time.time(), request.target
         calib = read_text_file(request.calib, "calib.txt", "calibration")
@@ -41,6 +43,7 @@ class CpuBackend:
         info = inspect_model(model.path)
         progress(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters")
         est = _check_fits(info, tgt)
+        check_weights(info)  # every tensor the config implies, of its shape: nothing for transformers to invent
         versions = tool_versions()
         ctx = StageContext(progress=progress, threads=resolve_threads(0, tgt.runtime.threads))
         timings: dict[str, float] = {}
@@ -65,6 +68,7 @@ class CpuBackend:
             fp32.key, opt.key, key_of({"t": evalt.text}), len(eval_windows), len(eval_windows[0]), score_from,
         ), ctx)
         timings["validate_accuracy_s"] = round(time.time() - t0, 2)
+        sanity = check_reference(acc.accuracy, int(info.config["vocab_size"]), allow_random_weights=request.allow_random_weights)
 
         base = Manifest(
             kind=ArtifactKind.CPU_DECODER, files={}, created="", edgepipe_version=versions["edgepipe"], versions=versions,
@@ -82,6 +86,7 @@ class CpuBackend:
                     "protocol": "as llama.cpp's perplexity tool: each window's second half is scored",
                 },
                 "calibration": {"source": calib.source, "windows": len(calib_windows)},
+                "sanity": sanity,
             },
         )
         metrics = {"accuracy": acc.accuracy, "estimate": est, "measured_by": {
@@ -143,7 +148,7 @@ def _package(
             acc, thr = metrics["accuracy"], metrics["throughput"]
             checks = check_budgets(request.target, Measured(
                 artifact_mb=metrics["artifact_mb"], peak_rss_mb=thr.get("peak_rss_mb"), ppl_increase_pct=acc.get("ppl_increase_pct"),
-                top1_agreement=acc.get("top1_agreement"), device_decode_tok_s=device_tps,
+                top1_agreement=acc.get("top1_agreement"), device_decode_tok_s=device_tps, kl_divergence=acc.get("kl_divergence"),
             ))
             timings["total_s"] = round(time.time() - t_start, 2)
             names = failed(checks)

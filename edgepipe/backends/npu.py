@@ -50,7 +50,8 @@ class NpuBackend:
         if is_causal_lm(model.path):
             calib = read_text_file(request.calib, "calib.txt", "calibration")
             evalt = read_text_file(request.eval_file, "eval.txt", "eval")
-            return build_decoder(model, request.target, request.out, calib=calib, evalt=evalt, progress=progress)
+            return build_decoder(model, request.target, request.out, calib=calib, evalt=evalt, progress=progress,
+                                 allow_random_weights=request.allow_random_weights)
         calib = read_text_file(request.calib, "npu_calib.txt", "calibration")
         if request.eval_file is None:
             from edgepipe.npu.data import default_eval_sentences
@@ -64,17 +65,19 @@ class NpuBackend:
 
 def build_decoder(
     model: ModelSource | Path, target: Target, out: Path, *, calib: Text, evalt: Text, progress: Progress = silent,
-    eval_windows: int | None = None, eval_decode_steps: int | None = None,
+    eval_windows: int | None = None, eval_decode_steps: int | None = None, allow_random_weights: bool = False,
 ) -> BuildResult:
     """The NPU decoder pipeline of a Llama-architecture causal LM, into the artifact ``out``."""
     from edgepipe.cache import key_of
     from edgepipe.export import inspect_model
+    from edgepipe.export.inspect import check_weights
     from edgepipe.export.static_llama import pad_token_id, read_decoder_spec, token_ids
     from edgepipe.npu import decoder as dec
     from edgepipe.npu.compile import run_compile
     from edgepipe.package.npu_report import decoder_report
     from edgepipe.quantize.qdq import QdqConfig
     from edgepipe.runtime.static_lm import StaticDecoder
+    from edgepipe.validate.sanity import check_reference
 
     npu, src = _npu_of(target), _source(model)
     steps = dec.EVAL_DECODE_STEPS if eval_decode_steps is None else eval_decode_steps
@@ -83,6 +86,7 @@ def build_decoder(
         raise InputError(f"npu.seq_len {npu.seq_len} + {steps} decode steps exceed npu.context_length {npu.context_length}; raise context_length")
     sdk = _qnn_ready()
     info = inspect_model(src.path)  # the content hash; broken weights refused before the slow export
+    check_weights(info)
     host, pad_id = StaticDecoder(spec, npu.seq_len, npu.context_length), pad_token_id(spec.model_dir)
     windows = dec.eval_windows(token_ids(spec.model_dir, evalt.text), npu.seq_len, steps, dec.EVAL_WINDOWS if eval_windows is None else eval_windows)
     versions, ctx, timings = _versions(), _context(progress), _Timings()
@@ -105,6 +109,7 @@ def build_decoder(
     metrics = dec.metrics(npu, sdk, quant, comp, validated, windows)
     metrics["eval"]["source"], metrics["calibration_source"] = evalt.source, calib.source
     acc = metrics["npu_accuracy"]
+    metrics["sanity"] = check_reference(acc, int(info.config["vocab_size"]), allow_random_weights=allow_random_weights)
     progress(
         f"top-1 agreement {acc['top1_agreement']:.3f}, perplexity {acc['reference_perplexity']:.2f} -> "
         f"{acc['perplexity']:.2f} ({acc['ppl_increase_pct']:+.2f}%) over {acc['positions']} positions"
@@ -114,6 +119,7 @@ def build_decoder(
         ArtifactKind.NPU_DECODER, src, info.sha256, files, dec.npu_config(spec, npu, sdk, section),
         {**metrics, "timings_s": timings.done(), "stage_timings_s": {**comp.seconds, **validated["seconds"]}},
         Measured(top1_agreement=acc["top1_agreement"], ppl_increase_pct=acc["ppl_increase_pct"], coverage=comp.budget_coverage(),
+                 kl_divergence=acc.get("kl_divergence"),
                  unmeasured={"max_ram_mb": NO_DEVICE_RAM}),
         decoder_report, {"quantization": {"scheme": "qdq", **dataclasses.asdict(qcfg.qdq)}, "calibration": {"source": calib.source}},
     ), target, out, versions, progress)

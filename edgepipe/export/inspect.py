@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ TOKENIZER_FILES = (
 
 
 @dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as a safetensors header declares it."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    count: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: Path
     architecture: str
@@ -26,6 +37,7 @@ class ModelInfo:
     num_parameters: int
     weight_bytes: int
     sha256: str  # over config, weights and tokenizer, in a fixed order
+    tensors: dict[str, TensorHeader] = field(default_factory=dict, compare=False, repr=False)  # as the headers declare them
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +84,8 @@ def _read_safetensors_header(path: Path, size: int) -> tuple[int, dict[str, Any]
             if n <= 0 or n > min(size - 8, 100 << 20):
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
+    except RecursionError:
+        raise ModelError(f"{path.name} has a safetensors header nested too deeply; re-save the model") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"{path.name} is not a readable safetensors file ({e}); re-download or re-save the model") from None
     if not isinstance(header, dict):
@@ -79,42 +93,102 @@ def _read_safetensors_header(path: Path, size: int) -> tuple[int, dict[str, Any]
     return n, header
 
 
-def _tensor_entry(path: Path, name: str, t: Any) -> tuple[str, int, int, int]:
-    """(dtype, first byte, end byte, element count) of one header entry, checked against its shape."""
+def _tensor_entry(path: Path, name: str, t: Any) -> tuple[str, int, int, tuple[int, ...]]:
+    """(dtype, first byte, end byte, shape) of one header entry, checked against its shape."""
     try:
         lo, hi = (int(v) for v in t["data_offsets"])
         dtype = str(t["dtype"])
-        count = 1
-        for d in t["shape"]:
-            if isinstance(d, bool) or int(d) < 0:
-                raise ValueError("negative dimension")
-            count *= int(d)
+        if len(t["shape"]) > 8:
+            raise ValueError("too many dimensions")
+        shape = tuple(int(d) for d in t["shape"] if not isinstance(d, bool))
+        if len(shape) != len(t["shape"]) or any(d < 0 for d in shape):
+            raise ValueError("negative dimension")
+        count = math.prod(shape)
         if lo < 0 or hi < lo or (dtype in _ITEMSIZE and hi - lo != count * _ITEMSIZE[dtype]):
             raise ValueError("offsets do not match the shape")
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ModelError(f"{path.name}: tensor {name!r} has a malformed header entry; re-save the model") from None
-    return dtype, lo, hi, count
+    return dtype, lo, hi, shape
 
 
-def _check_safetensors(path: Path) -> int:
-    """Parse the header; catch truncated or corrupt files cheaply. Return the number of parameters."""
+def _check_safetensors(path: Path) -> dict[str, TensorHeader]:
+    """Parse the header; catch truncated or corrupt files cheaply. Return its tensors."""
     size = path.stat().st_size
     n, header = _read_safetensors_header(path, size)
-    end, params = 0, 0
-    tensors = []
+    end = 0
+    tensors, found = [], {}
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        dtype, lo, hi, count = _tensor_entry(path, name, t)
+        dtype, lo, hi, shape = _tensor_entry(path, name, t)
         end = max(end, hi)
-        params += count
+        found[name] = TensorHeader(path.name, dtype, shape, math.prod(shape))
         tensors.append((name, dtype, lo, hi))
     if 8 + n + end != size:
         raise ModelError(
             f"{path.name} is truncated or padded ({size} bytes, header says {8 + n + end}); re-download or re-save the model"
         )
     _check_finite(path, 8 + n, tensors)
-    return params
+    return found
+
+
+def _all_tensors(weights: list[Path], index: dict[str, str] | None) -> dict[str, TensorHeader]:
+    """Every tensor of the checkpoint; a name in two files, or where the index does not put it, is refused."""
+    tensors: dict[str, TensorHeader] = {}
+    for w in weights:
+        for name, t in _check_safetensors(w).items():
+            if name in tensors:
+                raise ModelError(f"tensor {name!r} is in both {tensors[name].file} and {w.name}; re-save the model")
+            tensors[name] = t
+    for name, shard in (index or {}).items():
+        if name not in tensors or tensors[name].file != shard:
+            raise ModelError(f"model.safetensors.index.json puts tensor {name!r} in {shard}, which does not hold it; re-save the model")
+    return tensors
+
+
+def check_weights(info: ModelInfo) -> None:
+    """:func:`check_tensors` on an inspected model (run after the cheaper fit check of the target)."""
+    check_tensors(info.config, info.tensors)
+
+
+def check_tensors(config: dict[str, Any], tensors: dict[str, TensorHeader]) -> None:
+    """Every tensor the config implies present, of its shape and a floating dtype, and nothing else:
+    transformers would initialise a missing one at random (and the fp32 reference with it), and
+    silently drop an unexpected one. Architectures without a checkpoint table get the dtype check."""
+    from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES, checkpoint_tensors
+
+    for name, t in tensors.items():
+        if t.dtype not in _FLOAT_DTYPES and not name.endswith(CKPT_IGNORED_SUFFIXES):
+            raise ModelError(f"tensor {name!r} is stored as {t.dtype}, not a float; the checkpoint is a broken conversion, re-save it in fp32/fp16/bf16")
+    table = checkpoint_tensors(config)
+    if table is not None:
+        _check_required(config, tensors, table[0])
+        _check_unexpected(config, tensors, *table)
+
+
+def _check_required(config: dict[str, Any], tensors: dict[str, TensorHeader], required: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in required.items():
+        if name not in tensors:
+            raise ModelError(f"tensor {name!r} is missing from the safetensors (config.json implies it: "
+                             f"num_hidden_layers={config.get('num_hidden_layers')}, tie_word_embeddings={config.get('tie_word_embeddings')}); "
+                             "pass the complete checkpoint or fix config.json")
+        if tensors[name].shape != shape:
+            raise ModelError(f"tensor {name!r} has shape {list(tensors[name].shape)} but config.json implies {list(shape)}; "
+                             "the config does not belong to these weights")
+
+
+def _check_unexpected(
+    config: dict[str, Any], tensors: dict[str, TensorHeader], required: dict[str, tuple[int, ...]], optional: set[str]
+) -> None:
+    from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES
+
+    for name, t in tensors.items():
+        if name in optional:
+            if t.shape != (int(config["vocab_size"]), int(config["hidden_size"])):
+                raise ModelError(f"tensor {name!r} has shape {list(t.shape)}; config.json implies [vocab_size, hidden_size]")
+        elif name not in required and not name.endswith(CKPT_IGNORED_SUFFIXES):
+            raise ModelError(f"tensor {name!r} is not part of a {config['architectures'][0]} with this config.json; "
+                             "the config does not belong to these weights (check num_hidden_layers and the architecture)")
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -128,6 +202,18 @@ def hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _read_json(path: Path, fix: str) -> Any:
+    """A small JSON file of a model folder, bounded in size and depth."""
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError("too large")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ModelError(f"{path} is nested too deeply; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path} is not valid JSON ({type(e).__name__}); {fix}") from None
+
+
 def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """``config.json`` of a model folder, its shape fields checked: (config, architecture)."""
     if not path.exists():
@@ -137,10 +223,7 @@ def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any],
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{path} has no config.json; it is not a Hugging Face model folder (save it with save_pretrained)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{cfg_path} is not valid JSON ({type(e).__name__}); re-save the model's config") from None
+    config = _read_json(cfg_path, "re-save the model's config")
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_path} must hold a JSON object; re-save the model's config")
     archs = config.get("architectures")
@@ -158,15 +241,32 @@ def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any],
     return config, arch
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a folder: the shards its index names, or every ``*.safetensors``."""
+MAX_INDEX_BYTES = 64 << 20  # an index maps tensor names to file names: far larger is not one
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """``weight_map`` of a sharded checkpoint's index: tensor name -> plain file name in the folder."""
+    doc = _read_json(index, "re-save the model")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"{index} is malformed (no weight_map object); re-save the model")
+    for name, shard in weight_map.items():
+        bad = not isinstance(shard, str) or not shard.endswith(_WEIGHT_SUFFIXES)
+        if bad or Path(shard).name != shard or "\\" in shard:
+            raise ModelError(f"{index.name} maps tensor {str(name)[:100]!r} to {str(shard)[:100]!r}, "
+                             "not a safetensors file inside the model folder; re-save the model")
+    return weight_map
+
+
+def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a folder and its index's weight map: the shards the index names (plain
+    file names in the folder; they may be symlinks, as in a Hugging Face hub snapshot), or every
+    ``*.safetensors``."""
     index = path / "model.safetensors.index.json"
+    weight_map = None
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ModelError(f"{index} is malformed; re-save the model") from None
-        weights = [path / n for n in names]
+        weight_map = _read_index(index)
+        weights = [path / n for n in sorted(set(weight_map.values()))]
         missing = [w.name for w in weights if not w.is_file()]
         if missing:
             raise ModelError(f"{path} is missing weight shard {missing[0]} listed in {index.name}; finish the download")
@@ -176,7 +276,7 @@ def _weight_files(path: Path) -> list[Path]:
         bins = list(path.glob("*.bin"))
         hint = " (only PyTorch .bin files: re-save with save_pretrained(safe_serialization=True))" if bins else ""
         raise ModelError(f"{path} has no *.safetensors weights{hint}; pass a complete model folder")
-    return weights
+    return weights, weight_map
 
 
 def _check_tokenizer(path: Path, vocab_size: int) -> None:
@@ -201,13 +301,15 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> ModelInfo:
-    """Validate a model folder: config, architecture, weights (complete), tokenizer."""
+    """Validate a model folder: config, architecture, weight files (headers, sizes, finite values),
+    tokenizer. :func:`check_weights` then checks the tensors against what the config implies."""
     from edgepipe.export.genai_builder import SUPPORTED_ARCHITECTURES
 
     path = Path(path)
     config, arch = _read_config(path, SUPPORTED_ARCHITECTURES if supported is None else supported)
-    weights = _weight_files(path)
-    params = sum(_check_safetensors(w) for w in weights)
+    weights, weight_map = _weight_files(path)
+    tensors = _all_tensors(weights, weight_map)
+    params = sum(t.count for t in tensors.values())
     _check_tokenizer(path, config["vocab_size"])
     hashed = [path / "config.json", *weights] + [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
     return ModelInfo(
@@ -218,4 +320,5 @@ def inspect_model(path: Path | str, supported: dict[str, Any] | None = None) -> 
         num_parameters=params,
         weight_bytes=sum(w.stat().st_size for w in weights),
         sha256=hash_files(hashed),
+        tensors=tensors,
     )

@@ -18,7 +18,7 @@ from edgepipe.stage import StageContext, run_cached
 
 @dataclass(frozen=True)
 class ExportConfig:
-    VERSION = 1
+    VERSION = 2  # 2: the export is cross-checked against transformers (``edgepipe.export.crosscheck``)
 
     source_sha256: str
     genai_version: str
@@ -42,9 +42,16 @@ class ExportResult:
 
 
 def run_export(info: ModelInfo, config: ExportConfig, ctx: StageContext) -> ExportResult:
-    def produce(tmp: Path) -> None:
+    def produce(tmp: Path) -> dict[str, object]:
+        from edgepipe.export.crosscheck import crosscheck
+
         export_fp32(info.path, tmp / "model", cache_dir=tmp / "hf-cache", log_file=tmp / "export.log", progress=ctx.progress)
         shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+        ctx.progress("cross-checking the fp32 export against transformers")
+        record = crosscheck(info.path, tmp / "model", tmp, vocab_size=int(info.config["vocab_size"]),
+                            num_parameters=info.num_parameters, threads=ctx.threads)
+        (tmp / "torch_logits.npy").unlink(missing_ok=True)
+        return {"crosscheck": record}
 
     out = run_cached(
         "export", config, produce, ctx,

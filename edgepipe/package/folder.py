@@ -1,44 +1,140 @@
 """The artifact folder on disk: checked before a build, assembled beside ``--out``, published atomically.
 
-The folder is assembled under a temporary name beside ``--out`` and renamed into place only when
-complete; an existing artifact at ``--out`` is swapped out atomically and removed afterwards.
+``--out`` is the user's folder. Before any work it must be a place we can create and write (not a
+dangling link, not a special filesystem such as /proc), and a rebuild may replace only a previous
+edgepipe artifact that holds nothing but the files its manifest lists, and never a folder that
+holds the build's own inputs. The new artifact is assembled under a temporary name beside ``--out``
+and swapped with the old one in one atomic step (``renameat2(RENAME_EXCHANGE)`` where the kernel
+has it); the old one is then removed, and leftovers of a killed build are swept by the next one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from edgepipe.errors import InputError
-from edgepipe.runtime.manifest import is_artifact
+from edgepipe.runtime.manifest import is_artifact, read_manifest
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# pseudo filesystems (/proc/mounts types) an artifact cannot live on
+_SPECIAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs",
+               "configfs", "fusectl", "pstore", "bpf", "mqueue", "hugetlbfs", "autofs", "binfmt_misc", "efivarfs"}
+STALE_SECONDS = 6 * 3600  # a sibling leftover older than this belongs to no live build
 
 
-def check_out_dir(out: Path) -> None:
-    """``--out`` may be absent, an empty folder, or a previous edgepipe artifact; nothing else."""
+def _fs_type(path: Path) -> str | None:
+    """The filesystem type of the mount holding ``path`` (Linux /proc/mounts), or None if unknown."""
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    best, fstype = "", None
+    target = str(path)
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, kind
+    return fstype
+
+
+def _nearest_existing(out: Path) -> Path:
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--out {out} lies under {parent}, which is a file; choose another --out")
+            return parent
+    return Path("/")
+
+
+def _check_writable(folder: Path, out: Path) -> None:
+    """Create and remove a probe folder where the staging folder will go: the only honest test."""
+    fstype = _fs_type(folder.resolve())
+    if fstype in _SPECIAL_FS:
+        raise InputError(f"--out {out} is on a {fstype} filesystem, not a place for files; choose a folder on a disk")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgepipe-probe-", dir=folder))
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create folders in {folder} ({e.strerror}); choose a writable --out") from None
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Files in a previous artifact at ``out`` that its manifest does not list (the user's own)."""
+    try:
+        listed = set(read_manifest(out).files) | {"manifest.json"}
+    except Exception:  # noqa: BLE001 - a damaged manifest: every file counts as foreign unless it is an edgepipe name
+        listed = {"manifest.json", "report.md", "reference.npz", *MODEL_FILES, *TOKENIZER_FILES}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel_dir = Path(dirpath).relative_to(out)
+        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
+            rel = (rel_dir / name).as_posix()
+            if rel not in listed:
+                found.append(rel)
+    return sorted(found)
+
+
+def check_out_dir(out: Path, inputs: Sequence[Path | None] = ()) -> None:
+    """``--out`` may be absent, an empty folder, or a previous edgepipe artifact holding only its own
+    files; it must be creatable and writable and must not contain the build's inputs."""
+    if out.is_symlink():
+        what = "a dangling symbolic link" if not out.exists() else "a symbolic link"
+        raise InputError(f"--out {out} is {what}; pass a real folder path")
+    resolved = out.resolve()
+    for given in inputs:
+        if given is not None and (resolved == given.resolve() or resolved in given.resolve().parents):
+            raise InputError(f"--out {out} contains the input {given}; a rebuild would replace it, choose another --out")
     if not out.exists():
-        for parent in out.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise InputError(f"--out {out} lies under {parent}, which is a file; choose another --out")
-                break
+        _check_writable(_nearest_existing(out), out)
         return
     if not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder path")
-    if any(out.iterdir()) and not is_artifact(out):
-        raise InputError(f"--out {out} exists and is not an edgepipe artifact; choose another --out or remove it")
+    _check_writable(out.parent, out)
+    if any(out.iterdir()):
+        if not is_artifact(out):
+            raise InputError(f"--out {out} exists and is not an edgepipe artifact; choose another --out or remove it")
+        foreign = _foreign_files(out)
+        if foreign:
+            raise InputError(
+                f"--out {out} holds {len(foreign)} file(s) edgepipe did not write (e.g. {foreign[0]}); "
+                "a rebuild would delete them: move them out or choose another --out"
+            )
+
+
+def _sweep_leftovers(out: Path) -> None:
+    """Remove staging / old folders of ``out`` that a killed build left (old enough to be no live build's)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for stale in out.parent.glob(pattern):
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def staging_dir(out: Path) -> Path:
-    """A temporary folder on the same filesystem as ``out``, so the final rename is atomic."""
+    """A temporary folder on the same filesystem as ``out``, so the final rename is atomic; with the
+    permissions of a folder the user made (``mkdtemp`` makes it private, 0700)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _sweep_leftovers(out)
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
 
 
 @contextmanager
@@ -62,12 +158,35 @@ def copy_files(src: Path, dst: Path, names: tuple[str, ...] = MODEL_FILES + TOKE
     return copied
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False when unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def publish(staging: Path, out: Path) -> None:
     """Move a complete artifact into place; the previous one at ``out`` survives any failure before it."""
     from edgepipe.cache import fsync_tree
 
     fsync_tree(staging)
-    if out.exists():
+    foreign = _foreign_files(out) if out.is_dir() else []
+    if foreign:  # the user put a file there while we built
+        raise InputError(f"--out {out} now holds {foreign[0]}, which edgepipe did not write; move it out and build again")
+    if not out.exists():
+        os.replace(staging, out)
+    elif _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous artifact
+    else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "a")
         try:
@@ -76,5 +195,13 @@ def publish(staging: Path, out: Path) -> None:
             os.replace(old / "a", out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

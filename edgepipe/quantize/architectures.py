@@ -17,7 +17,7 @@ from edgepipe.errors import ModelError
 from edgepipe.quantize.bitplan import BitPlan, Matrix, ModelMatrices
 from edgepipe.quantize.configs import MixedPrecision, WeightOnlyConfig, as_scheme
 
-__all__ = ["ARCHITECTURES", "dimensions", "matrices_from_config", "plan_from_config"]
+__all__ = ["ARCHITECTURES", "checkpoint_tensors", "dimensions", "matrices_from_config", "plan_from_config"]
 
 # A dimension -> the config.json keys that give it, the first one present (and not null) wins.
 # Source: onnxruntime_genai/models/builders/base.py, Model.__init__.
@@ -61,17 +61,18 @@ LM_HEAD: Row = ("lm_head.MatMul.weight", ("hidden",), ("vocab",))  # base.py mak
 class Architecture:
     mlp: str  # key of MLP
     tied_default: bool  # tie_word_embeddings when config.json leaves it out: the transformers config class's default
+    checkpoint: str | None = None  # key of CHECKPOINT: the tensors its safetensors must hold (None: not tabled)
 
 
 # Keyed as config.json's "architectures"; the same names as edgepipe.export's SUPPORTED_ARCHITECTURES. "tested": a
 # tests/ tiny model; "checked on a tiny export": a random 2-layer model exported once with the builder 0.18, matrices equal.
 ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": Architecture("gated", False),  # tested (tests/conftest.py); LlamaConfig
-    "GraniteForCausalLM": Architecture("gated", False),  # tested; GraniteConfig
-    "Qwen2ForCausalLM": Architecture("gated", False),  # tested; Qwen2Config
-    "Phi3ForCausalLM": Architecture("gated", False),  # tested; Phi3Config, gate_up_proj split by the builder
-    "Qwen3ForCausalLM": Architecture("gated", False),  # checked on a tiny export; qwen.py Qwen3Model (q/k norms keep the packed MatMul); Qwen3Config
-    "MistralForCausalLM": Architecture("gated", False),  # checked on a tiny export; mistral.py; MistralConfig
+    "LlamaForCausalLM": Architecture("gated", False, "llama"),  # tested (tests/conftest.py); LlamaConfig
+    "GraniteForCausalLM": Architecture("gated", False, "llama"),  # tested; GraniteConfig
+    "Qwen2ForCausalLM": Architecture("gated", False, "qwen2"),  # tested; Qwen2Config
+    "Phi3ForCausalLM": Architecture("gated", False, "phi3"),  # tested; Phi3Config, gate_up_proj split by the builder
+    "Qwen3ForCausalLM": Architecture("gated", False, "qwen3"),  # checked on a tiny export; qwen.py Qwen3Model (q/k norms keep the packed MatMul); Qwen3Config
+    "MistralForCausalLM": Architecture("gated", False, "llama"),  # checked on a tiny export; mistral.py; MistralConfig
     "GemmaForCausalLM": Architecture("gated", True),  # checked on a tiny export; gemma.py GemmaModel(MistralModel); GemmaConfig ties
     "Gemma2ForCausalLM": Architecture("gated", True),  # checked on a tiny export; gemma.py Gemma2Model; Gemma2Config ties
     "PhiForCausalLM": Architecture("fc", False),  # checked on a tiny export; phi.py PhiModel: use_fc, dense -> o_proj; PhiConfig
@@ -80,6 +81,85 @@ ARCHITECTURES: dict[str, Architecture] = {
     "SmolLM3ForCausalLM": Architecture("gated", True),  # checked on a tiny export; smollm.py SmolLM3Model(LlamaModel); SmolLM3Config ties
     "InternLM2ForCausalLM": Architecture("gated", False),  # not checked (remote code); internlm.py maps wqkv / w1 w3 w2 to q,k,v / gate up down
 }
+
+
+# The Hugging Face checkpoint's tensors (what ``save_pretrained`` writes), so a folder that lacks one, or
+# holds one of another shape, is refused before transformers would initialise it at random. A row:
+# (name after "model.layers.<i>.", shape as sums of dimensions, the config.json flag that adds it or None).
+# Source: transformers 4.5x modeling_<arch>.py (the module tree of <Arch>ForCausalLM).
+CkptRow = tuple[str, tuple[tuple[str, ...], ...], str | None]
+_LLAMA_ATTN: tuple[CkptRow, ...] = (
+    ("self_attn.q_proj.weight", (("q",), ("hidden",)), None),  # modeling_llama.py LlamaAttention
+    ("self_attn.k_proj.weight", (("kv",), ("hidden",)), None),
+    ("self_attn.v_proj.weight", (("kv",), ("hidden",)), None),
+    ("self_attn.o_proj.weight", (("hidden",), ("q",)), None),
+    ("self_attn.q_proj.bias", (("q",),), "attention_bias"),  # LlamaConfig.attention_bias
+    ("self_attn.k_proj.bias", (("kv",),), "attention_bias"),
+    ("self_attn.v_proj.bias", (("kv",),), "attention_bias"),
+    ("self_attn.o_proj.bias", (("hidden",),), "attention_bias"),
+)
+_GATED_MLP: tuple[CkptRow, ...] = (
+    ("mlp.gate_proj.weight", (("intermediate",), ("hidden",)), None),  # modeling_llama.py LlamaMLP
+    ("mlp.up_proj.weight", (("intermediate",), ("hidden",)), None),
+    ("mlp.down_proj.weight", (("hidden",), ("intermediate",)), None),
+    ("mlp.gate_proj.bias", (("intermediate",),), "mlp_bias"),  # LlamaConfig.mlp_bias
+    ("mlp.up_proj.bias", (("intermediate",),), "mlp_bias"),
+    ("mlp.down_proj.bias", (("hidden",),), "mlp_bias"),
+)
+_NORMS: tuple[CkptRow, ...] = (
+    ("input_layernorm.weight", (("hidden",),), None),
+    ("post_attention_layernorm.weight", (("hidden",),), None),
+)
+CHECKPOINT: dict[str, tuple[CkptRow, ...]] = {
+    "llama": _LLAMA_ATTN + _GATED_MLP + _NORMS,  # Llama, Granite (modeling_granite.py), Mistral (no biases)
+    "qwen2": (  # modeling_qwen2.py Qwen2Attention: q/k/v always biased, o_proj never
+        *(r for r in _LLAMA_ATTN if not r[0].endswith("bias")),
+        ("self_attn.q_proj.bias", (("q",),), None),
+        ("self_attn.k_proj.bias", (("kv",),), None),
+        ("self_attn.v_proj.bias", (("kv",),), None),
+        *_GATED_MLP[:3], *_NORMS,
+    ),
+    "qwen3": (  # modeling_qwen3.py: RMSNorm over each head's q and k
+        *_LLAMA_ATTN, ("self_attn.q_norm.weight", (("head_dim",),), None), ("self_attn.k_norm.weight", (("head_dim",),), None),
+        *_GATED_MLP[:3], *_NORMS,
+    ),
+    "phi3": (  # modeling_phi3.py: fused qkv_proj and gate_up_proj
+        ("self_attn.qkv_proj.weight", (("q", "kv", "kv"), ("hidden",)), None),
+        ("self_attn.o_proj.weight", (("hidden",), ("q",)), None),
+        ("mlp.gate_up_proj.weight", (("intermediate", "intermediate"), ("hidden",)), None),
+        ("mlp.down_proj.weight", (("hidden",), ("intermediate",)), None),
+        *_NORMS,
+    ),
+}
+# Outside the layers: embedding, final norm, and the lm_head (absent or equal to the embedding when tied).
+CKPT_EMBEDDING = ("model.embed_tokens.weight", ("vocab", "hidden"))
+CKPT_NORM = ("model.norm.weight", ("hidden",))
+CKPT_LM_HEAD = ("lm_head.weight", ("vocab", "hidden"))
+# Buffers some older checkpoints carry that transformers recomputes and ignores on load.
+CKPT_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
+
+
+def checkpoint_tensors(config: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]] | None:
+    """(required tensor -> shape, optional tensor names) of this ``config.json``'s checkpoint, or None
+    when the architecture's checkpoint is not tabled here (then only the generic checks apply)."""
+    arch = architecture_of(config)
+    if arch.checkpoint is None:
+        return None
+    dims = dimensions(config)
+    required: dict[str, tuple[int, ...]] = {}
+    for i in range(dims["layers"]):
+        for name, shape, flag in CHECKPOINT[arch.checkpoint]:
+            if flag is None or config.get(flag):
+                required[LAYER_PREFIX.format(i) + name] = tuple(sum(dims[d] for d in part) for part in shape)
+    required[CKPT_EMBEDDING[0]] = (dims["vocab"], dims["hidden"])
+    required[CKPT_NORM[0]] = (dims["hidden"],)
+    tied = config.get("tie_word_embeddings")
+    optional: set[str] = set()
+    if (arch.tied_default if tied is None else bool(tied)):
+        optional.add(CKPT_LM_HEAD[0])
+    else:
+        required[CKPT_LM_HEAD[0]] = (dims["vocab"], dims["hidden"])
+    return required, optional
 
 
 def dimensions(config: Mapping[str, Any]) -> dict[str, int]:

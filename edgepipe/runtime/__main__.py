@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edgepipe.errors import EdgepipeError
+from edgepipe.runtime import args as contract
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", required=True)
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int)
     f = sub.add_parser("verify")
     f.add_argument("artifact")
@@ -93,9 +96,10 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from edgepipe.runtime.artifact import run_prompt
-    from edgepipe.runtime.generate import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    cfg = contract.generation_config(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
     for piece in run_prompt(args.artifact, args.prompt, cfg):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -116,11 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _trust(args.trusted_keys)
     try:
+        _check(args)
         _COMMANDS[args.cmd](args)
     except EdgepipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The flags every subcommand shares, against the one contract (``edgepipe.runtime.args``)."""
+    if getattr(args, "threads", None) is not None:
+        contract.threads(args.threads)
+    if getattr(args, "max_tokens", None) is not None:
+        contract.max_tokens(args.max_tokens)
 
 
 if __name__ == "__main__":

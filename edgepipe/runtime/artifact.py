@@ -71,11 +71,19 @@ def open_artifact(
 def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, threads: int = 0) -> Iterator[str]:
     """Verify and load the artifact now (errors surface before any output), then return an
     iterator of decoded text pieces as they are generated."""
+    from edgepipe.runtime.args import prompt_text
+
+    prompt_text(prompt)
     lm, _ = open_artifact(artifact, threads=threads, generates=True)
     tok = load_tokenizer(Path(artifact))
     ids = tok.encode(prompt).ids
     if not ids:
         raise InputError("the prompt is empty after tokenization; pass some text with --prompt")
+    if len(ids) >= lm.context_length:
+        raise InputError(
+            f"the prompt is {len(ids)} tokens and this artifact's context holds {lm.context_length} "
+            "(prompt plus at least one new token); shorten the prompt"
+        )
 
     return decode_pieces(tok, generate(lm, ids, cfg))
 

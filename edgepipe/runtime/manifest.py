@@ -33,10 +33,11 @@ FORMAT = "edgepipe-artifact"
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files and figures: anything larger is not one of ours
+MAX_MANIFEST_DEPTH = 32  # ours nest 5 deep; a deeper document is not one of ours (and would cost recursion)
 _CHUNK = 1 << 20
 # sections the runtime reads: wrong types must be refused when read, not crash it later
 _OBJECT_SECTIONS = ("target", "metrics", "source_model", "quantization", "optimize", "eval", "calibration")
-_PROVENANCE = ("quantization", "optimize", "eval", "calibration")
+_PROVENANCE = ("quantization", "optimize", "eval", "calibration", "sanity")
 
 
 def sha256_file(path: Path) -> str:
@@ -86,7 +87,7 @@ class Manifest:
     budgets: tuple[BudgetCheck, ...] = ()
     verdict: str = "unknown"
     failed_budgets: tuple[str, ...] = ()
-    provenance: Mapping[str, Any] = field(default_factory=dict)  # quantization, optimize, eval, calibration
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # quantization, optimize, eval, calibration, sanity
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -147,13 +148,27 @@ def _safe_member(root: Path, rel: Any) -> Path:
     return full
 
 
+def json_depth(obj: Any) -> int:
+    """How deeply lists / objects nest in a parsed JSON document (iterative: no recursion limit)."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
 def _load_json(mpath: Path) -> Any:
     try:
         if mpath.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB; not an edgepipe manifest, rebuild the artifact")
-        return json.loads(mpath.read_text(encoding="utf-8"))
+        data = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({type(e).__name__}); the artifact is damaged, rebuild it") from None
+    if json_depth(data) > MAX_MANIFEST_DEPTH:
+        raise ArtifactError(f"{mpath} nests deeper than {MAX_MANIFEST_DEPTH} levels; not an edgepipe manifest, rebuild the artifact")
+    return data
 
 
 def _check_header(mpath: Path, data: dict[str, Any]) -> int:
@@ -258,7 +273,7 @@ def is_artifact(folder: Path) -> bool:
         data = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and FORMAT in (data.get("format"), data.get("kind"))
+    return isinstance(data, dict) and json_depth(data) <= MAX_MANIFEST_DEPTH and FORMAT in (data.get("format"), data.get("kind"))
 
 
 def verify_artifact(artifact: Path | str, *, trusted_keys: str | None = None) -> Manifest:
@@ -324,6 +339,8 @@ def check_loaded_files(root: Path, files: Mapping[str, Any]) -> None:
         cfg = json.loads((root / GENAI_CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{GENAI_CONFIG} is not valid JSON ({type(e).__name__}); rebuild the artifact") from None
+    if json_depth(cfg) > MAX_MANIFEST_DEPTH:
+        raise ArtifactError(f"{GENAI_CONFIG} nests deeper than {MAX_MANIFEST_DEPTH} levels; rebuild the artifact")
     if any(k == "custom_ops_library" for k in _keys(cfg)):
         raise ArtifactError(
             f"{GENAI_CONFIG} names a custom_ops_library; edgepipe never loads code named by an artifact, refusing it"

@@ -141,15 +141,44 @@ def targets_dir() -> Path:
     raise TargetError("no target profiles found; reinstall edgepipe (`pip install edgepipe`)")
 
 
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of settings
+
+
+def _strict_loader() -> Any:
+    """PyYAML's safe loader without aliases (``*name``: nested ones expand exponentially, the "billion
+    laughs") and with duplicate keys refused (the second would silently win)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed in a target profile", mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (list, dict)) or key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate or unhashable key {str(key)[:60]!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
 def _read_yaml(path: Path) -> Any:
     import yaml
 
     try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise TargetError(f"target profile {path} is over {MAX_PROFILE_BYTES >> 10} KB; not a profile, fix the file")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TargetError(f"cannot read target profile {path}: {e}; fix or remove the file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise TargetError(f"target profile {path} is nested too deeply; fix the file") from None
     except yaml.YAMLError as e:

@@ -56,6 +56,7 @@ class Budgets:
     max_ppl_increase_pct: float | None = None
     min_top1_agreement: float | None = None
     min_decode_tok_s: float | None = None  # on the reference device, checked only there
+    max_kl_divergence: float | None = None  # mean KL(fp32 || quantized) per scored token, in nats: an absolute bound
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from edgepipe.runtime.manifest import BudgetCheck
 from edgepipe.targets import Target
 
+# A quantized model cannot be much better than the fp32 model it approximates: perplexity this far
+# *below* the reference means the comparison is broken (or both models are garbage), so it fails.
+SUSPICIOUS_PPL_DECREASE_PCT = -20.0
+
 
 @dataclass(frozen=True)
 class Coverage:
@@ -37,6 +41,7 @@ class Measured:
     ppl_increase_pct: float | None = None
     top1_agreement: float | None = None
     device_decode_tok_s: float | None = None  # on the reference device only
+    kl_divergence: float | None = None  # mean KL(fp32 || quantized) per scored token
     coverage: Mapping[str, Coverage] = field(default_factory=dict)  # NPU graphs
     cosine_min: float | None = None  # NPU encoders
     retrieval_top1_agreement: float | None = None
@@ -62,6 +67,8 @@ def check_budgets(target: Target, measured: Measured) -> list[BudgetCheck]:
         _row("max_ppl_increase_pct", b.max_ppl_increase_pct, measured.ppl_increase_pct, "<=", measured),
         _row("min_top1_agreement", b.min_top1_agreement, measured.top1_agreement, ">=", measured),
         _row("min_decode_tok_s", b.min_decode_tok_s, measured.device_decode_tok_s, ">=", measured),
+        _row("max_kl_divergence", b.max_kl_divergence, measured.kl_divergence, "<=", measured),
+        _suspicious_decrease(measured),
     ]
     npu = target.npu
     if npu is not None:
@@ -75,6 +82,15 @@ def check_budgets(target: Target, measured: Measured) -> list[BudgetCheck]:
             measured.retrieval_top1_agreement, ">=", measured,
         ))
     return [r for r in rows if r is not None]
+
+
+def _suspicious_decrease(measured: Measured) -> BudgetCheck | None:
+    """A perplexity far below the reference's is a broken comparison, not a better model: it fails."""
+    value = measured.ppl_increase_pct
+    if value is None or value >= SUSPICIOUS_PPL_DECREASE_PCT:
+        return None
+    note = "the quantized model's perplexity is far below the fp32 reference's: the comparison is broken, not better"
+    return BudgetCheck("min_ppl_increase_pct", SUSPICIOUS_PPL_DECREASE_PCT, round(float(value), 4), "fail", note)
 
 
 def failed(checks: list[BudgetCheck]) -> list[str]:

@@ -34,9 +34,13 @@ def seed(top, art, want, hashes):
         if d == art or not os.path.isfile(os.path.join(d, "manifest.json")):
             continue
         try:
+            if os.path.getsize(os.path.join(d, "manifest.json")) > 64 << 20:  # not one of ours
+                continue
             with open(os.path.join(d, "manifest.json")) as f:
                 files = json.load(f).get("files") or {}
-        except (OSError, ValueError):
+            if not isinstance(files, dict):
+                continue
+        except (OSError, ValueError, RecursionError, AttributeError):
             continue
         for orel, entry in files.items():
             rel = missing.get((entry or {}).get("sha256")) if isinstance(entry, dict) else None

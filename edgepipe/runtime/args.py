@@ -1,0 +1,75 @@
+"""The one argument contract of both entry points: ``edgepipe`` (click) and ``python -m edgepipe.runtime``
+(argparse, on the device). Each parses its own flags, then hands the values to these functions, so
+the same ranges hold on both and neither can be driven into NaN, negative limits or silent no-ops.
+Plain functions that raise :class:`~edgepipe.errors.InputError` (exit 2, one line naming the flag).
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgepipe.errors import InputError
+from edgepipe.runtime.generate import GenerationConfig
+
+MAX_NEW_TOKENS = 100_000
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20
+MAX_SEED = 2**63 - 1  # numpy's generator takes any non-negative int; keep it a signed 64-bit value
+MAX_THREADS = 1024
+MAX_EVAL_TOKENS = 10**9
+
+
+def int_in(flag: str, value: int, lo: int, hi: int) -> int:
+    """``value`` as an int in [lo, hi]; a bool or anything else is refused with the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"{flag} {value!r} is not in the range {lo}..{hi}")
+    return value
+
+
+def float_in(flag: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{flag} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{flag} must be a finite number, not NaN or infinity (got {value})")
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise InputError(f"{flag} {value} is not in the range {left}{lo}, {hi}]")
+    return float(value)
+
+
+def prompt_text(prompt: str) -> str:
+    """A prompt must be text: undecodable bytes on the command line arrive as lone surrogates."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the prompt is not valid UTF-8; pass it as UTF-8 text (check the terminal's encoding)") from None
+    return prompt
+
+
+def generation_config(
+    *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+) -> GenerationConfig:
+    """A :class:`GenerationConfig` whose every field was checked against the contract."""
+    return GenerationConfig(
+        max_new_tokens=int_in("--max-new-tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
+        temperature=float_in("--temperature", temperature, 0.0, MAX_TEMPERATURE),
+        top_k=int_in("--top-k", top_k, 0, MAX_TOP_K),
+        top_p=float_in("--top-p", top_p, 0.0, 1.0, lo_open=True),
+        seed=None if seed is None else int_in("--seed", seed, 0, MAX_SEED),
+    )
+
+
+def max_tokens(value: int | None) -> int | None:
+    """``validate --max-tokens``: at least 2 (one scored prediction needs two tokens), or None for all."""
+    return None if value is None else int_in("--max-tokens", value, 2, MAX_EVAL_TOKENS)
+
+
+def threads(value: int) -> int:
+    """``--threads``: 0 (one per physical core) up to a sane bound."""
+    return int_in("--threads", value, 0, MAX_THREADS)
+
+
+def max_mb(value: float) -> float:
+    """``cache prune --max-mb``: a finite, non-negative size."""
+    return float_in("--max-mb", value, 0.0, 1e12)
