@@ -10,10 +10,10 @@ import onnx
 import pytest
 from conftest import HIDDEN, LAYERS, TIED, VOCAB
 
-from edgepipe.quantize import plan_from_onnx, scheme_from_target
+from edgepipe.quantize.allocate_stage import built_plan
 from edgepipe.runtime.evaluate import log_softmax
 from edgepipe.runtime.model import CausalLM
-from edgepipe.targets import Quantization
+from edgepipe.targets import Quantization, load_target
 
 BITS = {"raspberrypi5": 4, "x86-avx512": 8}
 # the Pi profiles' table is int4, its bytes spent on 8-bit matrices instead (benchmarks/RESULTS.md)
@@ -75,7 +75,7 @@ def test_quantized_graph(zoo, arch, target):
     assert cfg.bits == bits and cfg.embedding_bits == EMBEDDING_BITS[target]
     # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
     by_weight = {n.input[1]: n for n in nbits}
-    plan = plan_from_onnx(f, scheme_from_target(cfg))
+    plan = built_plan(f, load_target(target).quantization, res.manifest.to_dict()["quantization"])  # the allocation, if the profile has a budget
     assert plan.num_layers == LAYERS
     planned = {w.input[1]: plan[w.input[1]].format.bits for w in fp_weights}
     got = {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "bits") for w, b in planned.items()}
