@@ -44,7 +44,7 @@ def format_map(matrices: Mapping[str, str], path: Path) -> Path | None:
         return None
     labels = sorted(set(matrices.values()))
     kinds = sorted({_kind(n) for n in matrices}, key=lambda k: (k == "lm_head", k))
-    layers = sorted({layer_of(n) for n in matrices if layer_of(n) is not None}) or [0]
+    layers = sorted({x for n in matrices if (x := layer_of(n)) is not None}) or [0]
     import numpy as np
 
     grid = np.full((len(kinds), len(layers) + 1), np.nan)
