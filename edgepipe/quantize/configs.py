@@ -281,6 +281,9 @@ class MixedPrecision:
             "eight_bit_layers": list(self.eight_bit_layers),
             "eight_bit_ops": list(self.eight_bit_ops),
             "eight_bit_block_size": self.eight_bit.block_size if self.eight_bit else None,
+            # an 8-bit config without rules is a size allocator's choice: the formats it chose between
+            "formats": [c.format.label for c in (self.default, self.eight_bit) if c is not None]
+            if self.eight_bit and not (self.eight_bit_layers or self.eight_bit_ops) else [],
         }
 
 
@@ -314,7 +317,7 @@ def scheme_from_target(q: Any) -> MixedPrecision:
         return four_bit(bits=4, block_size=block_size, symmetric=q.symmetric, accuracy_level=q.accuracy_level)
 
     # a size budget's allocator may choose 8 bits for any matrix: the scheme carries the 8-bit config then too
-    rules = bool(q.eight_bit_layers or q.eight_bit_ops) or q.bits_per_weight is not None or q.max_mb is not None
+    rules = bool(q.eight_bit_layers or q.eight_bit_ops or q.formats) or q.bits_per_weight is not None or q.max_mb is not None
     return MixedPrecision(
         default=at(q.bits, eight.block_size if q.bits == 8 else q.block_size),
         table=at(q.embedding_bits, q.embedding_block_size or q.block_size),
