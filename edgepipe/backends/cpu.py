@@ -57,8 +57,9 @@ class CpuBackend:
         eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
         calib_key = key_of({"t": calib.text})
         alloc = run_allocation(fp32, tgt.quantization, info, calib_windows, calib_key, ctx)
-        timings["allocate_s"] = round(time.time() - t0, 2)
-        t0 = time.time()
+        if alloc is not None:  # sensitivity + allocation: what a size budget adds to the build
+            timings["allocate_s"] = round(time.time() - t0, 2)
+            t0 = time.time()
         scheme = scheme_from_target(tgt.quantization)
         plan = alloc.plan if alloc else plan_from_onnx(fp32.model_dir / "model.onnx", scheme)
         quant = run_quantize(fp32, QuantizeConfig(fp32.key, scheme, calib_key, plan if alloc else None), calib_windows, ctx,
