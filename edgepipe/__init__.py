@@ -25,6 +25,8 @@ from edgepipe.errors import (
 
 _LAZY = {
     "build": "edgepipe.pipeline",
+    "search": "edgepipe.search",
+    "SearchResult": "edgepipe.search",
     "BuildRequest": "edgepipe.pipeline",
     "BuildResult": "edgepipe.pipeline",
     "Target": "edgepipe.targets",

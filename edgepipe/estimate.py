@@ -37,6 +37,7 @@ class ArtifactSize:
 def artifact_size(config: dict[str, Any], num_parameters: int, target: Target) -> ArtifactSize:
     """The artifact's bytes for a model (its ``config.json`` and parameter count) built for ``target``."""
     from edgepipe.quantize import plan_from_config, scheme_from_target
+    from edgepipe.quantize.allocate import Budget
     from edgepipe.quantize.architectures import dimensions
 
     d = dimensions(config)
@@ -44,8 +45,14 @@ def artifact_size(config: dict[str, Any], num_parameters: int, target: Target) -
     untied_embedding = 0 if plan.tied else d["vocab"] * d["hidden"]  # a Gather of the fp32 table: a row per token
     fp32 = max(num_parameters - plan.parameters(), 0) * 4
     rope = int(config.get("max_position_embeddings", 4096)) * d["head_dim"] * 4
-    per_token = plan.bytes() + fp32 - untied_embedding * 4 + d["hidden"] * 4
-    return ArtifactSize(plan.bytes(), fp32, rope, per_token)
+    matrices = plan.bytes()
+    budget = Budget.of(target.quantization)
+    if budget is not None:  # the allocator fills the budget to within a few kB (edgepipe.quantize.allocate)
+        from edgepipe.quantize.allocate import graph_bytes
+
+        matrices = max(budget.matrix_bytes(plan.parameters(), fp32 + rope + graph_bytes(plan.num_layers)), 0)
+    per_token = matrices + fp32 - untied_embedding * 4 + d["hidden"] * 4
+    return ArtifactSize(matrices, fp32, rope, per_token)
 
 
 def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dict[str, Any]:

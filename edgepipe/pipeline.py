@@ -47,6 +47,8 @@ def build(
     device: str | None = None,
     progress: Progress | None = None,
     allow_random_weights: bool = False,
+    bits_per_weight: float | None = None,
+    max_mb: float | None = None,
 ) -> BuildResult:
     """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input.
 
@@ -59,8 +61,11 @@ def build(
     from edgepipe.cache import leases
     from edgepipe.package import check_out_dir
 
+    tgt = target if isinstance(target, Target) else load_target(target)
+    if bits_per_weight is not None or max_mb is not None:
+        tgt = with_budget(tgt, bits_per_weight, max_mb)
     request = BuildRequest(
-        target=target if isinstance(target, Target) else load_target(target),
+        target=tgt,
         out=Path(out).absolute(),
         model=Path(model) if model is not None else None,
         calib=Path(calib) if calib is not None else None,
@@ -71,3 +76,19 @@ def build(
     check_out_dir(request.out, (request.model, request.calib, request.eval_file))
     with leases():  # `cache prune` leaves every entry this build uses alone until it ends
         return backend_for(request.target).build(request, progress or silent)
+
+
+def with_budget(target: Target, bits_per_weight: float | None, max_mb: float | None) -> Target:
+    """``target`` with its size budget replaced (one of the two), checked as a profile's would be."""
+    import dataclasses
+
+    from edgepipe.errors import InputError
+    from edgepipe.targets import parse_target
+
+    if (bits_per_weight is None) == (max_mb is None):
+        raise InputError("give one size budget: --bits-per-weight or --max-mb")
+    data = target.to_dict()
+    data.pop("alias_of", None)
+    data["quantization"].update(bits_per_weight=bits_per_weight, max_mb=max_mb)
+    checked = parse_target(data, source=f"{target.name} with a size budget")
+    return dataclasses.replace(checked, alias_of=target.alias_of)

@@ -27,6 +27,7 @@ from edgepipe.quantize import (
     quantize,
     scheme_from_target,
 )
+from edgepipe.quantize.allocate_stage import built_plan
 from edgepipe.quantize.architectures import ARCHITECTURES
 from edgepipe.quantize.blockwise import quantize_matrix
 from edgepipe.runtime.model import CausalLM
@@ -106,7 +107,7 @@ def test_config_plan_equals_graph_plan(zoo, arch):
 def test_plan_bytes_are_the_artifacts_quantized_tensors(zoo, arch, target):
     """Byte for byte, MatMulNBits data + fp32 scales + packed zero points (the tied table once)."""
     art, res = zoo.artifact(arch, target)
-    plan = plan_from_onnx(zoo.fp32(arch) / "model.onnx", scheme_from_target(load_target(target).quantization))
+    plan = built_plan(zoo.fp32(arch) / "model.onnx", load_target(target).quantization, res.manifest.to_dict()["quantization"])
     names = quantized_weights(art)
     assert stored_bytes(art, names) == plan.bytes() == res.manifest.to_dict()["quantization"]["bit_plan"]["bytes"]
     assert res.manifest.to_dict()["quantization"]["bit_plan"]["parameters"] == plan.parameters()

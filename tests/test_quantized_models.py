@@ -10,10 +10,10 @@ import onnx
 import pytest
 from conftest import HIDDEN, LAYERS, TIED, VOCAB
 
-from edgepipe.quantize import plan_from_onnx, scheme_from_target
+from edgepipe.quantize.allocate_stage import built_plan
 from edgepipe.runtime.evaluate import log_softmax
 from edgepipe.runtime.model import CausalLM
-from edgepipe.targets import Quantization
+from edgepipe.targets import Quantization, load_target
 
 BITS = {"raspberrypi5": 4, "x86-avx512": 8}
 # the Pi profiles' table is int4, its bytes spent on 8-bit matrices instead (benchmarks/RESULTS.md)
@@ -75,15 +75,15 @@ def test_quantized_graph(zoo, arch, target):
     assert cfg.bits == bits and cfg.embedding_bits == EMBEDDING_BITS[target]
     # each MatMulNBits has the bits the profile plans for its weight (8-bit ops / layers included)
     by_weight = {n.input[1]: n for n in nbits}
-    plan = plan_from_onnx(f, scheme_from_target(cfg))
+    plan = built_plan(f, load_target(target).quantization, res.manifest.to_dict()["quantization"])  # the allocation, if the profile has a budget
     assert plan.num_layers == LAYERS
     planned = {w.input[1]: plan[w.input[1]].format.bits for w in fp_weights}
     got = {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "bits") for w, b in planned.items()}
     assert got == planned
     heads = [n for n in nbits if "lm_head" in n.input[1]]
     assert len(heads) == 1 and attr(heads[0], "bits") == cfg.embedding_bits
-    # the Pi profiles' 8-bit list names layers of the 30-layer default model; on this 2-layer model it
-    # puts 8 of the 10 body matrices in 8 bits (what is left at 4: layer 0 qkv / o and the int4 table)
+    # the Pi profiles' size budget (6.12 bits/weight) is allocated per matrix: part of the body goes to
+    # 8 bits, the rest and the int4 table stay at the profile's bits
     assert sum(b == bits for b in got.values()) >= 3, "some of the model should be at the profile's bits"
     eight_block = cfg.eight_bit_block_size or cfg.block_size
     assert all(attr(n, "block_size") == (eight_block if attr(n, "bits") == 8 else cfg.block_size) for n in nbits if n is not heads[0])

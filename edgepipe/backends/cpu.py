@@ -28,7 +28,8 @@ class CpuBackend:
         from edgepipe.models import resolve_model
         from edgepipe.optimize.stage import OptimizeConfig, run_optimize
         from edgepipe.package import tool_versions
-        from edgepipe.quantize import scheme_from_target
+        from edgepipe.quantize import plan_from_onnx, scheme_from_target
+        from edgepipe.quantize.allocate_stage import preflight_budget, run_allocation
         from edgepipe.quantize.stage import QuantizeConfig, run_quantize
         from edgepipe.runtime.threads import resolve_threads
         from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
@@ -44,6 +45,7 @@ class CpuBackend:
         progress(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters")
         est = _check_fits(info, tgt)
         check_weights(info)  # every tensor the config implies, of its shape: nothing for transformers to invent
+        preflight_budget(info, tgt.quantization)  # an unreachable size budget: exit 2 before any export
         versions = tool_versions()
         ctx = StageContext(progress=progress, threads=resolve_threads(0, tgt.runtime.threads))
         timings: dict[str, float] = {}
@@ -56,9 +58,17 @@ class CpuBackend:
         tok = fp32.model_dir / "tokenizer.json"
         calib_windows = token_windows(tok, calib, CALIB_WINDOWS, "calibration")
         eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
-        qcfg = QuantizeConfig(fp32.key, scheme_from_target(tgt.quantization), key_of({"t": calib.text}))
-        quant = run_quantize(fp32, qcfg, calib_windows, ctx, num_parameters=info.num_parameters, model_config=info.config)
+        calib_key = key_of({"t": calib.text})
+        alloc = run_allocation(fp32, tgt.quantization, info, calib_windows, calib_key, ctx)
+        if alloc is not None:  # sensitivity + allocation: what a size budget adds to the build
+            timings["allocate_s"] = round(time.time() - t0, 2)
+            t0 = time.time()
+        scheme = scheme_from_target(tgt.quantization)
+        plan = alloc.plan if alloc else plan_from_onnx(fp32.model_dir / "model.onnx", scheme)
+        quant = run_quantize(fp32, QuantizeConfig(fp32.key, scheme, calib_key, plan if alloc else None), calib_windows, ctx,
+                             num_parameters=info.num_parameters, model_config=info.config)
         timings["quantize_s"] = round(time.time() - t0, 2)
+        quant_info = {**quant.info, "matrix_formats": plan.labels(), **({"allocation": alloc.to_dict()} if alloc else {})}
 
         opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key), ctx)
 
@@ -79,7 +89,7 @@ class CpuBackend:
             },
             target=tgt.to_dict(),
             provenance={
-                "quantization": quant.info, "optimize": opt.info,
+                "quantization": quant_info, "optimize": opt.info,
                 "eval": {
                     "source": evalt.source, "windows": len(eval_windows), "window_tokens": len(eval_windows[0]),
                     "scored_from_position": score_from,
@@ -128,6 +138,7 @@ def _package(
 
     from edgepipe.cache import dir_size, disk_full
     from edgepipe.package import copy_files, now_utc, publish, staged, write_manifest
+    from edgepipe.package.plots import FORMAT_MAP, format_map
     from edgepipe.package.report import render_report
     from edgepipe.validate import Measured, check_budgets, failed
     from edgepipe.validate.throughput import bench_subprocess
@@ -156,7 +167,8 @@ def _package(
                 base, metrics={**metrics, "timings": timings}, budgets=tuple(checks),
                 verdict="fail" if names else "pass", failed_budgets=tuple(names),
             )
-            (staging / "report.md").write_text(render_report(manifest.to_dict()), encoding="utf-8")
+            drawn = format_map(manifest.provenance.get("quantization", {}).get("matrix_formats", {}), staging / FORMAT_MAP)
+            (staging / "report.md").write_text(render_report(manifest.to_dict(), (FORMAT_MAP,) if drawn else ()), encoding="utf-8")
             manifest = write_manifest(staging, manifest)
             publish(staging, out)
     except OSError as e:

@@ -21,7 +21,29 @@ def budget_table(budgets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_report(m: dict[str, Any]) -> str:
+def formats_section(q: dict[str, Any], figure: str | None) -> list[str]:
+    """Which format each matrix got: the allocation's budget and predicted loss, the counts, the map."""
+    alloc = q.get("allocation")
+    lines = ["## Weight formats", ""]
+    if alloc:
+        b = alloc["budget"]
+        budget = f"{b['bits_per_weight']} bits/weight" if b.get("bits_per_weight") is not None else f"{b['max_mb']} MiB"
+        lines.append(
+            f"Allocated for a size budget of {budget}: {alloc['bytes']} of {alloc['budget_bytes']} bytes of matrices "
+            f"({alloc['bits_per_weight']} bits/weight), predicted loss {_fmt(alloc['predicted_loss'], 5)} ({alloc['proxy']})."
+        )
+        lines.append("")
+    counts: dict[str, int] = {}
+    for label in q.get("matrix_formats", {}).values():
+        counts[label] = counts.get(label, 0) + 1
+    lines.append(", ".join(f"{n} x {label}" for label, n in sorted(counts.items())))
+    lines.append("")
+    if figure:
+        lines += [f"![weight format per matrix]({figure})", ""]
+    return lines
+
+
+def render_report(m: dict[str, Any], figures: tuple[str, ...] = ()) -> str:
     src, tgt, met = m["source_model"], m["target"], m["metrics"]
     cpu = tgt.get("cpu") or {}
     acc, thr = met.get("accuracy", {}), met.get("throughput", {})
@@ -105,6 +127,8 @@ def render_report(m: dict[str, Any]) -> str:
             if k in dt:
                 lines.append(f"- {k}: {_fmt(dt[k], 2)} (measured on the device)")
         lines.append("")
+    if q.get("matrix_formats"):
+        lines += formats_section(q, next(iter(figures), None))
     t = met.get("timings", {})
     lines += ["## Build", "", ", ".join(f"{k} {v}" for k, v in t.items()), ""]
     return "\n".join(lines)

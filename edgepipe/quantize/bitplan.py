@@ -127,6 +127,10 @@ class BitPlan:
     def formats(self) -> dict[str, Format]:
         return {e.matrix.name: e.format for e in self.entries}
 
+    def labels(self) -> dict[str, str]:
+        """Matrix -> format label ("int4/b32/asym"): the manifest's ``matrix_formats``."""
+        return {e.matrix.name: e.format.label for e in self.entries}
+
     def replace(self, configs: Mapping[str, WeightOnlyConfig | None]) -> BitPlan:
         """This plan with the named matrices' configs replaced. A tied table whose block does not divide its
         rows keeps an fp32 copy for the lookup (:meth:`bytes` counts it)."""

@@ -11,13 +11,15 @@ embedding / lm_head table. Which matrix ends up with which config is the :class:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from edgepipe.errors import InputError
 
 __all__ = [
-    "BLOCK_SIZES", "FP32", "Format", "Gptq", "Imatrix", "MixedPrecision", "Mse", "Rtn", "WeightOnlyConfig", "as_scheme", "layer_matches", "scheme_from_target",
+    "BLOCK_SIZES", "FP32", "Format", "Gptq", "Imatrix", "MixedPrecision", "Mse", "Rtn", "WeightOnlyConfig",
+    "allowed_formats", "as_scheme", "config_for_format", "layer_matches", "scheme_from_target",
 ]
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits / GatherBlockQuantized accept (powers of two >= 16)
@@ -65,8 +67,20 @@ class Format:
             return "fp32"
         return f"int{self.bits}/b{self.block_size}/{'sym' if self.symmetric else 'asym'}"
 
+    @classmethod
+    def parse(cls, label: str) -> Format:
+        """The inverse of :attr:`label` ("int4/b32/asym", "int8/b64/sym", "fp32"): how a profile names
+        the formats its size allocator may choose between."""
+        m = _LABEL_RE.fullmatch(label.strip()) if isinstance(label, str) else None
+        if m is None:
+            raise InputError(f"weight format {label!r} is not int4/bBLOCK/sym|asym, int8/bBLOCK/sym|asym or fp32 (e.g. int4/b32/asym)")
+        if m.group(0) == "fp32":
+            return FP32
+        return cls(int(m.group("bits")), int(m.group("block")), m.group("sym") == "sym")
+
 
 FP32 = Format(32)
+_LABEL_RE = re.compile(r"fp32|int(?P<bits>[48])/b(?P<block>\d{1,4})/(?P<sym>sym|asym)")
 
 
 @dataclass(frozen=True)
@@ -226,6 +240,10 @@ class MixedPrecision:
             return self.eight_bit
         return self.default
 
+    def names_eight_bit(self, name: str, layer: int | None, num_layers: int) -> bool:
+        """Whether ``eight_bit_layers`` / ``eight_bit_ops`` name this matrix (an allocator leaves it at 8 bits)."""
+        return self._names_eight_bit(name, layer, num_layers)
+
     def _names_eight_bit(self, name: str, layer: int | None, num_layers: int) -> bool:
         if layer is not None and any(layer_matches(s, layer, num_layers) for s in self.eight_bit_layers):
             return True
@@ -263,6 +281,9 @@ class MixedPrecision:
             "eight_bit_layers": list(self.eight_bit_layers),
             "eight_bit_ops": list(self.eight_bit_ops),
             "eight_bit_block_size": self.eight_bit.block_size if self.eight_bit else None,
+            # an 8-bit config without rules is a size allocator's choice: the formats it chose between
+            "formats": [c.format.label for c in (self.default, self.eight_bit) if c is not None]
+            if self.eight_bit and not (self.eight_bit_layers or self.eight_bit_ops) else [],
         }
 
 
@@ -295,7 +316,8 @@ def scheme_from_target(q: Any) -> MixedPrecision:
             return eight.with_block(block_size)
         return four_bit(bits=4, block_size=block_size, symmetric=q.symmetric, accuracy_level=q.accuracy_level)
 
-    rules = bool(q.eight_bit_layers or q.eight_bit_ops)
+    # a size budget's allocator may choose 8 bits for any matrix: the scheme carries the 8-bit config then too
+    rules = bool(q.eight_bit_layers or q.eight_bit_ops or q.formats) or q.bits_per_weight is not None or q.max_mb is not None
     return MixedPrecision(
         default=at(q.bits, eight.block_size if q.bits == 8 else q.block_size),
         table=at(q.embedding_bits, q.embedding_block_size or q.block_size),
@@ -303,3 +325,29 @@ def scheme_from_target(q: Any) -> MixedPrecision:
         eight_bit_layers=tuple(q.eight_bit_layers),
         eight_bit_ops=tuple(q.eight_bit_ops),
     )
+
+
+def config_for_format(fmt: Format, q: Any) -> WeightOnlyConfig | None:
+    """The config that stores a matrix in ``fmt`` under a profile's ``quantization`` section ``q``: 4-bit
+    matrices with the profile's algorithm, 8-bit ones rounded to nearest (as :func:`scheme_from_target`
+    does), fp32 as None. What the size allocator turns its chosen formats into."""
+    if fmt.bits == 32:
+        return None
+    if fmt.bits == 8:
+        return Rtn(bits=8, block_size=fmt.block_size, symmetric=fmt.symmetric, accuracy_level=q.accuracy_level)
+    try:
+        four_bit = ALGORITHMS[q.algorithm]
+    except KeyError:
+        raise InputError(f"unknown quantization algorithm {q.algorithm!r}; use one of {', '.join(ALGORITHMS)}") from None
+    return four_bit(bits=4, block_size=fmt.block_size, symmetric=fmt.symmetric, accuracy_level=q.accuracy_level)
+
+
+def allowed_formats(q: Any) -> tuple[Format, ...]:
+    """The formats a profile's size allocator chooses between: its ``formats``, or else its 4-bit
+    format and its 8-bit one (``eight_bit_block_size``), cheapest first."""
+    if q.formats:
+        fmts = {Format.parse(label) for label in q.formats}
+    else:
+        eight = Format(8, q.eight_bit_block_size or q.block_size, q.symmetric)
+        fmts = {eight} if q.bits == 8 else {Format(4, q.block_size, q.symmetric), eight}
+    return tuple(sorted(fmts, key=lambda f: (f.bits_per_weight, f.label)))

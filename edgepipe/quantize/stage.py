@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.export.stage import ExportResult
-from edgepipe.quantize import MixedPrecision, plan_from_onnx
+from edgepipe.quantize import BitPlan, MixedPrecision, plan_from_onnx
 from edgepipe.stage import StageContext, run_cached
 
 
@@ -27,6 +27,7 @@ class QuantizeConfig:
     export_key: str
     scheme: MixedPrecision
     calib_key: str  # hash of the calibration text
+    plan: BitPlan | None = None  # an allocated plan (edgepipe.quantize.allocate): every matrix's config; None: the scheme's
 
 
 @dataclass(frozen=True)
@@ -58,29 +59,34 @@ def run_quantize(
     model_config: dict[str, Any],
 ) -> QuantizeResult:
     scheme = config.scheme
+    target: BitPlan | MixedPrecision = config.plan if config.plan is not None else scheme
 
     def produce(tmp: Path) -> dict[str, Any]:
         from edgepipe.quantize import quantize
         from edgepipe.quantize.calibrate import collect_importance
 
         importance = None
-        if scheme.needs_calibration:
+        if scheme.needs_calibration or (config.plan is not None and any(e.config is not None and e.config.needs_calibration for e in config.plan)):
             ctx.progress("calibrating: activation statistics on the calibration text")
             # Hessians go to disk and come back one at a time: 12 GB of them for a 2.5B model
             importance = collect_importance(
                 source.model_dir, calib_windows, threads=ctx.threads,
-                hessians=plan_from_onnx(source.model_dir / "model.onnx", scheme).hessian_weights(), store=tmp / "hessians",
+                hessians=_plan(target, source).hessian_weights(), store=tmp / "hessians",
                 progress=ctx.progress,
             )
         try:
-            return quantize(source.model_dir, tmp / "model", scheme, importance=importance, progress=ctx.progress)
+            return quantize(source.model_dir, tmp / "model", target, importance=importance, progress=ctx.progress)
         finally:
             del importance
             shutil.rmtree(tmp / "hessians", ignore_errors=True)
 
-    extra = hessian_bytes(model_config) if scheme.needs_hessian else 0
+    extra = hessian_bytes(model_config) if scheme.needs_hessian or (config.plan is not None and config.plan.hessian_weights()) else 0
     out = run_cached(
         "quantize", config, produce, ctx,
         need_bytes=int(num_parameters * 1.5) + extra, need_ram_bytes=int(num_parameters * 1.2) + (3 << 30),
     )
     return QuantizeResult(model_dir=out.dir / "model", key=out.key, info=out.info)
+
+
+def _plan(target: BitPlan | MixedPrecision, source: ExportResult) -> BitPlan:
+    return target if isinstance(target, BitPlan) else plan_from_onnx(source.model_dir / "model.onnx", target)

@@ -121,12 +121,35 @@ def parse_target(data: Any, source: str = "target") -> Target:
         v = getattr(q, key)
         if v is not None and v not in (16, 32, 64, 128, 256):
             raise TargetError(f"{source}.quantization.{key} is {v}; use 16, 32, 64, 128 or 256")
+    _check_size_budget(q, source)
     qnn = target.runtime.execution_provider == "QNNExecutionProvider"
     if target.npu is not None and not qnn:
         raise TargetError(f"{source}: a profile with an npu section needs runtime.execution_provider: QNNExecutionProvider")
     if qnn and target.npu is None:
         raise TargetError(f"{source}: runtime.execution_provider QNNExecutionProvider needs an npu section (htp_arch, ...); add one")
     return target
+
+
+def _check_size_budget(q: Any, source: str) -> None:
+    """What a size budget needs that no model changes: parseable formats, one budget, and bits per weight
+    that at least the cheapest allowed format stores (the build checks the model's own smallest size)."""
+    from edgepipe.errors import InputError
+    from edgepipe.quantize.configs import allowed_formats
+
+    where = f"{source}.quantization"
+    try:
+        fmts = allowed_formats(q)
+    except InputError as e:
+        raise TargetError(f"{where}.formats: {e}") from None
+    if q.bits_per_weight is not None and q.max_mb is not None:
+        raise TargetError(f"{where}: give one size budget, bits_per_weight or max_mb, not both")
+    if q.formats and q.bits_per_weight is None and q.max_mb is None:
+        raise TargetError(f"{where}.formats needs a size budget (bits_per_weight or max_mb) to choose between them")
+    if q.bits_per_weight is not None and q.bits_per_weight < fmts[0].bits_per_weight:
+        raise TargetError(
+            f"{where}.bits_per_weight {q.bits_per_weight} cannot be met: the smallest reachable is "
+            f"{fmts[0].bits_per_weight:.3f} bits/weight ({fmts[0].label} everywhere)"
+        )
 
 
 def targets_dir() -> Path:

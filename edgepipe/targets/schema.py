@@ -26,7 +26,13 @@ class Cpu:
 @dataclasses.dataclass(frozen=True)
 class Quantization:
     """How weights are stored. ``bits`` applies to every transformer MatMul except the
-    layers named in ``eight_bit_layers``; the tied embedding / lm_head table has its own bits."""
+    layers named in ``eight_bit_layers``; the tied embedding / lm_head table has its own bits.
+
+    A size budget -- ``bits_per_weight`` (mean stored bits over every quantized matrix, the table
+    included) or ``max_mb`` (the artifact, MiB) -- lets the build choose each matrix's format among
+    ``formats`` from its measured sensitivity (``edgepipe.quantize.allocate``), so a profile never
+    names one model's layers; ``eight_bit_ops`` / ``eight_bit_layers`` then pin matrices to 8 bits.
+    """
 
     bits: Literal[4, 8, 32] = 4
     block_size: int = 32
@@ -38,6 +44,9 @@ class Quantization:
     eight_bit_layers: tuple[str, ...] = ()  # whole layers: "first", "last", "3", "0-3"
     eight_bit_ops: tuple[str, ...] = ()  # "down_proj" everywhere, or "down_proj@0-3,26-29" in those layers
     eight_bit_block_size: int | None = None  # block of the 8-bit matrices (default: block_size)
+    formats: tuple[str, ...] = ()  # what the allocator may choose: "int4/b32/asym", "int8/b64/asym" (default: bits and 8-bit blocks above)
+    bits_per_weight: float | None = None  # size budget: mean stored bits per quantized weight
+    max_mb: float | None = None  # size budget: the artifact in MiB (one of the two)
 
 
 @dataclasses.dataclass(frozen=True)

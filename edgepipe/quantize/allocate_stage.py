@@ -1,0 +1,128 @@
+"""The stages between calibration and quantize when a profile states a size budget.
+
+``sensitivity`` (cached by the export, the calibration text and the allowed formats, so every budget
+of a search shares it): one fp32 pass over the calibration text for each input channel's mean square,
+then the proxy for every matrix in every allowed format. ``allocate`` (cached by that and the budget):
+the format of each matrix, within the budget exactly in bytes. :func:`preflight_budget` refuses an
+unreachable budget from ``config.json`` alone, before any export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.export.stage import ExportResult
+from edgepipe.quantize.allocate import Allocation, Budget, allocate, check_reachable, graph_bytes, options_for, plan_from_labels
+from edgepipe.quantize.bitplan import BitPlan
+from edgepipe.quantize.configs import allowed_formats, scheme_from_target
+from edgepipe.quantize.sensitivity import Sensitivity
+from edgepipe.stage import StageContext, run_cached
+
+__all__ = ["AllocateConfig", "SensitivityConfig", "built_plan", "other_bytes", "preflight_budget", "run_allocation"]
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    VERSION = 1
+
+    export_key: str
+    calib_key: str
+    formats: tuple[str, ...]  # the allowed formats' labels
+    algorithm: str  # the 4-bit algorithm (the options' configs; the proxy itself rounds to nearest)
+
+
+@dataclass(frozen=True)
+class AllocateConfig:
+    VERSION = 1
+
+    sensitivity_key: str
+    plan: BitPlan  # the scheme's plan (pinned matrices included) the allocation edits
+    budget: Budget
+    budget_bytes: int
+
+
+def other_bytes(info: Any, plan: BitPlan) -> int:
+    """The artifact's bytes besides the quantized matrices: fp32 parameters, rotary caches, the graph."""
+    from edgepipe.quantize.architectures import dimensions
+
+    d = dimensions(info.config)
+    fp32 = max(info.num_parameters - plan.parameters(), 0) * 4
+    rope = int(info.config.get("max_position_embeddings", 4096)) * d["head_dim"] * 4
+    return fp32 + rope + graph_bytes(plan.num_layers)
+
+
+def _pinned(plan: BitPlan) -> frozenset[str]:
+    """Matrices the profile's expert rules (eight_bit_ops / eight_bit_layers) put in 8 bits."""
+    s = plan.scheme
+    return frozenset(
+        e.matrix.name for e in plan if s.eight_bit is not None and not e.matrix.is_table and s.names_eight_bit(e.matrix.name, e.matrix.layer, plan.num_layers)
+    )
+
+
+def preflight_budget(info: Any, q: Any) -> None:
+    """Raise TargetError (exit 2) when the profile's budget is below the smallest size this model
+    reaches with the allowed formats, from ``config.json`` alone (the plan ``estimate`` makes)."""
+    from edgepipe.quantize.architectures import plan_from_config
+
+    budget = Budget.of(q)
+    if budget is None:
+        return
+    plan = plan_from_config(info.config, scheme_from_target(q))
+    other = other_bytes(info, plan)
+    options = options_for(plan, allowed_formats(q), q, _pinned(plan))
+    check_reachable(plan, options, budget, budget.matrix_bytes(plan.parameters(), other), other)
+
+
+def run_allocation(
+    source: ExportResult, q: Any, info: Any, calib_windows: list[np.ndarray], calib_key: str, ctx: StageContext,
+) -> Allocation | None:
+    """The allocated plan for the profile's budget (None without one): sensitivity, then allocation."""
+    from edgepipe.quantize.bitplan import plan_from_onnx
+
+    budget = Budget.of(q)
+    if budget is None:
+        return None
+    plan = plan_from_onnx(source.model_dir / "model.onnx", scheme_from_target(q))
+    formats = allowed_formats(q)
+    options = options_for(plan, formats, q, _pinned(plan))
+    scfg = SensitivityConfig(source.key, calib_key, tuple(f.label for f in formats), q.algorithm)
+
+    def measure(tmp: Path) -> dict[str, Any]:
+        from edgepipe.quantize.calibrate import collect_importance
+        from edgepipe.quantize.sensitivity import measure_sensitivity
+
+        ctx.progress("sensitivity: activation statistics on the calibration text")
+        importance = collect_importance(source.model_dir, calib_windows, threads=ctx.threads, progress=ctx.progress)
+        sens = measure_sensitivity(source.model_dir, options_for(plan, formats, q), importance, ctx.progress)
+        sens.write(tmp / "sensitivity.json")
+        return {"proxy": sens.proxy, "matrices": len(sens.losses)}
+
+    sens_out = run_cached("sensitivity", scfg, measure, ctx)
+    sens = Sensitivity.read(sens_out.dir / "sensitivity.json")
+    budget_bytes = budget.matrix_bytes(plan.parameters(), other_bytes(info, plan))
+    acfg = AllocateConfig(sens_out.key, plan, budget, budget_bytes)
+
+    def choose(tmp: Path) -> dict[str, Any]:
+        alloc = allocate(plan, options, sens.losses, budget, budget_bytes, sens.proxy)
+        (tmp / "allocation.json").write_text(json.dumps({**alloc.to_dict(), "matrices": alloc.plan.labels()}, indent=0, sort_keys=True), encoding="utf-8")
+        return {"bytes": alloc.plan.bytes(), "predicted_loss": alloc.predicted_loss}
+
+    out = run_cached("allocate", acfg, choose, ctx)
+    record = json.loads((out.dir / "allocation.json").read_text(encoding="utf-8"))
+    allocated = plan_from_labels(plan, record["matrices"], q)
+    ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}")
+    return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"])
+
+
+def built_plan(model: Any, q: Any, quantization: dict[str, Any]) -> BitPlan:
+    """The plan a build wrote, from the fp32 export (``model``: its model.onnx or a ModelProto), the
+    profile's ``quantization`` section and the manifest's ``quantization`` record (its allocation)."""
+    from edgepipe.quantize.bitplan import plan_from_onnx
+
+    plan = plan_from_onnx(model, scheme_from_target(q))
+    return plan_from_labels(plan, quantization["matrix_formats"], q) if quantization.get("allocation") else plan

@@ -1,0 +1,94 @@
+"""How much each matrix's quantization costs, predicted from calibration statistics: what the size
+allocator (:mod:`edgepipe.quantize.allocate`) minimises.
+
+The proxy, ``relative-output-error``: for a matrix W [K, N] whose input channel k carries the mean
+square activation a_k on the calibration text (the diagonal :func:`collect_importance` measures, llama.cpp's
+imatrix), storing it in a format with error dW adds to its output an error of expected square
+sum_k a_k |dW_k|^2 (input channels taken as uncorrelated). That is divided by the output's own
+sum_k a_k |W_k|^2: the noise-to-signal ratio the matrix adds. Why relative and not absolute: the
+absolute Hessian-weighted error (benchmarks/RESULTS.md, "Hessian greedy") ranked the last layers'
+o_proj / down_proj first because the residual stream grows ~100x with depth, while each next norm
+divides that growth out; it lost to the measured KL ranking.
+
+dW is round-to-nearest's in every format (one cheap pass per format, no Hessian), not the final
+algorithm's: the proxy ranks matrices and formats, it does not predict the artifact's error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.quantize.configs import WeightOnlyConfig
+
+__all__ = ["PROXY", "Sensitivity", "matrix_losses", "measure_sensitivity"]
+
+logger = logging.getLogger(__name__)
+
+PROXY = "relative-output-error"
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Per matrix, per format label: the predicted loss of storing it so (``proxy`` names how)."""
+
+    proxy: str
+    losses: Mapping[str, Mapping[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"proxy": self.proxy, "losses": {n: dict(v) for n, v in self.losses.items()}}
+
+    @classmethod
+    def read(cls, path: Path) -> Sensitivity:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(data["proxy"], data["losses"])
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=0, sort_keys=True), encoding="utf-8")
+
+
+def matrix_losses(w: np.ndarray, importance: np.ndarray | None, configs: tuple[WeightOnlyConfig | None, ...]) -> dict[str, float]:
+    """The proxy for one weight ``w`` [K, N] in each of ``configs`` (None: fp32, no loss)."""
+    from edgepipe.quantize.blockwise import quantize_matrix
+
+    w = np.asarray(w, dtype=np.float32)
+    a = np.ones(w.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
+    signal = float(a @ np.square(w, dtype=np.float64).sum(1)) or 1.0
+    out = {}
+    for cfg in configs:
+        if cfg is None:
+            out["fp32"] = 0.0
+            continue
+        qb = quantize_matrix(w, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, algorithm="rtn")
+        err = np.square(w - qb.dequantize(), dtype=np.float64).sum(1)
+        out[cfg.format.label] = float(a @ err) / signal
+    return out
+
+
+def measure_sensitivity(
+    model_dir: Path,
+    options: Mapping[str, tuple[WeightOnlyConfig | None, ...]],
+    importance: Mapping[str, np.ndarray] | None,
+    progress: Callable[[str], None] | None = None,
+) -> Sensitivity:
+    """The proxy for every matrix of the fp32 export in ``model_dir`` with more than one option, each
+    weight read from the external data on its own (a 2.5B model never sits in RAM whole)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    losses: dict[str, dict[str, float]] = {}
+    todo = [n for n, cfgs in options.items() if len(cfgs) > 1]
+    for i, name in enumerate(todo):
+        w = numpy_helper.to_array(inits[name], base_dir=str(model_dir))
+        losses[name] = matrix_losses(w, (importance or {}).get(name), options[name])
+        if progress and (i + 1) % 25 == 0:
+            progress(f"sensitivity: {i + 1}/{len(todo)} matrices")
+    return Sensitivity(PROXY, losses)
