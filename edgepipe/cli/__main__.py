@@ -1,0 +1,5 @@
+"""``python -m edgepipe.cli``."""
+
+from edgepipe.cli import main
+
+main()
