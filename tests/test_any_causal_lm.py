@@ -199,9 +199,9 @@ def _fp32_matches_pytorch(artifact: Path, model_dir: Path, zoo) -> None:
         assert export["max_abs_diff_vs_pytorch"] < 1e-4
         return
     import torch
+    from conftest import find_export
     from transformers import AutoModelForCausalLM
 
-    from conftest import find_export
     from edgepipe.runtime.model import CausalLM
 
     ids = zoo.eval_ids(16)
