@@ -14,7 +14,6 @@ what to do).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,7 +73,7 @@ class Preflight:
 
     def raise_if_refused(self) -> None:
         if self.path == REFUSED:
-            raise ModelError(f"{self.architecture}: {self.reason}; {self.fix}")
+            raise ModelError(f"architecture {self.architecture} is not supported: {self.reason}; {self.fix}")
 
 
 def _int(config: dict[str, Any], *keys: str, default: int = 0) -> int:
@@ -101,19 +100,18 @@ def _rope_type(config: dict[str, Any]) -> str | None:
     return "/".join(types) + " (per layer type)" if types else None
 
 
+class _AnyArchitecture:
+    """Every architecture name: the preflight's rules, not a list, decide which ones build."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 def read_config(model_dir: Path | str) -> dict[str, Any]:
-    """``config.json`` of a folder, as a dict; one-line errors for a missing or broken file."""
-    path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
-        raise ModelError(f"model folder {model_dir} does not exist; pass a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{model_dir} has no config.json; it is not a Hugging Face model folder (save it with save_pretrained)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{path} is not valid JSON ({type(e).__name__}); re-save the model's config") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path} must hold a JSON object; re-save the model's config")
+    """``config.json`` of a folder, its shape fields checked (inspect's checks and messages)."""
+    from edgepipe.export.inspect import _read_config
+
+    config, _ = _read_config(Path(model_dir), _AnyArchitecture())  # type: ignore[arg-type]
     return config
 
 
@@ -173,7 +171,8 @@ Rule = tuple[str, Callable[[dict[str, Any]], bool], str, str, str]
 RULES: tuple[Rule, ...] = (
     ("not-causal-lm", lambda f: not f["architecture"].endswith(("ForCausalLM", "LMHeadModel")), REFUSED,
      "not a causal language model (edgepipe builds text generators from ...ForCausalLM checkpoints)",
-     "pass a decoder-only language model folder"),
+     "pass a decoder-only language model folder (LlamaForCausalLM, GraniteForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, "
+     "GPT2LMHeadModel or any other ...ForCausalLM transformers ships)"),
     ("no-shapes", lambda f: f["layers"] <= 0 or f["vocab"] <= 0, REFUSED,
      "config.json gives no number of layers or vocabulary size", "fix the config (num_hidden_layers, vocab_size)"),
     ("vocab-wide-projection", lambda f: _builder_arch(f["architecture"]) and _vocab_wide(f) is not None, GENERIC,
