@@ -160,6 +160,12 @@ def max_logit_diff(wrapper: Any, config: Any, num_layers: int, model_dir: Path) 
     return worst
 
 
+def _is_moe(model_dir: Path) -> bool:
+    from edgepipe.export.preflight import preflight
+
+    return preflight(model_dir).experts > 0
+
+
 def export_generic(model_dir: Path, out_dir: Path, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export ``model_dir`` (any causal LM transformers loads) into ``out_dir``; return what ran."""
     import torch
@@ -168,7 +174,12 @@ def export_generic(model_dir: Path, out_dir: Path, *, progress: Callable[[str], 
     out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
         progress(f"exporting fp32 ONNX with {EXPORTER} (generic path)")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    extra = {}
+    if _is_moe(model_dir):
+        # the default experts loop picks experts with nonzero() (a data-dependent shape torch.export
+        # cannot trace); batched_mm gathers each token's experts' weights: one static graph
+        extra["experts_implementation"] = "batched_mm"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager", **extra).eval()
     config = model.config
     num_layers = int(config.num_hidden_layers)
     wrapper = _wrapper(model, num_layers)
