@@ -12,8 +12,10 @@ parameter per token at the target's sustained int8 GOP/s.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from edgepipe.export.preflight import BUILDER, REFUSED, Preflight, expert_parameters, generic_matrices
 from edgepipe.targets import Target
 
 RUNTIME_BASE_MB = 90.0  # python + numpy + onnxruntime + tokenizers, measured on the host
@@ -34,34 +36,57 @@ class ArtifactSize:
         return self.matrices + self.fp32 + self.rope
 
 
-def artifact_size(config: dict[str, Any], num_parameters: int, target: Target) -> ArtifactSize:
-    """The artifact's bytes for a model (its ``config.json`` and parameter count) built for ``target``."""
-    from edgepipe.quantize import plan_from_config, scheme_from_target
-    from edgepipe.quantize.allocate import Budget
-    from edgepipe.quantize.architectures import dimensions
+def _plan(config: dict[str, Any], target: Target, pre: Preflight | None) -> Any:
+    """The builder path's plan from config.json's rows; the generic path's from the preflight's facts."""
+    from edgepipe.quantize import BitPlan, plan_from_config, scheme_from_target
+    from edgepipe.quantize.configs import as_scheme
 
-    d = dimensions(config)
-    plan = plan_from_config(config, scheme_from_target(target.quantization))
-    untied_embedding = 0 if plan.tied else d["vocab"] * d["hidden"]  # a Gather of the fp32 table: a row per token
+    scheme = scheme_from_target(target.quantization)
+    if pre is None or pre.path == BUILDER:
+        return plan_from_config(config, scheme)
+    return BitPlan.build(as_scheme(scheme), generic_matrices(pre))
+
+
+def artifact_size(config: dict[str, Any], num_parameters: int, target: Target, pre: Preflight | None = None) -> ArtifactSize:
+    """The artifact's bytes for a model (its ``config.json`` and parameter count) built for ``target``.
+    ``pre``: the preflight's decision (the generic path lists its matrices from it; MoE experts are
+    read ``experts_per_token`` of ``experts`` per decode step)."""
+    from edgepipe.quantize.allocate import Budget
+
+    plan = _plan(config, target, pre)
+    hidden, vocab = (pre.hidden, pre.vocab) if pre else (dimensions(config)["hidden"], dimensions(config)["vocab"])
+    head_dim = pre.head_size if pre else dimensions(config)["head_dim"]
+    untied_embedding = 0 if plan.tied else vocab * hidden  # a Gather of the fp32 table: a row per token
     fp32 = max(num_parameters - plan.parameters(), 0) * 4
-    rope = int(config.get("max_position_embeddings", 4096)) * d["head_dim"] * 4
+    rope = int(config.get("max_position_embeddings", 4096)) * head_dim * 4
+    idle_experts = 0
+    if pre is not None and pre.experts:
+        idle_experts = expert_parameters(pre) * (pre.experts - max(pre.experts_per_token, 1)) // pre.experts * 4
     matrices = plan.bytes()
     budget = Budget.of(target.quantization)
     if budget is not None:  # the allocator fills the budget to within a few kB (edgepipe.quantize.allocate)
         from edgepipe.quantize.allocate import graph_bytes
 
         matrices = max(budget.matrix_bytes(plan.parameters(), fp32 + rope + graph_bytes(plan.num_layers)), 0)
-    per_token = matrices + fp32 - untied_embedding * 4 + d["hidden"] * 4
+    per_token = matrices + fp32 - untied_embedding * 4 + hidden * 4 - idle_experts
     return ArtifactSize(matrices, fp32, rope, per_token)
 
 
-def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dict[str, Any]:
-    from edgepipe.quantize import scheme_from_target
-    from edgepipe.quantize.architectures import dimensions
+def dimensions(config: dict[str, Any]) -> dict[str, int]:
+    from edgepipe.quantize.architectures import dimensions as dims
 
-    d = dimensions(config)
+    return dims(config)
+
+
+def estimate(config: dict[str, Any], num_parameters: int, target: Target, pre: Preflight | None = None) -> dict[str, Any]:
+    from edgepipe.quantize import scheme_from_target
+
+    if pre is not None:
+        d = {"vocab": pre.vocab, "hidden": pre.hidden, "layers": pre.layers, "kv_heads": pre.kv_heads, "head_dim": pre.head_size}
+    else:
+        d = dimensions(config)
     vocab, hidden = d["vocab"], d["hidden"]
-    sized = artifact_size(config, num_parameters, target)
+    sized = artifact_size(config, num_parameters, target, pre)
     size = sized.total
     ctx = target.runtime.context_length
     kv_bytes = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * ctx * 4
@@ -70,7 +95,9 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dic
     peak_ram = size + kv_bytes + transient + RUNTIME_BASE_MB * 2**20
     decode = target.cpu.mem_bandwidth_gbps * 1e9 / sized.per_token
     table = vocab * hidden
-    prefill = target.cpu.gops * 1e9 / (2 * max(num_parameters - table, 1) + 2 * table)
+    active = num_parameters - (expert_parameters(pre) * (pre.experts - max(pre.experts_per_token, 1)) // pre.experts
+                               if pre is not None and pre.experts else 0)
+    prefill = target.cpu.gops * 1e9 / (2 * max(active - table, 1) + 2 * table)
     budget = target.budgets.max_ram_mb or target.cpu.ram_gb * 1024
     default = scheme_from_target(target.quantization).default
     return {
@@ -86,5 +113,26 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target) -> dic
     }
 
 
-def estimate_for(info: Any, target: Target) -> dict[str, Any]:
-    return estimate(info.config, info.num_parameters, target)
+def estimate_for(info: Any, target: Target, pre: Preflight | None = None) -> dict[str, Any]:
+    out = estimate(info.config, info.num_parameters, target, pre)
+    if pre is not None:
+        out["export_path"] = pre.path
+        out["export_reason"] = pre.reason
+    return out
+
+
+def estimate_model(model: Path | str, target: Target) -> dict[str, Any]:
+    """``edgepipe estimate``: the preflight, the folder's checks, then the numbers. A model whose
+    build the preflight refuses still gets its numbers (and the refusal in ``export_path``)."""
+    from edgepipe.export import inspect_model
+    from edgepipe.export.preflight import preflight
+
+    pre = preflight(model)
+    if pre.path == REFUSED and pre.rule != "moe":
+        pre.raise_if_refused()
+    info = inspect_model(model, supported={pre.architecture: pre.path})
+    out = estimate_for(info, target, pre)
+    if pre.path == REFUSED:
+        out["fits"] = False
+        out["refused"] = f"{pre.reason}; {pre.fix}"
+    return out

@@ -105,11 +105,18 @@ def model_config(arch: str, vocab: int, bos: int, eos: int):
 
 def make_model(arch: str, tokenizer_dir: Path, out: Path, *, steps: int = TRAIN_STEPS, seed: int = 0) -> Path:
     """Seeded tiny model of ``arch``, trained ``steps`` Adam steps on calib.txt, saved with its tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    return train_and_save(model_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id), tokenizer_dir, out, steps=steps, seed=seed)
+
+
+def train_and_save(cfg: Any, tokenizer_dir: Path, out: Path, *, steps: int = TRAIN_STEPS, seed: int = 0) -> Path:
+    """A seeded model of the transformers config ``cfg``, trained ``steps`` Adam steps on calib.txt, saved with its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    cfg = model_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and cheap on a shared 2-core machine
     try:

@@ -83,12 +83,13 @@ def test_corrupt_config(model_copy, tmp_path):
 
 
 def test_unsupported_architecture(zoo, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    # GPT-2 builds since issue 15 (the generic export path); an encoder (no causal LM head) is refused
+    from transformers import BertConfig, BertModel
 
-    folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=384, n_positions=64)).save_pretrained(folder)
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=384)).save_pretrained(folder)
     shutil.copy(zoo.tokenizer / "tokenizer.json", folder)
-    msg = build_fails(tmp_path, "--model", folder, needles=("GPT2LMHeadModel", "not supported"))
+    msg = build_fails(tmp_path, "--model", folder, needles=("BertModel", "not supported"))
     for arch in ("LlamaForCausalLM", "GraniteForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
         assert arch in msg
 

@@ -24,6 +24,7 @@ class CpuBackend:
         from edgepipe.cache import key_of
         from edgepipe.export import inspect_model
         from edgepipe.export.inspect import check_weights
+        from edgepipe.export.preflight import preflight
         from edgepipe.export.stage import ExportConfig, run_export
         from edgepipe.models import resolve_model
         from edgepipe.optimize.stage import OptimizeConfig, run_optimize
@@ -41,9 +42,11 @@ class CpuBackend:
         evalt = read_text_file(request.eval_file, "eval.txt", "eval")
         runner = _device_runner(request)
         model = resolve_model(request.model, progress)
-        info = inspect_model(model.path)
-        progress(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters")
-        est = _check_fits(info, tgt)
+        pre = preflight(model.path)  # seconds, from config.json: refuse before any heavy work
+        pre.raise_if_refused()
+        info = inspect_model(model.path, supported={pre.architecture: pre.path})
+        progress(f"model {info.architecture}, {info.num_parameters / 1e6:.0f}M parameters; export path {pre.path}: {pre.reason}")
+        est = _check_fits(info, tgt, pre)
         check_weights(info)  # every tensor the config implies, of its shape: nothing for transformers to invent
         preflight_budget(info, tgt.quantization)  # an unreachable size budget: exit 2 before any export
         versions = tool_versions()
@@ -51,7 +54,7 @@ class CpuBackend:
         timings: dict[str, float] = {}
 
         t0 = time.time()
-        fp32 = run_export(info, ExportConfig.for_model(info, versions), ctx)
+        fp32 = run_export(info, ExportConfig.for_model(info, versions, pre), ctx)
         timings["export_s"] = round(time.time() - t0, 2)
 
         t0 = time.time()
@@ -89,7 +92,7 @@ class CpuBackend:
             },
             target=tgt.to_dict(),
             provenance={
-                "quantization": quant_info, "optimize": opt.info,
+                "export": fp32.info, "quantization": quant_info, "optimize": opt.info,
                 "eval": {
                     "source": evalt.source, "windows": len(eval_windows), "window_tokens": len(eval_windows[0]),
                     "scored_from_position": score_from,
@@ -114,12 +117,12 @@ def _device_runner(request: BuildRequest) -> Any:
     return get_runner(request.device, target=request.target)
 
 
-def _check_fits(info: Any, tgt: Any) -> dict[str, Any]:
+def _check_fits(info: Any, tgt: Any, pre: Any) -> dict[str, Any]:
     """Refuse up front only what cannot run (RAM). A predicted artifact-size overrun is measured and
     reported like every other budget: the artifact is built and the verdict says what failed (exit 3)."""
     from edgepipe.estimate import estimate_for
 
-    est = estimate_for(info, tgt)
+    est = estimate_for(info, tgt, pre)
     if est["peak_ram_mb"] > est["ram_budget_mb"]:
         raise InputError(
             f"{info.path.name} does not fit {tgt.name}: needs about {est['peak_ram_mb']:.0f} MB of RAM, "

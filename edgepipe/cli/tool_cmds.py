@@ -56,12 +56,11 @@ def targets_show(name: str, as_json: bool) -> None:
 @_guard
 def estimate(model: Path, target: str, as_json: bool) -> None:
     """Predict artifact size, peak RAM and decode speed on the target, before any export."""
-    from edgepipe.estimate import estimate_for
-    from edgepipe.export import inspect_model
+    from edgepipe.estimate import estimate_model
     from edgepipe.targets import load_target
 
     tgt = load_target(target)
-    est = estimate_for(inspect_model(model), tgt)
+    est = estimate_model(model, tgt)
     if as_json:
         _emit_json(est)
         return
@@ -71,8 +70,34 @@ def estimate(model: Path, target: str, as_json: bool) -> None:
         + ("fits" if est["fits"] else "DOES NOT FIT")
     )
     click.echo(f"  basis: {est['basis']}")
+    click.echo(f"  export path: {est['export_path']} ({est['export_reason']})")
+    if est.get("refused"):
+        click.echo(f"  a build is refused: {est['refused']}")
     if not est["fits"]:
         sys.exit(EXIT_BUDGET)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_guard
+def inspect_cmd(model: Path, as_json: bool) -> None:
+    """What config.json says (architecture, heads, rope, MoE...) and which export path a build takes. Exit 2: refused."""
+    from edgepipe.export.preflight import REFUSED, preflight
+
+    pre = preflight(model)
+    if as_json:
+        _emit_json(pre.to_dict())
+    else:
+        click.echo(f"{model}: {pre.architecture} ({pre.model_type})")
+        click.echo(f"  {pre.layers} layers, hidden {pre.hidden}, head size {pre.head_size}, {pre.layout}, vocabulary {pre.vocab}")
+        click.echo(f"  rope: {pre.rope_type}, sliding window: {pre.sliding_window}, tied embeddings: {pre.tied}, "
+                   + (f"MoE: {pre.experts} experts, {pre.experts_per_token} per token" if pre.experts else "dense"))
+        if pre.normalized:
+            click.echo(f"  config normalised for the builder: {', '.join(pre.normalized)}")
+        click.echo(f"  export path: {pre.path} ({pre.reason})")
+    if pre.path == REFUSED:
+        pre.raise_if_refused()
 
 
 @main.group()

@@ -28,6 +28,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",  # tested (text only); its transformers-5 config is normalised first (export/normalize.py)
     "PhiForCausalLM": "phi",
     "OlmoForCausalLM": "olmo",
     "NemotronForCausalLM": "nemotron",

@@ -13,6 +13,7 @@ from typing import Any
 from edgepipe.errors import ModelError
 
 _WEIGHT_SUFFIXES = (".safetensors",)
+_KEY_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "num_attention_heads": ("n_head",)}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
 )
@@ -235,7 +236,8 @@ def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any],
     required = ("hidden_size", "num_hidden_layers", "vocab_size")
     optional = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
     for key in required + optional:
-        v = config.get(key)
+        # GPT-2 style configs (routed to the generic exporter by the preflight) spell a few keys their own way
+        v = next((config.get(k) for k in (key, *_KEY_ALIASES.get(key, ())) if config.get(k) is not None), None)
         if (key in required or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ModelError(f"{cfg_path}: {key} must be a positive integer, got {v!r}; fix the config")
     return config, arch

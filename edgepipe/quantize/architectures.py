@@ -75,6 +75,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("gated", False, "llama"),  # checked on a tiny export; mistral.py; MistralConfig
     "GemmaForCausalLM": Architecture("gated", True),  # checked on a tiny export; gemma.py GemmaModel(MistralModel); GemmaConfig ties
     "Gemma2ForCausalLM": Architecture("gated", True),  # checked on a tiny export; gemma.py Gemma2Model; Gemma2Config ties
+    "Gemma3ForCausalLM": Architecture("gated", True),  # tested (tests/test_any_causal_lm.py); gemma.py Gemma3Model(Gemma2Model); Gemma3TextConfig ties
     "PhiForCausalLM": Architecture("fc", False),  # checked on a tiny export; phi.py PhiModel: use_fc, dense -> o_proj; PhiConfig
     "OlmoForCausalLM": Architecture("gated", False),  # checked on a tiny export; olmo.py; OlmoConfig
     "NemotronForCausalLM": Architecture("up_down", False),  # checked on a tiny export; nemotron.py; NemotronConfig

@@ -45,6 +45,9 @@ class DecoderSpec:
     past_value: str = "past_key_values.%d.value"
     present_key: str = "present.%d.key"
     present_value: str = "present.%d.value"
+    # True (the builder's GroupQueryAttention graphs): present is written in place into a past
+    # buffer of any length. False (edgepipe.export.generic's graphs): present = past + new positions.
+    share_buffer: bool = True
 
     @classmethod
     def from_genai_config(cls, path: Path) -> DecoderSpec:
@@ -67,6 +70,7 @@ class DecoderSpec:
                 past_value=dec["inputs"]["past_value_names"],
                 present_key=dec["outputs"]["present_key_names"],
                 present_value=dec["outputs"]["present_value_names"],
+                share_buffer=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{path} is missing or malformed ({type(e).__name__}: {e}); rebuild the artifact") from None
@@ -159,9 +163,12 @@ class CausalLM:
         logits = outputs[0]
         return (logits[:, -1:] if last_only and logits.shape[1] > 1 else logits), outputs[1:]
 
-    def stepper(self, max_len: int) -> KVStepper:
-        """A decoding state with a preallocated KV buffer of ``max_len`` positions (see KVStepper)."""
-        return KVStepper(self, max_len)
+    def stepper(self, max_len: int) -> KVStepper | ConcatStepper:
+        """A decoding state for ``max_len`` positions: a preallocated, in-place KV buffer (KVStepper) for
+        graphs that share past and present, else a cache that grows by the graph's own concat."""
+        if self.spec.share_buffer:
+            return KVStepper(self, max_len)
+        return ConcatStepper(self, max_len)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a whole sequence from an empty cache (prefill only)."""
@@ -213,3 +220,23 @@ class KVStepper:
         self.length = total
         logits: np.ndarray = b.get_outputs()[-1].numpy()[0]
         return logits[-1:] if last_only and logits.shape[0] > 1 else logits
+
+
+class ConcatStepper:
+    """Incremental decoding for graphs whose ``present`` is ``past`` with the new positions appended
+    (plain attention ops, as torch.onnx exports them): each step feeds the previous step's presents."""
+
+    def __init__(self, lm: CausalLM, max_len: int):
+        self.lm = lm
+        self.max_len = int(max_len)
+        self.length = 0
+        self._cache = lm.empty_cache()
+
+    def step(self, ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if self.length + ids.shape[1] > self.max_len:
+            raise ValueError(f"KV buffer of {self.max_len} positions is full")
+        logits, self._cache = self.lm.forward(ids, self._cache, last_only=last_only)
+        self.length += ids.shape[1]
+        out: np.ndarray = logits[0]
+        return out
