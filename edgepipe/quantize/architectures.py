@@ -142,9 +142,11 @@ CKPT_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
 
 def checkpoint_tensors(config: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]] | None:
     """(required tensor -> shape, optional tensor names) of this ``config.json``'s checkpoint, or None
-    when the architecture's checkpoint is not tabled here (then only the generic checks apply)."""
-    arch = architecture_of(config)
-    if arch.checkpoint is None:
+    when the architecture's checkpoint is not tabled here (then only the generic checks apply: the
+    generic export path's architectures have no row; transformers' own key check covers them)."""
+    names = config.get("architectures") or []
+    arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if arch is None or arch.checkpoint is None:
         return None
     dims = dimensions(config)
     required: dict[str, tuple[int, ...]] = {}
