@@ -199,3 +199,34 @@ def fill_disk(where: Path, leave_bytes: int) -> Path:
                 break
             todo -= min(len(chunk), todo)
     return filler
+
+
+def start_build(model: Path, target: str | Path, out: Path, cache: Path) -> subprocess.Popen:
+    """``edgepipe build`` in its own process group and stage cache (so a test can SIGKILL all of it)."""
+    e = dict(os.environ, EDGEPIPE_CACHE=str(cache))
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", str(target), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen, cond: Any, what: str, timeout: float = 300) -> None:
+    """SIGKILL the build's whole process group (build + export subprocess) as soon as ``cond()``."""
+    import signal
+    import time
+
+    import pytest
+
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"the build ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
+        if time.time() - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed: pi
 from edgepipe.errors import InputError, ModelError  # noqa: E402
 from edgepipe.export import static_llama as dec  # noqa: E402
 from edgepipe.npu import qnn  # noqa: E402
+from edgepipe.runtime.qnn import create_session  # noqa: E402
 from edgepipe.runtime.static_lm import StaticDecoder  # noqa: E402
 from edgepipe.targets import load_target  # noqa: E402
 from edgepipe.texts import Text  # noqa: E402
@@ -264,7 +265,7 @@ def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None
     feeds = host.decode_feeds(7, 0, cache)
     results = []
     for name in ("decode_ctx.onnx", "decode.qdq.onnx"):  # one live HTP session at a time
-        sess = qnn.create_session(out / name, 75)
+        sess = create_session(out / name, 75)
         results.append(sess.run(None, feeds)[0])
         del sess
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
@@ -279,7 +280,7 @@ def test_build_tiny_llama_on_htp_simulator(tiny_build, tiny_llama: Path) -> None
     assert htp.models["prefill"].name == "prefill_ctx.onnx" and htp.spec.eos_token_ids
     got = htp.logits(window)
     del htp
-    sess = qnn.create_session(out / "prefill_ctx.onnx", 75)
+    sess = create_session(out / "prefill_ctx.onnx", 75)
     direct = sess.run(None, host.prefill_feeds(window[:P], config["pad_token_id"]))[0][0]
     del sess
     np.testing.assert_allclose(got[:P], direct, atol=1e-6)

@@ -17,6 +17,7 @@ from edgepipe.errors import EdgepipeError, ModelError, NpuCoverageError, TargetE
 from edgepipe.export.encoder import read_spec  # noqa: E402
 from edgepipe.npu import qnn  # noqa: E402
 from edgepipe.npu.data import default_calib_text, default_eval_sentences  # noqa: E402
+from edgepipe.runtime.qnn import create_session  # noqa: E402
 from edgepipe.targets import load_target, parse_target  # noqa: E402
 from edgepipe.texts import Text, split_sentences  # noqa: E402
 from edgepipe.validate.npu import compare_embeddings  # noqa: E402
@@ -161,7 +162,7 @@ def test_build_tiny_bert_on_htp_simulator(tiny_bert: Path, tmp_path: Path) -> No
     feeds = encode(load_tokenizer(tiny_bert, 16), _eval()[:2])
     results = {}
     for name in ("model_ctx.onnx", "model.qdq.onnx"):  # one live HTP session at a time
-        sess = qnn.create_session(out / name, 75)
+        sess = create_session(out / name, 75)
         results[name] = [sess.run(None, f)[0] for f in feeds]
         del sess
     for a, b in zip(results["model_ctx.onnx"], results["model.qdq.onnx"], strict=False):
@@ -236,7 +237,7 @@ def test_coverage_names_rejected_op(tmp_path: Path) -> None:
     assert cov.npu_nodes < cov.total_nodes
     assert "Erf" in cov.summary()
     with pytest.raises(NpuCoverageError) as info:
-        qnn.create_session(q, 75)
+        create_session(q, 75)
     assert info.value.exit_code == 3
 
 

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from reliability_support import kill_when, start_build
 
 pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed: pip install 'edgepipe[npu]'")
 
@@ -38,31 +34,6 @@ def _profile(tmp_path: Path) -> Path:
     return path
 
 
-def _start_build(model: Path, target: Path, out: Path, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, EDGEPIPE_CACHE=str(cache))
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", str(target), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )
-
-
-def _kill_when(proc: subprocess.Popen, cond, what: str, timeout: float = 600) -> None:
-    """SIGKILL the build's whole process group as soon as ``cond()``."""
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"the build ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
-        if time.time() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def _complete(cache: Path, stage: str) -> list[Path]:
     return [p.parent for p in (cache / stage).glob("[!.]*/.complete")]
 
@@ -82,14 +53,14 @@ def test_killed_npu_build_resumes_from_its_last_stage(tiny_llama: Path, tmp_path
     target, cache, out = _profile(tmp_path), tmp_path / "cache", tmp_path / "out"
 
     # 1. killed right after the first NPU stage completed (its marker is written last, then renamed)
-    proc = _start_build(tiny_llama, target, out, cache)
-    _kill_when(proc, lambda: bool(_complete(cache, "npu-export")), "the npu-export stage to complete")
+    proc = start_build(tiny_llama, target, out, cache)
+    kill_when(proc, lambda: bool(_complete(cache, "npu-export")), "the npu-export stage to complete", timeout=600)
     exported = _complete(cache, "npu-export")
     assert len(exported) == 1 and {p.name for p in exported[0].iterdir()} >= {"prefill.fp32.onnx", "decode.fp32.onnx"}
     assert not _complete(cache, "npu-validate") and not out.exists(), "a killed build published or finished something"
 
     # 2. the rerun takes the export from the cache and builds the rest
-    proc = _start_build(tiny_llama, target, out, cache)
+    proc = start_build(tiny_llama, target, out, cache)
     _, err = proc.communicate(timeout=1200)
     assert proc.returncode == 0, err[-3000:]
     assert "npu-export: cached" in err and "exporting fp32 prefill" not in err, err[-3000:]

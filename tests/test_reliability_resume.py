@@ -4,15 +4,12 @@ same artifact as an uninterrupted build; two builds of the same inputs are byte-
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from reliability_support import TARGET, built_artifact, env, sha256, tiny_model, tree_state, use_zoo
+from reliability_support import TARGET, built_artifact, env, kill_when, sha256, start_build, tiny_model, tree_state, use_zoo
 
 COMPARED = ("model.onnx", "model.onnx.data", "reference.npz", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -21,31 +18,6 @@ COMPARED = ("model.onnx", "model.onnx.data", "reference.npz", "genai_config.json
 def _use_conftest_zoo(zoo):
     """Reuse tests/conftest.py's session models, artifact and stage cache."""
     use_zoo(zoo)
-
-
-def _start_build(model: Path, out: Path, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, EDGEPIPE_CACHE=str(cache))
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", TARGET, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )
-
-
-def _kill_when(proc: subprocess.Popen, cond, what: str, timeout: float = 300) -> None:
-    """SIGKILL the build's whole process group (build + export subprocess) as soon as ``cond()``."""
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the build ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
-        if time.time() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def _cli(*args: str, cache: Path | None = None):
@@ -79,8 +51,8 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
     export_dir = cache / "export"
 
     # 1. killed in the middle of export: only a .tmp-* folder is left, never taken as complete
-    proc = _start_build(model, out, cache)
-    _kill_when(proc, lambda: export_dir.is_dir() and any(export_dir.glob(".tmp-*/model")), "export to start writing")
+    proc = start_build(model, TARGET, out, cache)
+    kill_when(proc, lambda: export_dir.is_dir() and any(export_dir.glob(".tmp-*/model")), "export to start writing")
     assert not any(export_dir.glob("*/.complete")), "a killed export left a folder marked complete"
     assert not any(p for p in export_dir.iterdir() if not p.name.startswith(".tmp-"))
     assert not out.exists(), "a killed build published something at --out"
@@ -90,14 +62,14 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
     assert entries and all(not e["complete"] for e in entries), entries
 
     # 2. killed right after export completed (the marker is the last thing written before the rename)
-    proc = _start_build(model, out, cache)
-    _kill_when(proc, lambda: any(export_dir.glob("[!.]*/.complete")), "the export stage to complete")
+    proc = start_build(model, TARGET, out, cache)
+    kill_when(proc, lambda: any(export_dir.glob("[!.]*/.complete")), "the export stage to complete")
     complete = [p.parent for p in export_dir.glob("[!.]*/.complete")]
     assert len(complete) == 1 and (complete[0] / "model" / "model.onnx").is_file()
     assert not out.exists()
 
     # 3. run again: export comes from the cache, and the artifact equals the uninterrupted build's
-    proc = _start_build(model, out, cache)
+    proc = start_build(model, TARGET, out, cache)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "export: cached" in stderr, stderr
@@ -109,8 +81,8 @@ def test_sigkill_during_and_after_export_resumes_to_identical_artifact(tmp_path)
 
     # 4. killed while packaging over a previous artifact: the previous one survives intact
     before = tree_state(out)
-    proc = _start_build(model, out, cache)
-    _kill_when(proc, lambda: any(p.is_dir() for p in tmp_path.glob(".out.tmp-*")), "packaging to start")
+    proc = start_build(model, TARGET, out, cache)
+    kill_when(proc, lambda: any(p.is_dir() for p in tmp_path.glob(".out.tmp-*")), "packaging to start")
     assert tree_state(out) == before, "a build killed while packaging changed the previous artifact"
     assert _cli("verify", str(out)).exit_code == 0
     # and the next run publishes over it cleanly
@@ -149,7 +121,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     model = tiny_model()
     cache, out = tmp_path / "cache", tmp_path / "out"
     export_dir = cache / "export"
-    proc = _start_build(model, out, cache)
+    proc = start_build(model, TARGET, out, cache)
     t0 = time.time()
     while not (export_dir.is_dir() and any(export_dir.glob(".tmp-*/model"))):
         assert proc.poll() is None, proc.communicate()[1][-2000:]

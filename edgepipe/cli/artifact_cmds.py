@@ -8,11 +8,9 @@ from pathlib import Path
 import click
 
 from edgepipe.cli import main
-from edgepipe.cli._common import (  # noqa: F401
-    EXIT_BUDGET,
+from edgepipe.cli._common import (
     _emit_json,
     _guard,
-    _native_stdout_to_stderr,
     _progress,
     _trusted_keys_option,
 )

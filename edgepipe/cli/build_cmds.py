@@ -9,13 +9,12 @@ from pathlib import Path
 import click
 
 from edgepipe.cli import main
-from edgepipe.cli._common import (  # noqa: F401
+from edgepipe.cli._common import (
     EXIT_BUDGET,
     _emit_json,
     _guard,
     _native_stdout_to_stderr,
     _progress,
-    _trusted_keys_option,
 )
 
 

@@ -12,17 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import EdgepipeError, NpuCoverageError, NpuUnavailableError  # noqa: F401  (raised by callers)
-from edgepipe.runtime.qnn import (  # noqa: F401  (the build uses the device's sessions)
-    EP_NAME,
-    _reasons_text,
-    capture_stderr,
-    create_session,
-    parse_reasons,
-    qnn_sdk_info,
-    register,
-    session_options,
-)
+from edgepipe.errors import EdgepipeError, NpuCoverageError
+from edgepipe.runtime.qnn import EP_NAME, _reasons_text, capture_stderr, parse_reasons, session_options
 
 log = logging.getLogger(__name__)
 
