@@ -10,6 +10,8 @@ unreachable budget from ``config.json`` alone, before any export.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,20 @@ from edgepipe.quantize.configs import allowed_formats, scheme_from_target
 from edgepipe.quantize.sensitivity import Sensitivity
 from edgepipe.stage import StageContext, run_cached
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["AllocateConfig", "SensitivityConfig", "built_plan", "other_bytes", "preflight_budget", "run_allocation"]
 
 
 @dataclass(frozen=True)
 class SensitivityConfig:
-    VERSION = 1
+    VERSION = 2
 
     export_key: str
     calib_key: str
     formats: tuple[str, ...]  # the allowed formats' labels
     algorithm: str  # the 4-bit algorithm (the options' configs; the proxy itself rounds to nearest)
+    proxy: str  # edgepipe.quantize.sensitivity.PROXIES: what the profile asks for
 
 
 @dataclass(frozen=True)
@@ -90,15 +95,10 @@ def run_allocation(
     plan = plan_from_onnx(source.model_dir / "model.onnx", scheme_from_target(q))
     formats = allowed_formats(q)
     options = options_for(plan, formats, q, _pinned(plan))
-    scfg = SensitivityConfig(source.key, calib_key, tuple(f.label for f in formats), q.algorithm)
+    scfg = SensitivityConfig(source.key, calib_key, tuple(f.label for f in formats), q.algorithm, q.sensitivity)
 
     def measure(tmp: Path) -> dict[str, Any]:
-        from edgepipe.quantize.calibrate import collect_importance
-        from edgepipe.quantize.sensitivity import measure_sensitivity
-
-        ctx.progress("sensitivity: activation statistics on the calibration text")
-        importance = collect_importance(source.model_dir, calib_windows, threads=ctx.threads, progress=ctx.progress)
-        sens = measure_sensitivity(source.model_dir, options_for(plan, formats, q), importance, ctx.progress)
+        sens = _measure(source, info, options_for(plan, formats, q), calib_windows, scfg.proxy, tmp, ctx)
         sens.write(tmp / "sensitivity.json")
         return {"proxy": sens.proxy, "matrices": len(sens.losses)}
 
@@ -117,6 +117,30 @@ def run_allocation(
     allocated = plan_from_labels(plan, record["matrices"], q)
     ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}")
     return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"])
+
+
+def _measure(source: ExportResult, info: Any, options: Any, windows: list[np.ndarray], proxy: str, tmp: Path, ctx: StageContext) -> Sensitivity:
+    """The sensitivity of every matrix by ``proxy``; Fisher falls back to the relative output error
+    (logged) when a matrix of the export matches no linear of the checkpoint."""
+    from edgepipe.quantize.calibrate import collect_importance
+    from edgepipe.quantize.sensitivity import FISHER, measure_sensitivity
+
+    if proxy == FISHER:
+        from edgepipe.export.normalize import normalized_folder
+        from edgepipe.quantize.fisher import LinearIndex, fisher_statistics
+
+        ctx.progress("sensitivity: Fisher statistics (one forward and backward pass per calibration window)")
+        src, _rows = normalized_folder(info.path, tmp / "hf")
+        stats, weights = fisher_statistics(src, windows, threads=ctx.threads, progress=ctx.progress)
+        shutil.rmtree(tmp / "hf", ignore_errors=True)
+        try:
+            return measure_sensitivity(source.model_dir, options, None, ctx.progress, fisher=(stats, LinearIndex(weights)))
+        except LookupError as e:
+            logger.warning("Fisher sensitivity not measurable (%s); using the relative output error", e)
+            ctx.progress("sensitivity: the export does not match the checkpoint's linears; using the relative output error")
+    ctx.progress("sensitivity: activation statistics on the calibration text")
+    importance = collect_importance(source.model_dir, windows, threads=ctx.threads, progress=ctx.progress)
+    return measure_sensitivity(source.model_dir, options, importance, ctx.progress)
 
 
 def built_plan(model: Any, q: Any, quantization: dict[str, Any]) -> BitPlan:

@@ -27,11 +27,13 @@ import numpy as np
 
 from edgepipe.quantize.configs import WeightOnlyConfig
 
-__all__ = ["PROXY", "Sensitivity", "matrix_losses", "measure_sensitivity"]
+__all__ = ["PROXIES", "PROXY", "Sensitivity", "matrix_losses", "measure_sensitivity"]
 
 logger = logging.getLogger(__name__)
 
 PROXY = "relative-output-error"
+FISHER = "fisher"  # edgepipe.quantize.fisher: 0.5 sum_kn a_k b_n dW_kn^2, a predicted KL in nats
+PROXIES = (FISHER, PROXY)
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,25 @@ class Sensitivity:
         Path(path).write_text(json.dumps(self.to_dict(), indent=0, sort_keys=True), encoding="utf-8")
 
 
-def matrix_losses(w: np.ndarray, importance: np.ndarray | None, configs: tuple[WeightOnlyConfig | None, ...]) -> dict[str, float]:
-    """The proxy for one weight ``w`` [K, N] in each of ``configs`` (None: fp32, no loss)."""
+def matrix_losses(
+    w: np.ndarray, importance: np.ndarray | None, configs: tuple[WeightOnlyConfig | None, ...], outputs: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The proxy for one weight ``w`` [K, N] in each of ``configs`` (None: fp32, no loss): with
+    ``outputs`` (the Fisher factor b of each output column), 0.5 a^T dW^2 b; without, the relative
+    output error."""
     from edgepipe.quantize.blockwise import quantize_matrix
 
     w = np.asarray(w, dtype=np.float32)
     a = np.ones(w.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
-    signal = float(a @ np.square(w, dtype=np.float64).sum(1)) or 1.0
+    b = np.ones(w.shape[1]) if outputs is None else np.asarray(outputs, dtype=np.float64)
+    signal = 2.0 if outputs is not None else float(a @ np.square(w, dtype=np.float64).sum(1)) or 1.0
     out = {}
     for cfg in configs:
         if cfg is None:
             out["fp32"] = 0.0
             continue
         qb = quantize_matrix(w, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, algorithm="rtn")
-        err = np.square(w - qb.dequantize(), dtype=np.float64).sum(1)
+        err = np.square(w - qb.dequantize(), dtype=np.float64) @ b
         out[cfg.format.label] = float(a @ err) / signal
     return out
 
@@ -76,9 +83,12 @@ def measure_sensitivity(
     options: Mapping[str, tuple[WeightOnlyConfig | None, ...]],
     importance: Mapping[str, np.ndarray] | None,
     progress: Callable[[str], None] | None = None,
+    fisher: tuple[Any, Any] | None = None,
 ) -> Sensitivity:
     """The proxy for every matrix of the fp32 export in ``model_dir`` with more than one option, each
-    weight read from the external data on its own (a 2.5B model never sits in RAM whole)."""
+    weight read from the external data on its own (a 2.5B model never sits in RAM whole). With
+    ``fisher`` (:func:`edgepipe.quantize.fisher.fisher_statistics`' two results) the Fisher proxy,
+    and LookupError when a matrix matches no checkpoint linear (the caller then measures the other proxy)."""
     import onnx
     from onnx import numpy_helper
 
@@ -88,7 +98,21 @@ def measure_sensitivity(
     todo = [n for n, cfgs in options.items() if len(cfgs) > 1]
     for i, name in enumerate(todo):
         w = numpy_helper.to_array(inits[name], base_dir=str(model_dir))
-        losses[name] = matrix_losses(w, (importance or {}).get(name), options[name])
+        if fisher is None:
+            losses[name] = matrix_losses(w, (importance or {}).get(name), options[name])
+        else:
+            a_b = _fisher_pair(fisher, w)
+            if a_b is None:
+                raise LookupError(f"matrix {name} matches no linear of the checkpoint")
+            losses[name] = matrix_losses(w, a_b[0], options[name], a_b[1])
         if progress and (i + 1) % 25 == 0:
             progress(f"sensitivity: {i + 1}/{len(todo)} matrices")
-    return Sensitivity(PROXY, losses)
+    return Sensitivity(FISHER if fisher else PROXY, losses)
+
+
+def _fisher_pair(fisher: tuple[Any, Any], w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    from edgepipe.quantize.fisher import fisher_pair
+
+    stats, index = fisher
+    parts = index.split(w)
+    return None if parts is None else fisher_pair(stats, parts)

@@ -47,6 +47,7 @@ class Quantization:
     formats: tuple[str, ...] = ()  # what the allocator may choose: "int4/b32/asym", "int8/b64/asym" (default: bits and 8-bit blocks above)
     bits_per_weight: float | None = None  # size budget: mean stored bits per quantized weight
     max_mb: float | None = None  # size budget: the artifact in MiB (one of the two)
+    sensitivity: Literal["fisher", "relative-output-error"] = "fisher"  # the allocator's proxy (edgepipe.quantize.sensitivity)
 
 
 @dataclasses.dataclass(frozen=True)
