@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FisherStats", "LinearIndex", "fisher_pair", "fisher_statistics"]
+__all__ = ["FisherStats", "LinearIndex", "Part", "fisher_pair", "fisher_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ _FP32_MAX_PARAMETERS = 1_000_000_000
 _KEY = 4  # leading values of a weight column that index it
 
 
-FisherStats = dict[str, tuple[np.ndarray, np.ndarray]]  # linear name -> (a [in], b [out]), means per token
+# linear name -> (a [in], b [out], F [in, out] or None): means per token; F the unfactorised diagonal
+FisherStats = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
 def fisher_statistics(
@@ -56,7 +57,13 @@ def fisher_statistics(
     model.eval()
     model.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    acc = {n: [torch.zeros(m.in_features, dtype=torch.float64), torch.zeros(m.out_features, dtype=torch.float64)] for n, m in linears.items()}
+    import os
+    exact = os.environ.get("EDGEPIPE_FISHER_EXACT") == "1"
+    acc = {
+        n: [torch.zeros(m.in_features, dtype=torch.float64), torch.zeros(m.out_features, dtype=torch.float64),
+            torch.zeros(m.in_features, m.out_features) if exact else None, None]
+        for n, m in linears.items()
+    }
     hooks = []
     for name, mod in linears.items():
         hooks.append(mod.register_forward_hook(_forward_hook(acc[name])))
@@ -77,14 +84,18 @@ def fisher_statistics(
     finally:
         for h in hooks:
             h.remove()
-    stats = {n: ((a / max(tokens, 1)).numpy(), (b / max(tokens, 1)).numpy()) for n, (a, b) in acc.items()}
+    t = max(tokens, 1)
+    stats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
     return stats, {n: m.weight.detach() for n, m in linears.items()}
 
 
 def _forward_hook(slot: list[Any]) -> Callable[..., None]:
     def hook(_mod: Any, inputs: tuple[Any, ...], _out: Any) -> None:
         x = inputs[0].detach().double()
-        slot[0] += x.reshape(-1, x.shape[-1]).square().sum(0)
+        x2 = x.reshape(-1, x.shape[-1]).square()
+        slot[0] += x2.sum(0)
+        if slot[2] is not None:
+            slot[3] = x2.float()
 
     return hook
 
@@ -92,44 +103,62 @@ def _forward_hook(slot: list[Any]) -> Callable[..., None]:
 def _backward_hook(slot: list[Any]) -> Callable[..., None]:
     def hook(_mod: Any, _grad_in: Any, grad_out: tuple[Any, ...]) -> None:
         g = grad_out[0].detach().double()
-        slot[1] += g.reshape(-1, g.shape[-1]).square().sum(0)
+        g2 = g.reshape(-1, g.shape[-1]).square()
+        slot[1] += g2.sum(0)
+        if slot[2] is not None:
+            slot[2] += slot[3].T @ g2.float()
+            slot[3] = None
 
     return hook
 
 
+Part = tuple[str, int, int]  # a linear's name, its first output column, how many columns
+
+
 class LinearIndex:
-    """The checkpoint's linears, findable by the leading values of their first output column (in
-    bf16 precision, which a bf16 checkpoint and its fp32 export share)."""
+    """The checkpoint's linears, findable by the leading values of an output column (in bf16
+    precision, which a bf16 checkpoint and its fp32 export share). Each linear is indexed at its
+    first column and at its middle one: exports fuse linears side by side (q|k|v) or split one in
+    halves (Phi-3's gate_up into gate and up)."""
 
     def __init__(self, weights: Mapping[str, Any]):
         self._weights = weights  # name -> torch tensor [out, in]
-        self._index: dict[tuple[int, ...], list[str]] = {}
+        self._index: dict[tuple[int, ...], list[tuple[str, int]]] = {}
         for name, w in weights.items():
-            self._index.setdefault(_column_key(w[0, :_KEY].float().numpy()), []).append(name)
+            n = int(w.shape[0])
+            for off in {0, n // 2} if n % 2 == 0 else {0}:
+                self._index.setdefault(_column_key(w[off, :_KEY].float().numpy()), []).append((name, off))
 
-    def split(self, w: np.ndarray) -> list[str] | None:
-        """The linears whose weights, side by side, are the ONNX matrix ``w`` [K, N]; None if none."""
-        parts: list[str] = []
+    def split(self, w: np.ndarray) -> list[Part] | None:
+        """The column ranges of linears that, side by side, are the ONNX matrix ``w`` [K, N]; None if
+        some columns match none."""
+        parts: list[Part] = []
         col = 0
         while col < w.shape[1]:
-            found = next((c for c in self._index.get(_column_key(w[:_KEY, col]), []) if self._fits(c, w, col)), None)
+            found = next((p for c in self._index.get(_column_key(w[:_KEY, col]), []) if (p := self._fits(c, w, col))), None)
             if found is None:
                 return None
             parts.append(found)
-            col += int(self._weights[found].shape[0])
+            col += found[2]
         return parts
 
-    def _fits(self, name: str, w: np.ndarray, col: int) -> bool:
+    def _fits(self, cand: tuple[str, int], w: np.ndarray, col: int) -> Part | None:
+        name, off = cand
         lw = self._weights[name]
-        n = int(lw.shape[0])
-        if lw.shape[1] != w.shape[0] or col + n > w.shape[1]:
-            return False
-        return bool(np.allclose(w[:, col:col + n], lw.float().numpy().T, rtol=1e-2, atol=1e-6))
+        n = min(int(lw.shape[0]) - off, w.shape[1] - col)
+        if lw.shape[1] != w.shape[0]:
+            return None
+        same = np.allclose(w[:, col:col + n], lw[off:off + n].float().numpy().T, rtol=1e-2, atol=1e-6)
+        return (name, off, n) if same else None
 
 
-def fisher_pair(stats: FisherStats, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of an ONNX matrix made of the linears ``parts`` side by side (they share the input)."""
-    return stats[parts[0]][0], np.concatenate([stats[p][1] for p in parts])
+def fisher_pair(stats: FisherStats, parts: list[Part]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(a, b, F) of an ONNX matrix made of the linears' column ranges ``parts`` (they share the input)."""
+    a = stats[parts[0][0]][0]
+    b = np.concatenate([stats[name][1][off:off + n] for name, off, n in parts])
+    fs = [stats[name][2] for name, _o, _n in parts]
+    full = None if any(f is None for f in fs) else np.concatenate([f[:, off:off + n] for f, (_name, off, n) in zip(fs, parts, strict=True)], axis=1)  # type: ignore[index]
+    return a, b, full
 
 
 def _column_key(col: np.ndarray) -> tuple[int, ...]:

@@ -57,6 +57,7 @@ class Sensitivity:
 
 def matrix_losses(
     w: np.ndarray, importance: np.ndarray | None, configs: tuple[WeightOnlyConfig | None, ...], outputs: np.ndarray | None = None,
+    fisher: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The proxy for one weight ``w`` [K, N] in each of ``configs`` (None: fp32, no loss): with
     ``outputs`` (the Fisher factor b of each output column), 0.5 a^T dW^2 b; without, the relative
@@ -73,8 +74,11 @@ def matrix_losses(
             out["fp32"] = 0.0
             continue
         qb = quantize_matrix(w, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, algorithm="rtn")
-        err = np.square(w - qb.dequantize(), dtype=np.float64) @ b
-        out[cfg.format.label] = float(a @ err) / signal
+        dw2 = np.square(w - qb.dequantize(), dtype=np.float64)
+        if fisher is not None:
+            out[cfg.format.label] = float(np.sum(dw2 * fisher)) / signal
+            continue
+        out[cfg.format.label] = float(a @ (dw2 @ b)) / signal
     return out
 
 
@@ -104,13 +108,13 @@ def measure_sensitivity(
             a_b = _fisher_pair(fisher, w)
             if a_b is None:
                 raise LookupError(f"matrix {name} matches no linear of the checkpoint")
-            losses[name] = matrix_losses(w, a_b[0], options[name], a_b[1])
+            losses[name] = matrix_losses(w, a_b[0], options[name], a_b[1], a_b[2])
         if progress and (i + 1) % 25 == 0:
             progress(f"sensitivity: {i + 1}/{len(todo)} matrices")
     return Sensitivity(FISHER if fisher else PROXY, losses)
 
 
-def _fisher_pair(fisher: tuple[Any, Any], w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _fisher_pair(fisher: tuple[Any, Any], w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     from edgepipe.quantize.fisher import fisher_pair
 
     stats, index = fisher
