@@ -1,7 +1,7 @@
 """Granite 2B at full size: peak RSS of the whole build process tree, and wall time per stage.
 
     python benchmarks/scale_granite2b.py [--target raspberrypi5] [--out DIR] [--keep-cache]
-                                         [--cache DIR] [--interval 0.25] [--json OUT.json]
+                                         [--cache DIR] [--interval 0.25] [--json OUT.json] [--until STAGE]
 
 1. Creates (once, cached under ``$EDGEPIPE_CACHE/bench/``) a random-initialised
    ``GraniteForCausalLM`` of IBM Granite 3.x 2B's exact shape — hidden 2048, 40 layers, 32 heads /
@@ -61,6 +61,7 @@ GRANITE_2B = dict(
 STAGES = [
     ("inspect", ("model ",)),
     ("export", ("exporting",)),
+    ("allocate", ("sensitivity", "allocation")),  # only with a size budget (issue 12)
     ("calibrate", ("calibrating",)),
     ("quantize", ("quantized ",)),
     ("validate-accuracy", ("validating accuracy", "fp32 reference", "scored")),
@@ -146,7 +147,14 @@ def stage_of(line: str) -> str | None:
     return None
 
 
-def run_build(model: Path, target: str, out: Path, cache: Path, interval: float) -> dict[str, Any]:
+def _later(stage: str, until: str | None) -> bool:
+    names = [n for n, _ in STAGES]
+    return until is not None and names.index(stage) > names.index(until)
+
+
+def run_build(model: Path, target: str, out: Path, cache: Path, interval: float, until: str | None = None) -> dict[str, Any]:
+    """The build as a subprocess, its tree's RSS sampled; with ``until``, stopped (SIGTERM) when a
+    stage after that one starts, so one stage's cost is measured without the hour after it."""
     env = dict(os.environ, EDGEPIPE_CACHE=str(cache))
     cmd = [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", target, "--out", str(out), "--json",
            "--allow-untrained"]  # a random-init model of Granite 2B's shape, on purpose
@@ -161,6 +169,9 @@ def run_build(model: Path, target: str, out: Path, cache: Path, interval: float)
             lines.append(line)
             say(line)
             st = stage_of(line)
+            if st and _later(st, until):
+                proc.terminate()
+                break
             if st and st != marks[-1][1]:
                 marks.append((time.time(), st))
         stdout = proc.stdout.read() if proc.stdout else ""
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--interval", type=float, default=0.25, help="RSS sampling period, seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--until", choices=[n for n, _ in STAGES], default=None,
+                    help="stop the build when the stage after this one starts (e.g. --until allocate: the size allocation's cost)")
     args = ap.parse_args(argv)
 
     from edgepipe.models import cache_root
@@ -209,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="scale-granite2b-", dir=root / "bench"))
     out = args.out or work / "artifact"
     try:
-        run = run_build(model, args.target, out, args.cache or work / "cache", args.interval)
+        run = run_build(model, args.target, out, args.cache or work / "cache", args.interval, args.until)
         est = estimate(model, args.target)
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
     finally:

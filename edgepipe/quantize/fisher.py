@@ -4,12 +4,14 @@ matrix's weights move, measured with one backward pass per calibration window.
 Why: the mean KL between the fp32 and the quantized model, to second order in the weight error dW,
 is 0.5 dW^T F dW with F the Fisher information of the model's own next-token distribution (the KL's
 Hessian at dW = 0; HAWQ, SqueezeLLM). Its diagonal for a matrix W [K, N] with input x and output
-y = x W is E[x_k^2 g_n^2] (g: the gradient of the log-likelihood at y), taken here as the product of
-the two means, a_k b_n (K-FAC's factorisation, diagonal): one vector per input and one per output.
-Unlike the relative output error, b carries what happens *after* the matrix: a projection whose
-output the next norm or the attention softmax all but ignores gets a small b, one the logits hang
-on a large one. Labels are sampled from the model itself (the true Fisher, which is the KL's
-Hessian), not taken from the text.
+y = x W is E[x_k^2 g_n^2] (g: the gradient of the log-likelihood at y), summed over tokens whole
+for models up to ``EXACT_MAX_PARAMETERS`` (an array the size of the weights), and beyond that taken
+as the product of the two means, a_k b_n (K-FAC's factorisation, diagonal): one vector per input
+and one per output, so a 2.5B model needs no second copy of its weights. Unlike the relative
+output error, the gradient carries what happens *after* the matrix: a projection whose output the
+next norm or the attention softmax all but ignores weighs little, one the logits hang on much.
+Labels are sampled from the model itself (the true Fisher, which is the KL's Hessian), not taken
+from the text.
 
 The statistics come from the Hugging Face checkpoint in torch (the export has no gradients); each
 ONNX matrix is matched to the checkpoint's ``nn.Linear`` layers by value, so fused projections
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 # fp32 when the weights fit comfortably; beyond this, bf16 (a 2.5B model: 5 GB instead of 10)
 _FP32_MAX_PARAMETERS = 1_000_000_000
 _KEY = 4  # leading values of a weight column that index it
+# Up to this size the diagonal is kept whole, E[x_k^2 g_n^2] per weight (one fp32 array the size of the
+# weights); beyond, the factorised a_k b_n. On SmolLM2-135M at 100.56 MiB the whole diagonal gave
+# KL 0.0446 against 0.0450 factorised (benchmarks/RESULTS.md).
+EXACT_MAX_PARAMETERS = 600_000_000
 
 
 # linear name -> (a [in], b [out], F [in, out] or None): means per token; F the unfactorised diagonal
@@ -51,14 +57,13 @@ def fisher_statistics(
 
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     if model.num_parameters() > _FP32_MAX_PARAMETERS:
         model = model.to(torch.bfloat16)
     model.eval()
     model.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    import os
-    exact = os.environ.get("EDGEPIPE_FISHER_EXACT") == "1"
+    exact = model.num_parameters() <= EXACT_MAX_PARAMETERS
     acc = {
         n: [torch.zeros(m.in_features, dtype=torch.float64), torch.zeros(m.out_features, dtype=torch.float64),
             torch.zeros(m.in_features, m.out_features) if exact else None, None]
