@@ -24,7 +24,7 @@ def _export_matrices(model_dir):
 def test_every_export_matrix_matches_checkpoint_linears(zoo, arch):
     from edgepipe.quantize.fisher import LinearIndex, fisher_pair, fisher_statistics
 
-    stats, weights = fisher_statistics(zoo.model(arch), [zoo.eval_ids(64)])
+    stats, weights = fisher_statistics(zoo.model(arch), [zoo.eval_ids(64)], num_parameters=10**6)
     index = LinearIndex(weights)
     for name, w in _export_matrices(zoo.fp32(arch)).items():
         parts = index.split(w)
@@ -32,3 +32,43 @@ def test_every_export_matrix_matches_checkpoint_linears(zoo, arch):
         a, b, _full = fisher_pair(stats, parts)
         assert a.shape == (w.shape[0],) and b.shape == (w.shape[1],)
         assert np.all(a > 0) and np.all(b > 0)
+
+
+def _spearman(x, y) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_fisher_predicts_the_kl_each_matrix_costs(zoo):
+    """Each linear of the tiny Llama alone at int4 (round to nearest, block 16): the KL it costs on
+    held-out tokens, measured in torch, against 0.5 sum F dW^2 from calibration tokens. The ranking
+    must agree (what the allocator needs) and the scale roughly (within a factor of 5 overall)."""
+    import torch
+
+    from edgepipe.quantize.blockwise import quantize_matrix
+    from edgepipe.quantize.fisher import fisher_statistics
+
+    calib = [zoo.eval_ids(128, offset=o) for o in (0, 128, 256, 384)]
+    held = torch.as_tensor(zoo.eval_ids(256, offset=512)).reshape(1, -1)
+    stats, _weights = fisher_statistics(zoo.model("llama"), calib, num_parameters=10**6)
+    model = zoo.torch_model("llama")
+    with torch.no_grad():
+        ref = torch.log_softmax(model(held).logits[0].double(), -1)
+    predicted, measured = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name not in stats:
+            continue
+        w = mod.weight.detach().clone()
+        wt = w.T.contiguous().numpy()
+        dq = quantize_matrix(wt, bits=4, block_size=16, symmetric=False, algorithm="rtn").dequantize()
+        _a, _b, full = stats[name]
+        predicted.append(0.5 * float(np.sum(np.square(wt - dq, dtype=np.float64) * full)))
+        with torch.no_grad():
+            mod.weight.copy_(torch.as_tensor(dq.T))
+            lq = torch.log_softmax(model(held).logits[0].double(), -1)
+            mod.weight.copy_(w)
+        measured.append(float((ref.exp() * (ref - lq)).sum(-1).mean()))
+    rho = _spearman(predicted, measured)
+    ratio = sum(predicted) / sum(measured)
+    assert len(measured) >= 10 and rho >= 0.85, (rho, predicted, measured)  # 0.97 measured
+    assert 0.2 <= ratio <= 5, ratio  # 0.37 measured: second order undershoots a tiny model at int4

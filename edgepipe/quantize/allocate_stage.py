@@ -138,7 +138,7 @@ def _measure(source: ExportResult, info: Any, options: Any, windows: list[np.nda
 
         ctx.progress("sensitivity: Fisher statistics (one forward and backward pass per calibration window)")
         src, _rows = normalized_folder(info.path, tmp / "hf")
-        stats, weights = fisher_statistics(src, windows, threads=ctx.threads, progress=ctx.progress)
+        stats, weights = fisher_statistics(src, windows, num_parameters=info.num_parameters, threads=ctx.threads, progress=ctx.progress)
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         try:
             return measure_sensitivity(source.model_dir, options, None, ctx.progress, fisher=(stats, LinearIndex(weights)))

@@ -47,9 +47,9 @@ FisherStats = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
 def fisher_statistics(
-    model_path: Path, windows: Iterable[np.ndarray], *, seed: int = 0, threads: int = 0,
+    model_path: Path, windows: Iterable[np.ndarray], *, num_parameters: int, seed: int = 0, threads: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> tuple[FisherStats, dict[str, np.ndarray]]:
+) -> tuple[FisherStats, dict[str, Any]]:
     """(a, b) of every ``nn.Linear`` of the checkpoint at ``model_path`` over the token ``windows``,
     and each linear's weight tensor [out, in] (what the ONNX matrices are matched against)."""
     import torch
@@ -57,14 +57,14 @@ def fisher_statistics(
 
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    if model.num_parameters() > _FP32_MAX_PARAMETERS:
-        model = model.to(torch.bfloat16)
+    # loaded in the dtype it is used in: a 2.5B model read as fp32 first would peak at 10 GB
+    dtype = torch.float32 if num_parameters <= _FP32_MAX_PARAMETERS else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    exact = model.num_parameters() <= EXACT_MAX_PARAMETERS
-    acc = {
+    exact = num_parameters <= EXACT_MAX_PARAMETERS
+    acc: dict[str, list[Any]] = {
         n: [torch.zeros(m.in_features, dtype=torch.float64), torch.zeros(m.out_features, dtype=torch.float64),
             torch.zeros(m.in_features, m.out_features) if exact else None, None]
         for n, m in linears.items()
@@ -90,7 +90,7 @@ def fisher_statistics(
         for h in hooks:
             h.remove()
     t = max(tokens, 1)
-    stats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
+    stats: FisherStats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
     return stats, {n: m.weight.detach() for n, m in linears.items()}
 
 
