@@ -95,8 +95,6 @@ def test_the_profile_schema_rejects_what_no_format_can_meet():
     assert allowed_formats(q)[0] == Format(4, 64, True) and Format.parse("int8/b64/asym").label == "int8/b64/asym"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the Pi profiles keep the measured 57-matrix list until the build-time "
-                   "allocation's KL is measured on the default model")
 def test_no_shipped_profile_names_layers():
     from edgepipe.targets import list_targets
 
