@@ -133,7 +133,8 @@ def test_an_edited_plan_is_written_as_edited(zoo, tmp_path):
     assert f"{head.removesuffix('.weight')}.weight_zp" not in {t.name for t in model.graph.initializer}  # symmetric: no zero points
     ids = zoo.eval_ids(32)
     ref, got = CausalLM(fp32, threads=1).logits(ids), CausalLM(tmp_path / "q", threads=1).logits(ids)
-    assert np.isfinite(got).all() and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.8
+    # a working graph, not an accuracy claim: the Pi scheme without its budget is all int4 RTN here (0.75 measured)
+    assert np.isfinite(got).all() and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.6
     with pytest.raises(InputError, match="made for another model"):
         quantize(fp32, tmp_path / "q2", dataclasses.replace(edited, num_layers=3))
     with pytest.raises(InputError, match="the plan has no matrix 'nope'"):
@@ -172,7 +173,10 @@ def test_estimate_counts_every_weight_byte_of_the_artifact(zoo, arch, target):
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     # int64 initializers are graph, not weights: the table's shape for GatherBlockQuantized, the optimize passes' indices
     weights = stored_bytes(art, {t.name for t in model.graph.initializer if t.data_type != onnx.TensorProto.INT64})
-    assert weights == size.total, (weights, size)
+    if tgt.quantization.bits_per_weight is None:
+        assert weights == size.total, (weights, size)
+    else:  # sized at the budget, which the allocation fills to within a matrix's upgrade and never exceeds
+        assert 0.97 * size.total <= weights <= size.total, (weights, size)
     assert size.fp32 == (info.num_parameters - size_params(info.config, tgt)) * 4
     if not TIED[arch]:
         assert size.fp32 >= VOCAB * HIDDEN * 4  # the input embedding stays an fp32 Gather

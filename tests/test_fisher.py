@@ -22,10 +22,9 @@ def _export_matrices(model_dir):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_export_matrix_matches_checkpoint_linears(zoo, arch):
-    from edgepipe.quantize.fisher import LinearIndex, fisher_pair, fisher_statistics
+    from edgepipe.quantize.fisher import fisher_pair, fisher_statistics
 
-    stats, weights = fisher_statistics(zoo.model(arch), [zoo.eval_ids(64)], num_parameters=10**6)
-    index = LinearIndex(weights)
+    stats, index = fisher_statistics(zoo.model(arch), [zoo.eval_ids(64)], num_parameters=10**6)
     for name, w in _export_matrices(zoo.fp32(arch)).items():
         parts = index.split(w)
         assert parts, f"{arch}: {name} {w.shape} matches no linear"
@@ -50,7 +49,7 @@ def test_fisher_predicts_the_kl_each_matrix_costs(zoo):
 
     calib = [zoo.eval_ids(128, offset=o) for o in (0, 128, 256, 384)]
     held = torch.as_tensor(zoo.eval_ids(256, offset=512)).reshape(1, -1)
-    stats, _weights = fisher_statistics(zoo.model("llama"), calib, num_parameters=10**6)
+    stats, _index = fisher_statistics(zoo.model("llama"), calib, num_parameters=10**6)
     model = zoo.torch_model("llama")
     with torch.no_grad():
         ref = torch.log_softmax(model(held).logits[0].double(), -1)

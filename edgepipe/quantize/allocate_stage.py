@@ -134,14 +134,14 @@ def _measure(source: ExportResult, info: Any, options: Any, windows: list[np.nda
 
     if proxy == FISHER:
         from edgepipe.export.normalize import normalized_folder
-        from edgepipe.quantize.fisher import LinearIndex, fisher_statistics
+        from edgepipe.quantize.fisher import fisher_statistics
 
         ctx.progress("sensitivity: Fisher statistics (one forward and backward pass per calibration window)")
         src, _rows = normalized_folder(info.path, tmp / "hf")
-        stats, weights = fisher_statistics(src, windows, num_parameters=info.num_parameters, threads=ctx.threads, progress=ctx.progress)
+        stats, index = fisher_statistics(src, windows, num_parameters=info.num_parameters, threads=ctx.threads, progress=ctx.progress)
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         try:
-            return measure_sensitivity(source.model_dir, options, None, ctx.progress, fisher=(stats, LinearIndex(weights)))
+            return measure_sensitivity(source.model_dir, options, None, ctx.progress, fisher=(stats, index))
         except LookupError as e:
             logger.warning("Fisher sensitivity not measurable (%s); using the relative output error", e)
             ctx.progress("sensitivity: the export does not match the checkpoint's linears; using the relative output error")

@@ -49,9 +49,10 @@ FisherStats = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 def fisher_statistics(
     model_path: Path, windows: Iterable[np.ndarray], *, num_parameters: int, seed: int = 0, threads: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> tuple[FisherStats, dict[str, Any]]:
-    """(a, b) of every ``nn.Linear`` of the checkpoint at ``model_path`` over the token ``windows``,
-    and each linear's weight tensor [out, in] (what the ONNX matrices are matched against)."""
+) -> tuple[FisherStats, LinearIndex]:
+    """(a, b, F) of every ``nn.Linear`` of the checkpoint at ``model_path`` over the token ``windows``,
+    and the index the ONNX matrices are matched with (a few rows per linear: the model itself is
+    freed on return, before the long per-matrix part, so a 2.5B model is not held twice)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +92,7 @@ def fisher_statistics(
             h.remove()
     t = max(tokens, 1)
     stats: FisherStats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
-    return stats, {n: m.weight.detach() for n, m in linears.items()}
+    return stats, LinearIndex({n: m.weight.detach() for n, m in linears.items()})
 
 
 def _forward_hook(slot: list[Any]) -> Callable[..., None]:
@@ -124,13 +125,18 @@ class LinearIndex:
     """The checkpoint's linears, findable by the leading values of an output column (in bf16
     precision, which a bf16 checkpoint and its fp32 export share). Each linear is indexed at its
     first column and at its middle one: exports fuse linears side by side (q|k|v) or split one in
-    halves (Phi-3's gate_up into gate and up)."""
+    halves (Phi-3's gate_up into gate and up). A match is confirmed on a few whole columns kept
+    per linear (first, last, and both sides of the middle), not on the whole weight."""
 
     def __init__(self, weights: Mapping[str, Any]):
-        self._weights = weights  # name -> torch tensor [out, in]
         self._index: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+        self._shape: dict[str, tuple[int, int]] = {}
+        self._probes: dict[str, dict[int, np.ndarray]] = {}  # name -> output column -> its weights [in]
         for name, w in weights.items():
             n = int(w.shape[0])
+            self._shape[name] = (n, int(w.shape[1]))
+            rows = sorted({0, n - 1, max(n // 2 - 1, 0), n // 2})
+            self._probes[name] = {r: w[r].float().numpy() for r in rows}
             for off in {0, n // 2} if n % 2 == 0 else {0}:
                 self._index.setdefault(_column_key(w[off, :_KEY].float().numpy()), []).append((name, off))
 
@@ -149,11 +155,12 @@ class LinearIndex:
 
     def _fits(self, cand: tuple[str, int], w: np.ndarray, col: int) -> Part | None:
         name, off = cand
-        lw = self._weights[name]
-        n = min(int(lw.shape[0]) - off, w.shape[1] - col)
-        if lw.shape[1] != w.shape[0]:
+        rows, k = self._shape[name]
+        n = min(rows - off, w.shape[1] - col)
+        if k != w.shape[0]:
             return None
-        same = np.allclose(w[:, col:col + n], lw[off:off + n].float().numpy().T, rtol=1e-2, atol=1e-6)
+        probes = [(r, v) for r, v in self._probes[name].items() if off <= r < off + n]
+        same = all(np.allclose(w[:, col + r - off], v, rtol=1e-2, atol=1e-6) for r, v in probes)
         return (name, off, n) if same else None
 
 
