@@ -290,6 +290,37 @@ def test_full_queue_answers_503_with_retry_after(live: Live) -> None:
     assert all(int(h["Retry-After"]) >= 1 for s, h in results if s == 503)
 
 
+def test_connection_cap_answers_503_and_recovers(live: Live) -> None:
+    """Idle connections up to the cap hold their threads; one more is answered 503 (JSON) and closed;
+    once they close, requests are served again."""
+    from edgepipe.runtime.serve.http import MAX_CONNECTIONS
+
+    idle = [socket.create_connection(("127.0.0.1", live.port), timeout=30) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # every idle connection accepted and holding its slot
+        extra = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        raw = b""
+        while chunk := extra.recv(4096):
+            raw += chunk
+        extra.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head, raw
+        assert "connections" in json.loads(body)["error"]["message"]
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 30
+    while True:  # the handlers see their clients gone and free the slots
+        try:
+            status, _, _ = live.request("GET", "/health")
+        except OSError:
+            status = 0
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200
+
+
 def test_load_8_clients_200_requests(live: Live) -> None:
     """Bounded: 200 short requests from 8 threads; only documented 503s, every request answered,
     nothing left queued, RSS flat."""

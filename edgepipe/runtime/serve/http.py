@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 DISCARD_BYTES = 64 << 20  # a refused body up to this size is read and dropped
 IDLE_TIMEOUT_S = 60.0  # a connection that sends nothing for this long is closed
+MAX_CONNECTIONS = 64  # open connections (one thread each); beyond, a new one gets 503 and is closed
+_BUSY_BODY = b'{"error": {"message": "too many open connections", "type": "server_error", "code": 503}}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 _HUNG_UP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
@@ -38,12 +44,35 @@ class Server(ThreadingHTTPServer):
     api_key: str | None
     max_body: int
 
-    def __init__(self, address: tuple[str, int], engine: Engine, api_key: str | None, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, address: tuple[str, int], engine: Engine, api_key: str | None, max_body: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.engine, self.api_key, self.max_body = engine, api_key, max_body
         self._inflight = 0
         self._idle = threading.Condition()
+        # a thread per connection: without a cap, a client opening connections by the thousand
+        # (or a slow-loris one) exhausts threads and memory on a small board
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("refused a connection from %s: %d already open", client_address[0], self.max_connections)
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @contextmanager
     def inflight(self) -> Iterator[None]:
