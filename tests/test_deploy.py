@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from serve_support import ask_server
 from test_ssh import Sshd, needs_sshd, sshd, test_cache, tiny_artifact  # noqa: F401  (fixtures)
 
 from edgepipe.cli import main
@@ -101,6 +102,10 @@ def test_deploy_and_rollback(sshd, tiny_artifact, board, tmp_path):  # noqa: F81
     # the board runs what `current` names
     proc = subprocess.run([sys.executable, "-m", "edgepipe.runtime", "verify", str(root / "current")], capture_output=True, text=True)
     assert proc.returncode == 0 and json.loads(proc.stdout)["verified"] is True
+    # and serves it from the venv the deploy made (jinja2 included: the chat template renders)
+    venv_python = next(board.glob("venv-*/bin/python"))
+    served = ask_server([str(venv_python), "-m", "edgepipe.runtime", "serve", str(root / "current"), "--port", "0"], "Emma Woodhouse")
+    assert served["completion"] and served["chat_status"] == 200, served
 
 
 @needs_sshd

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from oci_support import check_schema, layer_tar, read_layout, unpack
+from serve_support import ask_server
 
 from edgepipe.cli import main
 from edgepipe.devices import pyroot
@@ -114,6 +115,7 @@ def test_runnable_image_layout(toy, tmp_path):
     assert (cfg["architecture"], cfg["os"]) == ("arm64", "linux")
     assert cfg["config"]["Entrypoint"] == list(ENTRYPOINT) == ["/usr/bin/python3", "-m", "edgepipe.runtime"]
     assert cfg["config"]["Cmd"][:2] == ["run", "/model"] and "--prompt" in cfg["config"]["Cmd"]
+    assert cfg["config"]["ExposedPorts"] == {"8080/tcp": {}}  # `serve /model --host 0.0.0.0`
     assert [m["mediaType"] for m in doc["manifest"]["layers"]] == [ol.MEDIA_LAYER_GZIP] * 3
     assert len(cfg["rootfs"]["diff_ids"]) == 3 and len(cfg["history"]) == 3
     assert res.manifest_digest == doc["descriptor"]["digest"] and res.layers == tuple(m["digest"] for m in doc["manifest"]["layers"])
@@ -291,9 +293,14 @@ def test_amd64_image_runs_in_a_chroot(zoo, tmp_path):
         cmd = [*cfg["config"]["Entrypoint"], "run", "/model", "--prompt", prompt, "--max-new-tokens", "12"]
         env = {**_guest_env(cfg), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
         ran = subprocess.run([shutil.which("chroot"), str(root), *cmd], capture_output=True, text=True, timeout=600, env=env)
+        cmd = [shutil.which("chroot"), str(root), *cfg["config"]["Entrypoint"], "serve", "/model", "--host", "127.0.0.1", "--port", "0"]
+        served = ask_server(cmd, prompt, env=env)
     finally:
         subprocess.run(["umount", str(root / "proc")], capture_output=True)
     assert ran.returncode == 0, ran.stderr
     host = subprocess.run([os.sys.executable, "-m", "edgepipe.runtime", "run", str(artifact), "--prompt", prompt, "--max-new-tokens", "12"],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert ran.stdout.strip() and ran.stdout == host
+    # the image serves too: completions equal `run`'s greedy text; a chat request renders the artifact's template (jinja2 in the image)
+    assert served["completion"] == host.strip(), served
+    assert served["chat_status"] == 200 and served["chat_text"], served

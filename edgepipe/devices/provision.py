@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 #: Bump when the board's venv recipe changes.
 LAYOUT_VERSION = 1
 #: The base dependencies a board venv gets, at the versions ``pyproject.toml`` pins.
-BASE_DEPENDENCIES: tuple[str, ...] = ("onnxruntime", "numpy", "tokenizers", "click", "pyyaml", "cryptography")
+BASE_DEPENDENCIES: tuple[str, ...] = ("onnxruntime", "numpy", "tokenizers", "click", "pyyaml", "cryptography", "jinja2", "markupsafe")
 VENV_MARKER = "edgepipe-venv.json"
 MIN_PYTHON = (3, 10)
 
@@ -107,7 +107,7 @@ def read_pins(names: Sequence[str]) -> dict[str, str]:
 
 
 def base_pins() -> dict[str, str]:
-    """``{"onnxruntime": "1.31.1", "numpy": ..., "tokenizers": ..., "click": ..., "pyyaml": ..., "cryptography": ...}``."""
+    """``{"onnxruntime": "1.31.1", "numpy": ..., "tokenizers": ..., "click": ..., "pyyaml": ..., "cryptography": ..., "jinja2": ..., "markupsafe": ...}``."""
     return read_pins(BASE_DEPENDENCIES)
 
 

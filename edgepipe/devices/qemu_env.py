@@ -47,8 +47,8 @@ GUEST_SUITE = pyroot.SUITE
 #: Debian arm64 packages whose files make a working python3.11 + the libraries wheels need.
 GUEST_PACKAGES: tuple[str, ...] = pyroot.PYTHON_PACKAGES
 GUEST_ARCH = pyroot.ARCHES["arm64"]
-#: The device runtime's wheels; their versions are the package's own pins.
-RUNTIME_WHEELS: tuple[str, ...] = ("onnxruntime", "numpy", "tokenizers")
+#: The device runtime's wheels (jinja2 + markupsafe: ``serve``'s chat templates); their versions are the package's own pins.
+RUNTIME_WHEELS: tuple[str, ...] = ("onnxruntime", "numpy", "tokenizers", "jinja2", "markupsafe")
 WHEEL_PLATFORMS: tuple[str, ...] = GUEST_ARCH.wheel_platforms
 MIN_QEMU = (8, 0)
 #: Where qemu >= 8 comes from, per host Debian codename (default: the codename itself).

@@ -6,7 +6,7 @@ artifact on the same runtime ships only its own layer:
 1. a Python 3.11 root filesystem: Debian bookworm's packages for that architecture unpacked with
    ``dpkg-deb -x`` (:mod:`edgepipe.devices.pyroot`, the tree the qemu runner runs in; no
    maintainer script runs, nothing is emulated);
-2. the torch-free runtime: the pinned onnxruntime / numpy / tokenizers wheels for that platform
+2. the torch-free runtime: the pinned onnxruntime / numpy / tokenizers / jinja2 wheels for that platform
    and edgepipe's ``runtime/`` + ``errors.py`` in ``/usr/lib/python3/dist-packages``;
 3. the artifact folder at ``/model``.
 
@@ -175,7 +175,7 @@ def _serve_config() -> dict[str, Any]:
     label (``docker run -p 8080:8080 IMAGE serve /model --host 0.0.0.0``)."""
     from edgepipe.devices.provision import package_dir
 
-    if not (package_dir() / "runtime" / "serve.py").is_file():
+    if not (package_dir() / "runtime" / "serve" / "__init__.py").is_file():
         return {}
     return {"ExposedPorts": {f"{SERVE_PORT}/tcp": {}}}
 
