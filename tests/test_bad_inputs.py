@@ -354,6 +354,20 @@ CASES = [
     Case("art-manifest-nested-40", lambda w: _art(w, _deep_manifest(w.artifact())), 2, "nests deeper than 32 levels"),
     Case("env-cache-is-a-file", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/etc/hostname/cache"),)),
     Case("env-cache-in-proc", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/proc/edgepipe-cache"),)),
+    # ---- issue 18: an artifact holds only what its manifest lists (plus manifest.json and model.sig) ----
+    Case("art-unlisted-file", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "notes.txt").write_text("mine"))), 2,
+         "notes.txt is in"),
+    Case("art-unlisted-file-run", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "evil.so").write_bytes(b"\x7fELF")), "run"), 2,
+         "evil.so is in"),
+    Case("art-unlisted-in-subfolder", lambda w: _art(w, _with(w.artifact(), lambda a: ((a / "sub").mkdir(), (a / "sub" / "x.onnx").write_text("x")))), 2,
+         "sub/x.onnx is in"),
+    Case("art-unlisted-symlinked-folder", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "linked").symlink_to(w.root))), 2,
+         "linked is in"),
+    Case("art-unlisted-fifo", lambda w: _art(w, _with(w.artifact(), lambda a: os.mkfifo(a / "pipe"))), 2, "pipe is in"),
+    Case("art-unlisted-two", lambda w: _art(w, _with(w.artifact(), lambda a: ((a / "a.txt").write_text("1"), (a / "b.txt").write_text("2")))), 2,
+         "a.txt (and 1 more) is in"),
+    Case("art-half-signature", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "model.sig.tmp").write_text("{"))), 2,
+         "model.sig.tmp is in"),
 ]
 
 

@@ -140,6 +140,33 @@ def test_publish_refuses_a_file_the_user_added_during_the_build(llama_artifact: 
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.md").read_text() != "new"
 
 
+def test_files_edgepipe_writes_beside_the_manifest(llama_artifact: Path, tmp_path: Path) -> None:
+    """``model.sig`` (written by `sign` after the manifest) belongs to the artifact: it verifies, and a
+    rebuild may replace it. A git-backed hub's ``.gitattributes`` / ``.git`` verify (the signing format
+    leaves them out) but are the user's: a rebuild refuses to delete them. A killed `sign`'s
+    ``model.sig.tmp`` fails verify and is replaced by the next `sign`."""
+    from edgepipe.package import check_out_dir
+    from edgepipe.package.signing import keygen, sign_artifact
+    from edgepipe.runtime.manifest import verify_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(llama_artifact, art)
+    key = keygen(tmp_path / "key").private
+    (art / "model.sig.tmp").write_text("{")  # a killed `sign`
+    sign_artifact(art, key)
+    assert sorted(p.name for p in art.iterdir() if p.name.startswith("model.sig")) == ["model.sig"]
+    verify_artifact(art)
+    check_out_dir(art)  # a rebuild may replace a signed artifact
+    (art / ".gitattributes").write_text("*.data filter=lfs diff=lfs merge=lfs -text\n")
+    (art / ".git").mkdir()
+    (art / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    verify_artifact(art)
+    res = CliRunner().invoke(main, ["verify", str(art)])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(InputError, match="did not write"):
+        check_out_dir(art)
+
+
 # ---- builds and `cache prune` ----
 
 

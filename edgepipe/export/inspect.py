@@ -158,13 +158,35 @@ def check_tensors(config: dict[str, Any], tensors: dict[str, TensorHeader]) -> N
     silently drop an unexpected one. Architectures without a checkpoint table get the dtype check."""
     from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES, checkpoint_tensors
 
-    for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES and not name.endswith(CKPT_IGNORED_SUFFIXES):
-            raise ModelError(f"tensor {name!r} is stored as {t.dtype}, not a float; the checkpoint is a broken conversion, re-save it in fp32/fp16/bf16")
+    _check_dtypes(tensors, CKPT_IGNORED_SUFFIXES)
     table = checkpoint_tensors(config)
     if table is not None:
         _check_required(config, tensors, table[0])
         _check_unexpected(config, tensors, *table)
+
+
+def _check_dtypes(tensors: dict[str, TensorHeader], ignored_suffixes: tuple[str, ...]) -> None:
+    for name, t in tensors.items():
+        if t.dtype not in _FLOAT_DTYPES and not name.endswith(ignored_suffixes):
+            raise ModelError(f"tensor {name!r} is stored as {t.dtype}, not a float; the checkpoint is a broken conversion, re-save it in fp32/fp16/bf16")
+
+
+# integer buffers an encoder checkpoint may carry (BERT's position ids), not weights
+ENCODER_BUFFERS = (".position_ids", ".token_type_ids")
+
+
+def check_encoder_weights(model_dir: Path) -> None:
+    """An encoder folder's safetensors, as :func:`inspect_model` checks a decoder's: headers, sizes,
+    index, finite values, and a float dtype for every weight (the per-architecture shape tables are
+    the decoders'; what transformers would initialise is caught when it loads the checkpoint). A folder
+    with PyTorch ``.bin`` weights only is left to that load."""
+    from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES
+
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
+        return
+    weights, weight_map = _weight_files(model_dir)
+    _check_dtypes(_all_tensors(weights, weight_map), CKPT_IGNORED_SUFFIXES + ENCODER_BUFFERS)
 
 
 def _check_required(config: dict[str, Any], tensors: dict[str, TensorHeader], required: dict[str, tuple[int, ...]]) -> None:

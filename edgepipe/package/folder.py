@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgepipe.errors import InputError
-from edgepipe.runtime.manifest import is_artifact, read_manifest
+from edgepipe.runtime.manifest import is_artifact, read_manifest, unlisted_files, written_beside_manifest
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -68,19 +68,13 @@ def _check_writable(folder: Path, out: Path) -> None:
 
 
 def _foreign_files(out: Path) -> list[str]:
-    """Files in a previous artifact at ``out`` that its manifest does not list (the user's own)."""
+    """Files in a previous artifact at ``out`` that edgepipe did not write (the user's own): neither in
+    its manifest nor written beside it (the manifest itself, the signature). A git clone's ``.git`` is the user's."""
     try:
-        listed = set(read_manifest(out).files) | {"manifest.json"}
+        listed = set(read_manifest(out).files)
     except Exception:  # noqa: BLE001 - a damaged manifest: every file counts as foreign unless it is an edgepipe name
-        listed = {"manifest.json", "report.md", "reference.npz", *MODEL_FILES, *TOKENIZER_FILES}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(out):
-        rel_dir = Path(dirpath).relative_to(out)
-        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
-            rel = (rel_dir / name).as_posix()
-            if rel not in listed:
-                found.append(rel)
-    return sorted(found)
+        listed = {"report.md", "reference.npz", *MODEL_FILES, *TOKENIZER_FILES}
+    return unlisted_files(out, {*listed, *written_beside_manifest()})
 
 
 def check_out_dir(out: Path, inputs: Sequence[Path | None] = ()) -> None:
