@@ -48,7 +48,7 @@ def leases() -> Iterator[None]:
             os.close(fd)
 
 
-def _lock(folder: Path, how: int) -> int | None:
+def lock_folder(folder: Path, how: int) -> int | None:
     """An open descriptor of ``folder`` holding ``flock(how)``; None if it vanished or is locked (LOCK_NB)."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -151,7 +151,7 @@ def cached_stage(
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
-    held = _lock(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
+    held = lock_folder(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
     hit = _complete_entry(final) if held is not None else None
     if hit is not None:
         _lease(held)
@@ -161,7 +161,7 @@ def cached_stage(
     if held is not None:
         os.close(held)
     tmp = _work_folder(stage, base, need_bytes)
-    held = _lock(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
+    held = lock_folder(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
     try:
         info = produce(tmp) or {}
         _commit(tmp, final, {"stage": stage, "parts": parts, "info": info})
@@ -222,7 +222,7 @@ def _sweep_stale(base: Path) -> None:
 
 def _remove_unused(entry: Path) -> bool:
     """Delete ``entry`` unless a build holds it (a lock taken without waiting); True when deleted."""
-    fd = _lock(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = lock_folder(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
     if fd is None:
         return not entry.exists()
     try:

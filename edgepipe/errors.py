@@ -48,3 +48,13 @@ class NpuCoverageError(EdgepipeError):
     """The model does not run wholly on the NPU and the target forbids CPU fallback."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM that arrived while a build published its artifact: held back until the swap
+    was whole, then raised. ``published``: the folder that now holds the new, complete artifact."""
+
+    def __init__(self, signum: int, published: str) -> None:
+        super().__init__(signum, published)
+        self.signum = signum
+        self.published = published
