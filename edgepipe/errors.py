@@ -3,6 +3,8 @@ message and exits with ``exit_code``; anything else is a bug and keeps its trace
 
 from __future__ import annotations
 
+import errno
+
 
 class EdgepipeError(Exception):
     """Base of all errors edgepipe reports to a user. The message names the problem and the fix."""
@@ -58,3 +60,14 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signum, published)
         self.signum = signum
         self.published = published
+
+
+def cannot_read(what: str, path: object, e: OSError) -> str:
+    """The one line for a file that is there but cannot be read: what, where, why, and the fix."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        fix = "make it readable by this user (check its permissions and its folders')"
+    elif e.errno == errno.EISDIR:
+        fix = "it is a folder; pass a file"
+    else:
+        fix = "check the file and its disk"
+    return f"cannot read {what} {path} ({e.strerror or type(e).__name__}); {fix}"

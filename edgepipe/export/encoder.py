@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ModelError
+from edgepipe.errors import ModelError, cannot_read
 
 MASK_BIAS = -100.0  # exp(-100) ~ 4e-44: masked keys get no weight, and the range stays small
 OPSET = 20  # Gelu is an ONNX op from opset 20 on
@@ -43,7 +43,9 @@ class EncoderSpec:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ModelError(cannot_read("model file", path, e)) from None
+    except ValueError as e:
         raise ModelError(f"cannot read {path}: {e}; fix or re-save the model folder") from None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, cannot_read
 from edgepipe.runtime.manifest import MANIFEST_NAME, check_artifact, is_artifact, sha256_file
 from edgepipe.runtime.signing import SIGNATURE_NAME, bundle, ecdsa_for, key_id, pae, statement
 
@@ -74,10 +74,12 @@ def load_private_key(path: Path | str) -> Any:
     """An EC private key from a PEM file (unencrypted), refused with a one-line reason otherwise."""
     serialization = _crypto()
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block
+        raise InputError(f"signing key {path} is not a regular file (a folder, a pipe or a device); pass a PEM file")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as e:
-        raise InputError(f"cannot read signing key {path}: {e.strerror or e}") from None
+        raise InputError(cannot_read("signing key", path, e)) from None
     except (ValueError, TypeError) as e:
         raise InputError(f"{path} is not an unencrypted PEM private key ({str(e)[:80]}); make one with `edgepipe keygen`") from None
     ecdsa_for(key.public_key())

@@ -75,10 +75,9 @@ def _validate(args: argparse.Namespace) -> None:
 
     text = None
     if args.eval_file:
-        try:
-            text = Path(args.eval_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgepipeError(f"cannot read eval file {args.eval_file}: {e}") from None
+        from edgepipe.runtime.args import read_user_text
+
+        text = read_user_text(args.eval_file, "eval file")
     out = validate(args.artifact, eval_text=text, max_tokens=args.max_tokens, with_bench=not args.no_bench, threads=args.threads)
     print(json.dumps(out))
 

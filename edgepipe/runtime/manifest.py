@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from edgepipe.errors import ArtifactError
+from edgepipe.errors import ArtifactError, cannot_read
 from edgepipe.runtime.kinds import ArtifactKind, legacy_kind, parse_kind
 from edgepipe.runtime.threads import resolve_threads
 
@@ -164,7 +164,9 @@ def _load_json(mpath: Path) -> Any:
         if mpath.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB; not an edgepipe manifest, rebuild the artifact")
         data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except OSError as e:
+        raise ArtifactError(cannot_read("manifest", mpath, e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({type(e).__name__}); the artifact is damaged, rebuild it") from None
     if json_depth(data) > MAX_MANIFEST_DEPTH:
         raise ArtifactError(f"{mpath} nests deeper than {MAX_MANIFEST_DEPTH} levels; not an edgepipe manifest, rebuild the artifact")
@@ -346,7 +348,11 @@ def _check_hashes(root: Path, m: Manifest) -> None:
         size = path.stat().st_size
         if size != entry.size:
             raise ArtifactError(f"{rel} has {size} bytes, the manifest says {entry.size}; re-copy the artifact")
-        if sha256_file(path) != entry.sha256:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise ArtifactError(cannot_read("artifact file", path, e)) from None
+        if digest != entry.sha256:
             raise ArtifactError(f"{rel} does not match its sha256 in the manifest; the file is corrupt, re-copy the artifact")
     check_loaded_files(root, m.files)
 
