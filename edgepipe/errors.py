@@ -71,3 +71,12 @@ def cannot_read(what: str, path: object, e: OSError) -> str:
     else:
         fix = "check the file and its disk"
     return f"cannot read {what} {path} ({e.strerror or type(e).__name__}); {fix}"
+
+
+def path_error(e: OSError) -> InputError | None:
+    """The user-input error an OSError stands for, wherever it surfaced: a path too long for the
+    filesystem (``Path.exists`` raises it rather than saying no). None for any other OSError."""
+    if e.errno == errno.ENAMETOOLONG:
+        name = str(e.filename)[:80] + ("..." if len(str(e.filename)) > 80 else "")
+        return InputError(f"the path {name} is too long for the filesystem (a name over 255 bytes or a path over 4096); use a shorter one")
+    return None

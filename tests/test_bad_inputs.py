@@ -381,6 +381,12 @@ CASES = [
     Case("serve-api-key-fifo", lambda w: ["serve", str(w.artifact()), "--api-key-file", _fifo(w, "key.txt"), "--port", "1"], 2,
          "--api-key-file"),
     Case("validate-eval-fifo", lambda w: ["validate", str(w.artifact()), "--eval", _fifo(w)], 2, "is not a regular file"),
+    # ---- issue 18: names too long for the filesystem (Path.exists raises ENAMETOOLONG instead of saying no) ----
+    Case("out-name-too-long", lambda w: w.build("--out", str(w.root / ("o" * 300))), 2, "is too long for the filesystem"),
+    Case("model-name-too-long", lambda w: w.build(model=w.root / ("m" * 300)), 2, "is too long for the filesystem"),
+    Case("verify-name-too-long", lambda w: ["verify", str(w.root / ("a" * 300))], 2, "is too long for the filesystem"),
+    Case("eval-name-too-long", lambda w: w.build("--eval", str(w.root / ("e" * 300))), 2, "File name too long"),
+    Case("target-name-too-long", lambda w: w.build(target=str(w.root / ("t" * 300)) + ".yaml"), 2, "does not exist"),
     # ---- issue 18: an artifact holds only what its manifest lists (plus manifest.json and model.sig) ----
     Case("art-unlisted-file", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "notes.txt").write_text("mine"))), 2,
          "notes.txt is in"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from edgepipe.errors import EdgepipeError, Interrupted
+from edgepipe.errors import EdgepipeError, Interrupted, path_error
 
 EXIT_BUDGET = 3
 
@@ -57,6 +57,11 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except EdgepipeError as e:
             _fail(e)
+        except OSError as e:
+            known = path_error(e)
+            if known is None:
+                raise
+            _fail(known)
         except Interrupted as e:  # held back while the build published: the new artifact is in place, whole
             what = "terminated" if e.signum == signal.SIGTERM else "interrupted"
             click.echo(f"error: {what} as the build finished; the new artifact was published to {e.published} (complete)", err=True)

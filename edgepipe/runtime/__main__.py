@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import EdgepipeError, path_error
 from edgepipe.runtime import args as contract
 
 
@@ -122,9 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         _check(args)
         _COMMANDS[args.cmd](args)
     except EdgepipeError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return e.exit_code
+        return _fail(e)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        known = path_error(e)
+        if known is None:
+            raise
+        return _fail(known)
     return 0
+
+
+def _fail(e: EdgepipeError) -> int:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return e.exit_code
 
 
 def _check(args: argparse.Namespace) -> None:
