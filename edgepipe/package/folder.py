@@ -26,7 +26,8 @@ from pathlib import Path
 
 from edgepipe.cache import fsync_tree, lock_folder
 from edgepipe.errors import InputError, Interrupted
-from edgepipe.runtime.manifest import is_artifact, read_manifest, unlisted_files, written_beside_manifest
+from edgepipe.runtime.manifest import is_artifact, read_manifest
+from edgepipe.runtime.unlisted import unlisted_files, written_beside_manifest
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
