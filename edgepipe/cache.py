@@ -32,6 +32,17 @@ from edgepipe.models import cache_root
 logger = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+# The cache folder is marked as edgepipe's with a CACHEDIR.TAG (https://bford.info/cachedir/; backup
+# tools skip such folders): `cache prune` deletes only in a marked folder, so an EDGEPIPE_CACHE that
+# points at a user's folder (a typo, $HOME) never has its sub-folders taken for stale entries.
+TAG_NAME = "CACHEDIR.TAG"
+TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+_TAG = TAG_SIGNATURE + "\n# This folder is edgepipe's cache (stage outputs, converted models): `edgepipe cache prune` may delete in it.\n"
+# the top-level folders of a cache made before the tag: a folder holding nothing else is edgepipe's
+_LEGACY_NAMES = frozenset({
+    "export", "quantize", "optimize", "validate", "allocate", "sensitivity", "npu-export", "npu-quantize", "npu-compile",
+    "npu-validate", "models", "bench", "llamacpp", "wheels", "pyroot", "qemu",
+})
 
 
 _scopes: list[list[int]] = []  # open, shared-locked entry folders of the builds in progress (innermost last)
@@ -48,7 +59,7 @@ def leases() -> Iterator[None]:
             os.close(fd)
 
 
-def _lock(folder: Path, how: int) -> int | None:
+def lock_folder(folder: Path, how: int) -> int | None:
     """An open descriptor of ``folder`` holding ``flock(how)``; None if it vanished or is locked (LOCK_NB)."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -151,7 +162,7 @@ def cached_stage(
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
-    held = _lock(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
+    held = lock_folder(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
     hit = _complete_entry(final) if held is not None else None
     if hit is not None:
         _lease(held)
@@ -161,7 +172,7 @@ def cached_stage(
     if held is not None:
         os.close(held)
     tmp = _work_folder(stage, base, need_bytes)
-    held = _lock(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
+    held = lock_folder(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
     try:
         info = produce(tmp) or {}
         _commit(tmp, final, {"stage": stage, "parts": parts, "info": info})
@@ -174,14 +185,40 @@ def cached_stage(
     return final, info
 
 
+def is_marked(root: Path) -> bool:
+    """True when ``root`` carries edgepipe's CACHEDIR.TAG."""
+    try:
+        with open(root / TAG_NAME, encoding="utf-8", errors="replace") as f:
+            return f.read(len(TAG_SIGNATURE)) == TAG_SIGNATURE
+    except OSError:
+        return False
+
+
+def _mark(root: Path, created: bool, stage: str) -> None:
+    """Tag ``root`` as edgepipe's cache when edgepipe created it, or when it holds only what an older
+    edgepipe kept there (and the folder of ``stage``, being written); a folder with anything else in
+    it is someone's, and stays unmarked."""
+    if is_marked(root):
+        return
+    known = _LEGACY_NAMES | {stage}
+    try:
+        ours = created or all(p.name in known or p.name.startswith(".") for p in root.iterdir())
+        if ours:
+            (root / TAG_NAME).write_text(_TAG, encoding="utf-8")
+    except OSError:  # a read-only cache: it stays unmarked (and unpruned)
+        pass
+
+
 def _work_folder(stage: str, base: Path, need_bytes: int | None) -> Path:
     """A fresh ``.tmp-*`` folder in the stage's cache folder, after sweeping old ones and checking space."""
+    created = not base.parent.exists()
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise disk_full(stage, base, need_bytes) from None
         raise InputError(f"cannot create the stage cache folder {base} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
+    _mark(base.parent, created, stage)
     _sweep_stale(base)
     if need_bytes and shutil.disk_usage(base).free < need_bytes:
         raise disk_full(stage, base, need_bytes)
@@ -222,7 +259,7 @@ def _sweep_stale(base: Path) -> None:
 
 def _remove_unused(entry: Path) -> bool:
     """Delete ``entry`` unless a build holds it (a lock taken without waiting); True when deleted."""
-    fd = _lock(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = lock_folder(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
     if fd is None:
         return not entry.exists()
     try:
@@ -290,7 +327,14 @@ def list_cache() -> list[dict[str, Any]]:
 
 def prune_cache(max_bytes: int) -> list[dict[str, Any]]:
     """Delete least recently used entries (and all temporaries) until the cache fits ``max_bytes``;
-    entries a running build holds (work folders included) are skipped, never deleted under it."""
+    entries a running build holds (work folders included) are skipped, never deleted under it. Only
+    in a folder marked as edgepipe's cache (:func:`is_marked`): anything else is refused, untouched."""
+    root = cache_root()
+    if root.is_dir() and not is_marked(root):
+        raise InputError(
+            f"{root} is not marked as edgepipe's cache (no {TAG_NAME} from edgepipe), so `cache prune` will not delete "
+            "in it: check EDGEPIPE_CACHE (a build with this edgepipe marks the cache folder it creates)"
+        )
     entries = list_cache()
     temporaries = [e for e in entries if e["key"].startswith(".tmp-")]
     entries = [e for e in entries if not e["key"].startswith(".tmp-")]

@@ -201,11 +201,13 @@ def fill_disk(where: Path, leave_bytes: int) -> Path:
     return filler
 
 
-def start_build(model: Path, target: str | Path, out: Path, cache: Path) -> subprocess.Popen:
-    """``edgepipe build`` in its own process group and stage cache (so a test can SIGKILL all of it)."""
+def start_build(model: Path, target: str | Path, out: Path, cache: Path, *, prelude: str = "") -> subprocess.Popen:
+    """``edgepipe build`` in its own process group and stage cache (so a test can SIGKILL all of it).
+    ``prelude``: Python run in the build process before the CLI starts (to time a signal exactly)."""
     e = dict(os.environ, EDGEPIPE_CACHE=str(cache))
+    cli = ["-c", prelude + "\nfrom edgepipe.cli import main\nmain()\n"] if prelude else ["-m", "edgepipe.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe.cli", "build", "--model", str(model), "--target", str(target), "--out", str(out)],
+        [sys.executable, *cli, "build", "--model", str(model), "--target", str(target), "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True,
     )
 

@@ -159,10 +159,19 @@ def _dangling(w: W) -> W:
     return w
 
 
-def _fifo(w: W) -> str:
-    path = w.root / "fifo.txt"
+def _fifo(w: W, name: str = "fifo.txt") -> str:
+    path = w.root / name
     os.mkfifo(path)
     return str(path)
+
+
+def _replace(path: Path, kind: str) -> None:
+    """``path`` (a file) becomes a FIFO or an empty folder of the same name."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
 
 
 def _art_with(w: W, name: str, data: str) -> Path:
@@ -316,7 +325,8 @@ CASES = [
     Case("model-index-subfolder", lambda w: w.build(model=_full_index(w.model(), **{"model.norm.weight": "sub/model.safetensors"})), 2, "not a safetensors file inside"),
     Case("model-safetensors-deep-header", lambda w: w.build(model=_deep_header(w.model())), 2, "nested too deeply"),
     Case("model-config-deep", lambda w: w.build(model=_with(w.model(), lambda m: (m / "config.json").write_text(_deep(100000)))), 2, "is nested too deeply"),
-    Case("model-config-is-fifo", lambda w: w.build(model=_with(w.model(), lambda m: ((m / "config.json").unlink(), os.mkfifo(m / "config.json")))), 2, "has no config.json"),
+    Case("model-config-is-fifo", lambda w: w.build(model=_with(w.model(), lambda m: ((m / "config.json").unlink(), os.mkfifo(m / "config.json")))), 2,
+         "config.json is not a regular file"),
     # ---- issue 18: target profiles, bounded parsers ----
     Case("target-alias-bomb", lambda w: w.build(target=w.target(ALIAS_BOMB)), 2, "aliases (*name) are not allowed"),
     Case("target-alias-in-good-profile", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: &b 4\n  embedding_bits: *b")), 2, "aliases (*name) are not allowed"),
@@ -354,6 +364,43 @@ CASES = [
     Case("art-manifest-nested-40", lambda w: _art(w, _deep_manifest(w.artifact())), 2, "nests deeper than 32 levels"),
     Case("env-cache-is-a-file", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/etc/hostname/cache"),)),
     Case("env-cache-in-proc", lambda w: w.build(), 2, "set EDGEPIPE_CACHE to a writable folder", env=(("EDGEPIPE_CACHE", "/proc/edgepipe-cache"),)),
+    # ---- issue 18: a folder, a FIFO or a device where a file belongs (a FIFO used to block the build for good) ----
+    Case("model-weights-fifo", lambda w: w.build(model=_with(w.model(), lambda m: _replace(m / "model.safetensors", "fifo"))), 2,
+         "model.safetensors is not a regular file"),
+    Case("model-weights-folder", lambda w: w.build(model=_with(w.model(), lambda m: _replace(m / "model.safetensors", "dir"))), 2,
+         "model.safetensors is not a regular file"),
+    Case("model-tokenizer-fifo", lambda w: w.build(model=_with(w.model(), lambda m: _replace(m / "tokenizer.json", "fifo"))), 2,
+         "tokenizer.json is not a regular file"),
+    Case("model-config-folder", lambda w: w.build(model=_with(w.model(), lambda m: _replace(m / "config.json", "dir"))), 2,
+         "config.json is not a regular file"),
+    Case("target-fifo", lambda w: w.build(target=_fifo(w, "t.yaml")), 2, "t.yaml is not a regular file"),
+    Case("target-folder", lambda w: w.build(target=str(_with(w.root / "t.yaml", lambda p: p.mkdir()))), 2, "t.yaml is not a regular file"),
+    Case("sign-key-fifo", lambda w: w.build("--sign", _fifo(w, "key.pem")), 2, "signing key"),
+    Case("trusted-keys-fifo", lambda w: ["verify", str(w.artifact()), "--trusted-keys", _fifo(w, "keys.pem")], 2, "is not a regular file",
+         env=(("EDGEPIPE_TRUSTED_KEYS", None),)),  # --trusted-keys sets it for the process: restored after the case
+    Case("serve-api-key-fifo", lambda w: ["serve", str(w.artifact()), "--api-key-file", _fifo(w, "key.txt"), "--port", "1"], 2,
+         "--api-key-file"),
+    Case("validate-eval-fifo", lambda w: ["validate", str(w.artifact()), "--eval", _fifo(w)], 2, "is not a regular file"),
+    # ---- issue 18: names too long for the filesystem (Path.exists raises ENAMETOOLONG instead of saying no) ----
+    Case("out-name-too-long", lambda w: w.build("--out", str(w.root / ("o" * 300))), 2, "is too long for the filesystem"),
+    Case("model-name-too-long", lambda w: w.build(model=w.root / ("m" * 300)), 2, "is too long for the filesystem"),
+    Case("verify-name-too-long", lambda w: ["verify", str(w.root / ("a" * 300))], 2, "is too long for the filesystem"),
+    Case("eval-name-too-long", lambda w: w.build("--eval", str(w.root / ("e" * 300))), 2, "File name too long"),
+    Case("target-name-too-long", lambda w: w.build(target=str(w.root / ("t" * 300)) + ".yaml"), 2, "does not exist"),
+    # ---- issue 18: an artifact holds only what its manifest lists (plus manifest.json and model.sig) ----
+    Case("art-unlisted-file", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "notes.txt").write_text("mine"))), 2,
+         "notes.txt is in"),
+    Case("art-unlisted-file-run", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "evil.so").write_bytes(b"\x7fELF")), "run"), 2,
+         "evil.so is in"),
+    Case("art-unlisted-in-subfolder", lambda w: _art(w, _with(w.artifact(), lambda a: ((a / "sub").mkdir(), (a / "sub" / "x.onnx").write_text("x")))), 2,
+         "sub/x.onnx is in"),
+    Case("art-unlisted-symlinked-folder", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "linked").symlink_to(w.root))), 2,
+         "linked is in"),
+    Case("art-unlisted-fifo", lambda w: _art(w, _with(w.artifact(), lambda a: os.mkfifo(a / "pipe"))), 2, "pipe is in"),
+    Case("art-unlisted-two", lambda w: _art(w, _with(w.artifact(), lambda a: ((a / "a.txt").write_text("1"), (a / "b.txt").write_text("2")))), 2,
+         "a.txt (and 1 more) is in"),
+    Case("art-half-signature", lambda w: _art(w, _with(w.artifact(), lambda a: (a / "model.sig.tmp").write_text("{"))), 2,
+         "model.sig.tmp is in"),
 ]
 
 
@@ -393,3 +440,112 @@ def test_bad_input(case: Case, tmp_path):
     assert not w.out.exists() or case.id == "cli-out-not-artifact" or case.out_exists
     after = tree_state(tmp_path) | tree_state(cache, hash_files=False)
     assert after == before, "a refused input wrote, changed or removed files"
+
+
+# ---- issue 18: unreadable files and unwritable folders ----
+# The tests run as root, which reads a mode-000 file. The CLI runs here as root without the two
+# capabilities that let root ignore permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; `setpriv`), so
+# mode bits bind it as they bind any user, while everything it owns stays reachable (the stage cache,
+# the Python install under /root). All cases run in one such process (CliRunner, one start-up).
+
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+READABLE_FIX = "make it readable by this user"
+
+
+def _unreadable(path: Path) -> str:
+    path.chmod(0)
+    return str(path)
+
+
+def _unwritable(folder: Path) -> Path:
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+UNREADABLE = [
+    Case("unreadable-config", lambda w: w.build(model=_with(w.model(), lambda m: _unreadable(m / "config.json"))), 2,
+         "cannot read model file"),
+    Case("unreadable-weights", lambda w: w.build(model=_with(w.model(), lambda m: _unreadable(m / "model.safetensors"))), 2,
+         "cannot read weights file"),
+    Case("unreadable-tokenizer", lambda w: w.build(model=_with(w.model(), lambda m: _unreadable(m / "tokenizer.json"))), 2,
+         "cannot read tokenizer file"),
+    Case("unreadable-model-folder", lambda w: w.build(model=_with(w.model(), _unreadable)), 2, "is not readable"),
+    Case("unreadable-target", lambda w: w.build(target=_unreadable(Path(w.target(GOOD_TARGET)))), 2, "cannot read target profile"),
+    Case("unreadable-calib", lambda w: w.build("--calib", _unreadable(Path(w.file("c.txt", "text " * 200)))), 2, "is not readable"),
+    Case("unreadable-eval", lambda w: w.build("--eval", _unreadable(Path(w.file("e.txt", "text " * 200)))), 2, "is not readable"),
+    Case("unwritable-out-parent", lambda w: w.build("--out", str(_unwritable(w.root / "ro") / "out")), 2, "cannot create folders in"),
+    Case("unreadable-out-artifact-manifest", lambda w: (_unreadable(_art_with(w, "manifest.json", "{}") / "manifest.json"), w.build())[1],
+         2, "is not an edgepipe artifact", out_exists=True),
+    Case("unreadable-artifact-file", lambda w: _art(w, _with(w.artifact(), lambda a: _unreadable(a / "model.onnx.data"))), 2,
+         "cannot read artifact file"),
+    Case("unreadable-artifact-manifest", lambda w: _art(w, _with(w.artifact(), lambda a: _unreadable(a / "manifest.json"))), 2,
+         "cannot read manifest"),
+    Case("unreadable-artifact-run", lambda w: _art(w, _with(w.artifact(), lambda a: _unreadable(a / "tokenizer.json")), "run"), 2,
+         "cannot read artifact file"),
+]
+
+_DRIVER = """
+import json, sys
+from click.testing import CliRunner
+from edgepipe.cli import main
+out = []
+for args in json.load(sys.stdin):
+    res = CliRunner().invoke(main, args, catch_exceptions=True)
+    escaped = res.exception is not None and not isinstance(res.exception, SystemExit)
+    out.append({"code": res.exit_code, "output": res.output, "escaped": repr(res.exception) if escaped else None})
+print(json.dumps(out))
+"""
+
+
+def _no_dac_works(tmp: Path) -> str | None:
+    import shutil as sh
+    import subprocess
+    import sys
+
+    if sh.which("setpriv") is None:
+        return "setpriv is not installed"
+    probe = tmp / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    r = subprocess.run([*NO_DAC, sys.executable, "-c", f"open({str(probe)!r}).read()"], capture_output=True, text=True)
+    probe.chmod(0o600)
+    return None if r.returncode != 0 and "PermissionError" in r.stderr else f"a mode-000 file stays readable here: {r.stderr[-200:]}"
+
+
+def test_unreadable_inputs(tmp_path):
+    """Each: exit 2, the one line names the file and says to fix its permissions (or click's
+    "is not readable" for a path option), no traceback, and nothing written, changed or removed."""
+    import subprocess
+    import sys
+
+    reason = _no_dac_works(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    built_artifact()
+    cache = shared_cache()
+    work = {c.id: W(tmp_path / c.id) for c in UNREADABLE}
+    for w in work.values():
+        w.root.mkdir()
+    argv = [c.args(work[c.id]) for c in UNREADABLE]
+    before = tree_state(tmp_path) | tree_state(cache, hash_files=False)
+    r = subprocess.run([*NO_DAC, sys.executable, "-c", _DRIVER], input=json.dumps(argv), capture_output=True, text=True,
+                       env=dict(os.environ, EDGEPIPE_CACHE=str(cache)), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for case, res in zip(UNREADABLE, results, strict=True):
+        out = res["output"]
+        assert res["escaped"] is None and "Traceback" not in out, (case.id, res)
+        assert res["code"] == case.code and case.message in out, (case.id, out)
+        errors = [ln for ln in out.splitlines() if "error:" in ln.lower()]
+        assert len(errors) == 1, (case.id, out)
+        if case.message.startswith("cannot read"):
+            assert READABLE_FIX in errors[0], (case.id, errors)
+        w = work[case.id]
+        assert not w.out.exists() or case.out_exists, case.id
+    for p in tmp_path.rglob("*"):  # the test's own clean-up (and tree_state) may read them again
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    after = tree_state(tmp_path) | tree_state(cache, hash_files=False)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert not changed, f"a refused input wrote, changed or removed files: {sorted(changed)[:5]}"

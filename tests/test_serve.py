@@ -445,7 +445,7 @@ def test_loopback_and_key_file(tmp_path: Path) -> None:
     (tmp_path / "k").write_text("\n  \n")
     with pytest.raises(InputError, match="empty"):
         read_api_key(tmp_path / "k")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="does not exist"):
         read_api_key(tmp_path / "missing")
 
 

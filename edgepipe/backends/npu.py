@@ -60,7 +60,8 @@ class NpuBackend:
         else:
             evalt = read_text_file(request.eval_file, "", "eval")
             sentences, source = split_sentences(evalt.text), evalt.source
-        return build_encoder(model, request.target, request.out, calib=calib, eval_sentences=sentences, eval_source=source, progress=progress)
+        return build_encoder(model, request.target, request.out, calib=calib, eval_sentences=sentences, eval_source=source, progress=progress,
+                             allow_random_weights=request.allow_random_weights)
 
 
 def build_decoder(
@@ -127,15 +128,18 @@ def build_decoder(
 
 def build_encoder(
     model: ModelSource | Path, target: Target, out: Path, *, calib: Text, eval_sentences: Sequence[str],
-    eval_source: str = "eval sentences", progress: Progress = silent,
+    eval_source: str = "eval sentences", progress: Progress = silent, allow_random_weights: bool = False,
 ) -> BuildResult:
-    """The NPU encoder pipeline of a sentence-embedding model, into the artifact ``out``.
+    """The NPU encoder pipeline of a sentence-embedding model, into the artifact ``out``. Its fp32
+    export must match PyTorch and be a sentence encoder (``enc.reference_sanity``) unless
+    ``allow_random_weights`` (recorded in the manifest); else ModelError (exit 2), before quantizing.
 
     Raises NpuCoverageError (exit 3) when the graph does not run wholly on the NPU and the profile
     forbids CPU fallback: such an encoder has no artifact a phone could load.
     """
     from edgepipe.cache import key_of
     from edgepipe.export.encoder import read_spec, source_sha256
+    from edgepipe.export.inspect import check_encoder_weights
     from edgepipe.npu import encoder as enc
     from edgepipe.npu.compile import run_compile
     from edgepipe.package.npu_report import encoder_report
@@ -147,6 +151,7 @@ def build_encoder(
         raise InputError("give at least 3 evaluation sentences for the NPU accuracy check")
     src = _source(model)
     spec = read_spec(src.path)
+    check_encoder_weights(spec.model_dir)  # broken weights refused before the slow export
     sdk = _qnn_ready()
     if npu.seq_len > spec.max_seq_length:
         log.warning("seq_len %d exceeds the model's max_seq_length %d", npu.seq_len, spec.max_seq_length)
@@ -158,6 +163,7 @@ def build_encoder(
         fp32 = enc.run_export(spec, enc.ExportConfig(
             sha, npu.seq_len, spec.pooling, spec.normalize, spec.uses_token_type_ids, versions["torch"], versions["transformers"],
         ), ctx)
+        sanity = enc.reference_sanity(fp32, tok, allow_random_weights=allow_random_weights)
     with timings("quantize_s"):
         qcfg = enc.QuantizeConfig(fp32.key, QdqConfig.from_npu(npu), key_of({"t": calib.text}), npu.calibration_samples, versions["onnxruntime"])
         quant = enc.run_quantize(fp32, qcfg, calib.text, tok, ctx)
@@ -182,7 +188,8 @@ def build_encoder(
         Measured(cosine_min=metrics["cosine_min"], retrieval_top1_agreement=metrics["retrieval_top1_agreement"],
                  coverage=comp.budget_coverage(),
                  unmeasured={"max_ram_mb": NO_DEVICE_RAM, "max_ppl_increase_pct": NO_TOKENS, "min_top1_agreement": NO_TOKENS}),
-        encoder_report, {"quantization": {"scheme": "qdq", **dataclasses.asdict(qcfg.qdq)}, "calibration": {"source": calib.source}},
+        encoder_report, {"quantization": {"scheme": "qdq", **dataclasses.asdict(qcfg.qdq)}, "calibration": {"source": calib.source},
+                         "sanity": sanity},
     ), target, out, versions, progress)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 
 import click
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import EdgepipeError, Interrupted, path_error
 
 EXIT_BUDGET = 3
 
@@ -56,6 +57,15 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except EdgepipeError as e:
             _fail(e)
+        except OSError as e:
+            known = path_error(e)
+            if known is None:
+                raise
+            _fail(known)
+        except Interrupted as e:  # held back while the build published: the new artifact is in place, whole
+            what = "terminated" if e.signum == signal.SIGTERM else "interrupted"
+            click.echo(f"error: {what} as the build finished; the new artifact was published to {e.published} (complete)", err=True)
+            sys.exit(143 if e.signum == signal.SIGTERM else 130)
         except _Terminated:
             click.echo("error: terminated; nothing was published (run the same command again to resume)", err=True)
             sys.exit(143)

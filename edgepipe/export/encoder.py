@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ModelError
+from edgepipe.errors import ModelError, cannot_read
 
 MASK_BIAS = -100.0  # exp(-100) ~ 4e-44: masked keys get no weight, and the range stays small
 OPSET = 20  # Gelu is an ONNX op from opset 20 on
+MAX_EXPORT_REL_DIFF = 1e-3  # the export vs PyTorch, over the embedding's largest entry
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
 # besides config, weights and tokenizer: the sentence-transformers files that change the embedding
 ST_FILES = ("modules.json", "sentence_bert_config.json")
@@ -42,7 +43,9 @@ class EncoderSpec:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ModelError(cannot_read("model file", path, e)) from None
+    except ValueError as e:
         raise ModelError(f"cannot read {path}: {e}; fix or re-save the model folder") from None
 
 
@@ -123,15 +126,55 @@ def source_sha256(model_dir: Path) -> str:
     return hash_files([model_dir / n for n in names if (model_dir / n).is_file()] + weights + extra)
 
 
-def export_encoder(spec: EncoderSpec, seq_len: int, out: Path) -> Path:
-    """Export the encoder + pooling + normalisation as a static-shape fp32 ONNX graph."""
-    import torch
+def _load(model_dir: Path) -> Any:
+    """The transformers encoder, refusing a checkpoint it would complete at random (a missing or
+    mis-shaped tensor; the unused pooler head excepted). Unexpected tensors (a task head) are dropped."""
     from transformers import AutoModel
 
     try:
-        model = AutoModel.from_pretrained(spec.model_dir, attn_implementation="eager").eval()
+        model, info = AutoModel.from_pretrained(model_dir, attn_implementation="eager", output_loading_info=True)
     except Exception as e:
-        raise ModelError(f"cannot load {spec.model_dir} with transformers: {e}") from None
+        if "ignore_mismatched_sizes" in str(e):  # transformers refuses a mis-shaped tensor itself (its report goes to the log)
+            raise ModelError(f"a tensor in {model_dir} has a shape other than config.json implies (transformers refused to load it); "
+                             "the config does not belong to these weights") from None
+        raise ModelError(f"cannot load {model_dir} with transformers: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    missing = [k for k in info.get("missing_keys", []) if not str(k).startswith("pooler.")]
+    for kind, keys in (("missing", missing), ("mis-shaped", info.get("mismatched_keys", []))):
+        if keys:
+            raise ModelError(f"transformers reports {kind} tensors loading {model_dir}, e.g. {str(list(keys)[0])!r}; "
+                             "it would initialise them at random: pass the complete checkpoint")
+    return model.eval()
+
+
+def _crosscheck(wrapper: Any, onnx_path: Path, seq_len: int, vocab_size: int) -> dict[str, Any]:
+    """The exported graph against PyTorch on two fixed inputs (one padded): fp32 vs fp32, only
+    kernel rounding may differ."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for pad in (0, seq_len // 3):
+        ids = (np.arange(seq_len, dtype=np.int64) * 7919 + 101) % max(vocab_size, 1)
+        mask = np.ones(seq_len, dtype=np.int64)
+        mask[seq_len - pad:] = 0
+        with torch.no_grad():
+            ref = wrapper(torch.from_numpy(ids[None]), torch.from_numpy(mask[None])).numpy().astype(np.float64)
+        got = sess.run(None, {"input_ids": ids[None], "attention_mask": mask[None]})[0].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(ref - got))) / max(float(np.max(np.abs(ref))), 1e-12))
+    if not worst <= MAX_EXPORT_REL_DIFF:
+        raise ModelError(f"the fp32 encoder export does not compute what PyTorch does (max difference {worst:.3g} of the "
+                         "embedding's range): this encoder variant is not supported on the NPU path")
+    return {"inputs": 2, "max_relative_diff": worst}
+
+
+def export_encoder(spec: EncoderSpec, seq_len: int, out: Path) -> dict[str, Any]:
+    """Export the encoder + pooling + normalisation as a static-shape fp32 ONNX graph; return the
+    record of its cross-check against PyTorch."""
+    import torch
+
+    model = _load(spec.model_dir)
 
     class SentenceEncoder(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -171,4 +214,4 @@ def export_encoder(spec: EncoderSpec, seq_len: int, out: Path) -> Path:
             verbose=False,
             external_data=False,
         )
-    return out
+    return _crosscheck(wrapper, out, seq_len, int(getattr(model.config, "vocab_size", 0) or 0))

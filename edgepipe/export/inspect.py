@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ModelError
+from edgepipe.errors import ModelError, cannot_read
 
 _WEIGHT_SUFFIXES = (".safetensors",)
 _KEY_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "num_attention_heads": ("n_head",)}
@@ -87,7 +87,9 @@ def _read_safetensors_header(path: Path, size: int) -> tuple[int, dict[str, Any]
             header = json.loads(f.read(n))
     except RecursionError:
         raise ModelError(f"{path.name} has a safetensors header nested too deeply; re-save the model") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ModelError(cannot_read("weights file", path, e)) from None
+    except ValueError as e:
         raise ModelError(f"{path.name} is not a readable safetensors file ({e}); re-download or re-save the model") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path.name} has a malformed safetensors header; re-save the model")
@@ -158,13 +160,35 @@ def check_tensors(config: dict[str, Any], tensors: dict[str, TensorHeader]) -> N
     silently drop an unexpected one. Architectures without a checkpoint table get the dtype check."""
     from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES, checkpoint_tensors
 
-    for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES and not name.endswith(CKPT_IGNORED_SUFFIXES):
-            raise ModelError(f"tensor {name!r} is stored as {t.dtype}, not a float; the checkpoint is a broken conversion, re-save it in fp32/fp16/bf16")
+    _check_dtypes(tensors, CKPT_IGNORED_SUFFIXES)
     table = checkpoint_tensors(config)
     if table is not None:
         _check_required(config, tensors, table[0])
         _check_unexpected(config, tensors, *table)
+
+
+def _check_dtypes(tensors: dict[str, TensorHeader], ignored_suffixes: tuple[str, ...]) -> None:
+    for name, t in tensors.items():
+        if t.dtype not in _FLOAT_DTYPES and not name.endswith(ignored_suffixes):
+            raise ModelError(f"tensor {name!r} is stored as {t.dtype}, not a float; the checkpoint is a broken conversion, re-save it in fp32/fp16/bf16")
+
+
+# integer buffers an encoder checkpoint may carry (BERT's position ids), not weights
+ENCODER_BUFFERS = (".position_ids", ".token_type_ids")
+
+
+def check_encoder_weights(model_dir: Path) -> None:
+    """An encoder folder's safetensors, as :func:`inspect_model` checks a decoder's: headers, sizes,
+    index, finite values, and a float dtype for every weight (the per-architecture shape tables are
+    the decoders'; what transformers would initialise is caught when it loads the checkpoint). A folder
+    with PyTorch ``.bin`` weights only is left to that load."""
+    from edgepipe.quantize.architectures import CKPT_IGNORED_SUFFIXES
+
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("*.safetensors")) and not (model_dir / "model.safetensors.index.json").is_file():
+        return
+    weights, weight_map = _weight_files(model_dir)
+    _check_dtypes(_all_tensors(weights, weight_map), CKPT_IGNORED_SUFFIXES + ENCODER_BUFFERS)
 
 
 def _check_required(config: dict[str, Any], tensors: dict[str, TensorHeader], required: dict[str, tuple[int, ...]]) -> None:
@@ -196,11 +220,21 @@ def hash_files(paths: list[Path]) -> str:
     """sha256 over each file's name and bytes, in the given order: a model folder's content key."""
     h = hashlib.sha256()
     for p in paths:
+        _regular(p)
         h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise ModelError(cannot_read("model file", p, e)) from None
     return h.hexdigest()
+
+
+def _regular(path: Path) -> None:
+    """Refuse a folder, FIFO or device where a model file belongs (a FIFO blocks the reader for good)."""
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path} is not a regular file (a folder, a pipe or a device); put the model's file there")
 
 
 def _read_json(path: Path, fix: str) -> Any:
@@ -211,7 +245,9 @@ def _read_json(path: Path, fix: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
         raise ModelError(f"{path} is nested too deeply; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
+        raise ModelError(cannot_read("model file", path, e)) from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path} is not valid JSON ({type(e).__name__}); {fix}") from None
 
 
@@ -222,6 +258,7 @@ def _read_config(path: Path, supported: dict[str, Any]) -> tuple[dict[str, Any],
     if not path.is_dir():
         raise ModelError(f"{path} is a file; pass --model with a Hugging Face model folder (config.json + *.safetensors + tokenizer.json)")
     cfg_path = path / "config.json"
+    _regular(cfg_path)
     if not cfg_path.is_file():
         raise ModelError(f"{path} has no config.json; it is not a Hugging Face model folder (save it with save_pretrained)")
     config = _read_json(cfg_path, "re-save the model's config")
@@ -274,6 +311,8 @@ def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
             raise ModelError(f"{path} is missing weight shard {missing[0]} listed in {index.name}; finish the download")
     else:
         weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    for w in weights:
+        _regular(w)
     if not weights:
         bins = list(path.glob("*.bin"))
         hint = " (only PyTorch .bin files: re-save with save_pretrained(safe_serialization=True))" if bins else ""
@@ -282,10 +321,16 @@ def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 
 def _check_tokenizer(path: Path, vocab_size: int) -> None:
+    _regular(path / "tokenizer.json")
     if not (path / "tokenizer.json").is_file():
         raise ModelError(
             f"{path} has no tokenizer.json; save the tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
         )
+    try:
+        with open(path / "tokenizer.json", "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ModelError(cannot_read("tokenizer file", path / "tokenizer.json", e)) from None
     try:
         from tokenizers import Tokenizer
 

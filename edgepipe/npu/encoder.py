@@ -27,7 +27,7 @@ GRAPH = "model"  # the one graph's name in coverage and budgets (npu_coverage_mo
 
 @dataclass(frozen=True)
 class ExportConfig:
-    VERSION = 1
+    VERSION = 2  # 2: loading checked, the export cross-checked against PyTorch (recorded in the info)
 
     source_sha256: str
     seq_len: int
@@ -42,11 +42,27 @@ def run_export(spec: Any, config: ExportConfig, ctx: StageContext) -> StageOutpu
     """The fp32 encoder + pooling (+ normalisation) graph, ``model.fp32.onnx``."""
     from edgepipe.export.encoder import export_encoder
 
-    def produce(tmp: Path) -> None:
+    def produce(tmp: Path) -> dict[str, Any]:
         ctx.progress(f"exporting fp32 encoder (static 1x{config.seq_len}, {config.pooling} pooling)")
-        export_encoder(spec, config.seq_len, tmp / FP32)
+        return {"crosscheck": export_encoder(spec, config.seq_len, tmp / FP32)}
 
     return run_cached("npu-export", config, produce, ctx)
+
+
+def reference_sanity(export: StageOutput, tokenizer: Any, *, allow_random_weights: bool) -> dict[str, Any]:
+    """The fp32 graph must be a sentence encoder before the NPU graph is compared with it: the
+    shipped semantic-search set (``edgepipe/data/npu_eval.json``) through it on the CPU, judged by
+    :func:`edgepipe.validate.sanity.check_encoder_reference`. Returns the manifest's record."""
+    from edgepipe.npu.data import eval_set
+    from edgepipe.runtime.encoder import encode
+    from edgepipe.validate.npu import cpu_session, run_embeddings
+    from edgepipe.validate.sanity import check_encoder_reference
+
+    data = eval_set()
+    sess = cpu_session(export.dir / FP32)
+    queries, documents = (run_embeddings(sess, encode(tokenizer, list(data[k]))) for k in ("queries", "documents"))
+    record = check_encoder_reference(queries, documents, allow_random_weights=allow_random_weights)
+    return {**record, "eval_set": "edgepipe/data/npu_eval.json", "export_crosscheck": export.info.get("crosscheck")}
 
 
 @dataclass(frozen=True)

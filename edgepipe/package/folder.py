@@ -5,30 +5,36 @@ dangling link, not a special filesystem such as /proc), and a rebuild may replac
 edgepipe artifact that holds nothing but the files its manifest lists, and never a folder that
 holds the build's own inputs. The new artifact is assembled under a temporary name beside ``--out``
 and swapped with the old one in one atomic step (``renameat2(RENAME_EXCHANGE)`` where the kernel
-has it); the old one is then removed, and leftovers of a killed build are swept by the next one.
+has it), with SIGINT / SIGTERM held back until the old one is removed; a build holds a lock on its
+staging folder, so what a killed build left beside ``--out`` is swept by the next one at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgepipe.errors import InputError
+from edgepipe.cache import fsync_tree, lock_folder
+from edgepipe.errors import InputError, Interrupted
 from edgepipe.runtime.manifest import is_artifact, read_manifest
+from edgepipe.runtime.unlisted import unlisted_files, written_beside_manifest
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # pseudo filesystems (/proc/mounts types) an artifact cannot live on
 _SPECIAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs",
                "configfs", "fusectl", "pstore", "bpf", "mqueue", "hugetlbfs", "autofs", "binfmt_misc", "efivarfs"}
-STALE_SECONDS = 6 * 3600  # a sibling leftover older than this belongs to no live build
+FRESH_SECONDS = 60  # an empty staging folder younger than this may be a starting build's, before its lock
 
 
 def _fs_type(path: Path) -> str | None:
@@ -68,24 +74,21 @@ def _check_writable(folder: Path, out: Path) -> None:
 
 
 def _foreign_files(out: Path) -> list[str]:
-    """Files in a previous artifact at ``out`` that its manifest does not list (the user's own)."""
+    """Files in a previous artifact at ``out`` that edgepipe did not write (the user's own): neither in
+    its manifest nor written beside it (the manifest itself, the signature). A git clone's ``.git`` is the user's."""
     try:
-        listed = set(read_manifest(out).files) | {"manifest.json"}
+        listed = set(read_manifest(out).files)
     except Exception:  # noqa: BLE001 - a damaged manifest: every file counts as foreign unless it is an edgepipe name
-        listed = {"manifest.json", "report.md", "reference.npz", *MODEL_FILES, *TOKENIZER_FILES}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(out):
-        rel_dir = Path(dirpath).relative_to(out)
-        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
-            rel = (rel_dir / name).as_posix()
-            if rel not in listed:
-                found.append(rel)
-    return sorted(found)
+        listed = {"report.md", "reference.npz", *MODEL_FILES, *TOKENIZER_FILES}
+    return unlisted_files(out, {*listed, *written_beside_manifest()})
 
 
 def check_out_dir(out: Path, inputs: Sequence[Path | None] = ()) -> None:
     """``--out`` may be absent, an empty folder, or a previous edgepipe artifact holding only its own
-    files; it must be creatable and writable and must not contain the build's inputs."""
+    files; it must be creatable and writable and must not contain the build's inputs. What killed
+    builds left beside it is swept first (an artifact a killed swap hid goes back in place)."""
+    if out.parent.is_dir() and not out.is_symlink():
+        _sweep_leftovers(out)
     if out.is_symlink():
         what = "a dangling symbolic link" if not out.exists() else "a symbolic link"
         raise InputError(f"--out {out} is {what}; pass a real folder path")
@@ -111,14 +114,25 @@ def check_out_dir(out: Path, inputs: Sequence[Path | None] = ()) -> None:
 
 
 def _sweep_leftovers(out: Path) -> None:
-    """Remove staging / old folders of ``out`` that a killed build left (old enough to be no live build's)."""
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+    """Remove the staging / old folders killed builds left beside ``out``: those no live build holds (a
+    build keeps its own locked, see :func:`staged`). A killed fallback swap (no ``RENAME_EXCHANGE``) may
+    have left the previous artifact only in its old folder: it goes back to ``out`` first."""
+    for pattern in (f".{out.name}.old-*", f".{out.name}.tmp-*"):
         for stale in out.parent.glob(pattern):
             try:
-                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
-                    shutil.rmtree(stale, ignore_errors=True)
+                if not any(stale.iterdir()) and time.time() - stale.stat().st_mtime < FRESH_SECONDS:
+                    continue  # a build's staging folder before it took its lock
             except OSError:
-                pass
+                continue  # swept by a concurrent build
+            fd = lock_folder(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                continue  # a live build's
+            try:
+                if not out.exists() and is_artifact(stale / "a"):
+                    os.replace(stale / "a", out)
+                shutil.rmtree(stale, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _umask() -> int:
@@ -139,13 +153,18 @@ def staging_dir(out: Path) -> Path:
 
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """Assemble an artifact in a staging folder; on any failure it is removed and ``out`` is untouched."""
+    """Assemble an artifact in a staging folder, locked while the build runs so that no other build
+    sweeps it; on any failure it is removed and ``out`` is untouched."""
     staging = staging_dir(out)
+    fd = lock_folder(staging, fcntl.LOCK_SH)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def copy_files(src: Path, dst: Path, names: tuple[str, ...] = MODEL_FILES + TOKENIZER_FILES) -> list[str]:
@@ -175,27 +194,69 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Move a complete artifact into place; the previous one at ``out`` survives any failure before it."""
-    from edgepipe.cache import fsync_tree
+    """Move a complete artifact into place; the previous one at ``out`` survives any failure before it.
 
+    SIGINT and SIGTERM are held back during the swap and the old artifact's removal, then act with
+    :class:`~edgepipe.errors.Interrupted` (which says the new artifact was published): ``out`` holds
+    the old artifact or the new one, whole, and nothing is left beside it. (SIGKILL cannot be held:
+    the exchange itself is atomic, and the next build sweeps what is left beside ``out``.)"""
     fsync_tree(staging)
     foreign = _foreign_files(out) if out.is_dir() else []
     if foreign:  # the user put a file there while we built
         raise InputError(f"--out {out} now holds {foreign[0]}, which edgepipe did not write; move it out and build again")
+    with _signals_held() as held:
+        _swap(staging, out)
+        _fsync_dir(out.parent)
+    if held:
+        _act_on(held[0], out)
+
+
+def _swap(staging: Path, out: Path) -> None:
     if not out.exists():
         os.replace(staging, out)
     elif _exchange(staging, out):
         shutil.rmtree(staging, ignore_errors=True)  # now the previous artifact
     else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "a")
+        fd = lock_folder(old, fcntl.LOCK_SH)  # not another build's to sweep (or restore) while we swap
         try:
-            os.replace(staging, out)
-        except BaseException:
-            os.replace(old / "a", out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(out.parent)
+            os.replace(out, old / "a")
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old / "a", out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM recorded, not acted on, while the block runs (Python runs signal handlers
+    on the main thread only; elsewhere nothing is held)."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def _act_on(signum: int, out: Path) -> None:
+    """What a held signal would have done: the Python handler's exception (as Interrupted, naming the
+    published artifact), nothing when ignored, else the default action (the process ends)."""
+    handler = signal.getsignal(signum)
+    if handler is signal.SIG_IGN:
+        return
+    if callable(handler):
+        raise Interrupted(signum, str(out))
+    signal.raise_signal(signum)
 
 
 def _fsync_dir(folder: Path) -> None:

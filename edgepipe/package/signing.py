@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ArtifactError, InputError
-from edgepipe.runtime.manifest import MANIFEST_NAME, check_artifact, sha256_file
-from edgepipe.runtime.signing import IGNORED, SIGNATURE_NAME, bundle, ecdsa_for, key_id, pae, statement
+from edgepipe.errors import InputError, cannot_read
+from edgepipe.runtime.manifest import MANIFEST_NAME, check_artifact, is_artifact, sha256_file
+from edgepipe.runtime.signing import SIGNATURE_NAME, bundle, ecdsa_for, key_id, pae, statement
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,12 @@ def load_private_key(path: Path | str) -> Any:
     """An EC private key from a PEM file (unencrypted), refused with a one-line reason otherwise."""
     serialization = _crypto()
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block
+        raise InputError(f"signing key {path} is not a regular file (a folder, a pipe or a device); pass a PEM file")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as e:
-        raise InputError(f"cannot read signing key {path}: {e.strerror or e}") from None
+        raise InputError(cannot_read("signing key", path, e)) from None
     except (ValueError, TypeError) as e:
         raise InputError(f"{path} is not an unencrypted PEM private key ({str(e)[:80]}); make one with `edgepipe keygen`") from None
     ecdsa_for(key.public_key())
@@ -91,26 +93,20 @@ def sign_artifact(artifact: Path | str, key_path: Path | str) -> Signed:
     over a file the manifest does not know would be refused on the device anyway."""
     root = Path(artifact)
     key = load_private_key(key_path)
-    manifest, _ = check_artifact(root, trusted_keys="")  # hashes only: the host's own keys do not matter
+    tmp = root / (SIGNATURE_NAME + ".tmp")
+    if is_artifact(root) and tmp.is_file() and not tmp.is_symlink():
+        tmp.unlink()  # what a killed `sign` left: ours, and rewritten below
+    # hashes, and no file the manifest does not list; the host's own keys do not matter
+    manifest, _ = check_artifact(root, trusted_keys="")
     resources = {rel: e.sha256 for rel, e in manifest.files.items()}
     resources[MANIFEST_NAME] = sha256_file(root / MANIFEST_NAME)
-    _check_no_strays(root, resources)
     payload = json.dumps(statement(root.resolve().name, resources), indent=2).encode()
     public = key.public_key()
     kid = key_id(public)
     doc = bundle(payload, key.sign(pae(payload), ecdsa_for(public)), kid)
     out = root / SIGNATURE_NAME
-    tmp = root / (SIGNATURE_NAME + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)
     logger.info("signed %s (%d files) with key %s", root, len(resources), kid[:16])
     return Signed(root, out, kid, len(resources))
 
-
-def _check_no_strays(root: Path, resources: dict[str, str]) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in IGNORED]
-        for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel not in resources and rel not in IGNORED and rel != SIGNATURE_NAME + ".tmp":
-                raise ArtifactError(f"{rel} is in {root} but not in its manifest; remove it or rebuild before signing")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import EdgepipeError, path_error
 from edgepipe.runtime import args as contract
 
 
@@ -75,10 +76,9 @@ def _validate(args: argparse.Namespace) -> None:
 
     text = None
     if args.eval_file:
-        try:
-            text = Path(args.eval_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgepipeError(f"cannot read eval file {args.eval_file}: {e}") from None
+        from edgepipe.runtime.args import read_user_text
+
+        text = read_user_text(args.eval_file, "eval file")
     out = validate(args.artifact, eval_text=text, max_tokens=args.max_tokens, with_bench=not args.no_bench, threads=args.threads)
     print(json.dumps(out))
 
@@ -123,9 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         _check(args)
         _COMMANDS[args.cmd](args)
     except EdgepipeError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return e.exit_code
+        return _fail(e)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        known = path_error(e)
+        if known is None:
+            raise
+        return _fail(known)
     return 0
+
+
+def _fail(e: EdgepipeError) -> int:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return e.exit_code
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -73,3 +73,28 @@ def threads(value: int) -> int:
 def max_mb(value: float) -> float:
     """``cache prune --max-mb``: a finite, non-negative size."""
     return float_in("--max-mb", value, 0.0, 1e12)
+
+
+MAX_USER_TEXT_BYTES = 64 << 20
+
+
+def read_user_text(path: object, what: str) -> str:
+    """A small UTF-8 text file named on the command line (an eval text, an API key): a FIFO or a
+    device would block or never end, so only a regular file is read."""
+    from pathlib import Path
+
+    from edgepipe.errors import cannot_read
+
+    p = Path(str(path))
+    try:
+        if not p.exists():
+            raise InputError(f"{what} {p} does not exist; pass an existing UTF-8 text file")
+        if not p.is_file():
+            raise InputError(f"{what} {p} is not a regular file (a folder, a pipe or a device); pass a UTF-8 text file")
+        if p.stat().st_size > MAX_USER_TEXT_BYTES:
+            raise InputError(f"{what} {p} is over {MAX_USER_TEXT_BYTES >> 20} MB; pass a smaller file")
+        return p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(cannot_read(what, p, e)) from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None

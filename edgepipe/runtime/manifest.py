@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from edgepipe.errors import ArtifactError
+from edgepipe.errors import ArtifactError, cannot_read
 from edgepipe.runtime.kinds import ArtifactKind, legacy_kind, parse_kind
 from edgepipe.runtime.threads import resolve_threads
+from edgepipe.runtime.unlisted import outside_manifest, unlisted_files
 
 if TYPE_CHECKING:
     from edgepipe.runtime.signing import SignatureCheck
@@ -164,7 +165,9 @@ def _load_json(mpath: Path) -> Any:
         if mpath.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB; not an edgepipe manifest, rebuild the artifact")
         data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except OSError as e:
+        raise ArtifactError(cannot_read("manifest", mpath, e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({type(e).__name__}); the artifact is damaged, rebuild it") from None
     if json_depth(data) > MAX_MANIFEST_DEPTH:
         raise ArtifactError(f"{mpath} nests deeper than {MAX_MANIFEST_DEPTH} levels; not an edgepipe manifest, rebuild the artifact")
@@ -301,6 +304,12 @@ def check_artifact(artifact: Path | str, *, trusted_keys: str | None = None, has
 
 
 def _check_hashes(root: Path, m: Manifest) -> None:
+    extra = unlisted_files(root, {*m.files, *outside_manifest()})
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ArtifactError(
+            f"{extra[0]}{more} is in {root} but not in the manifest; edgepipe did not put it there: remove it, or re-copy the artifact"
+        )
     for rel, entry in m.files.items():
         path = _safe_member(root, rel)
         if not path.is_file():
@@ -308,7 +317,11 @@ def _check_hashes(root: Path, m: Manifest) -> None:
         size = path.stat().st_size
         if size != entry.size:
             raise ArtifactError(f"{rel} has {size} bytes, the manifest says {entry.size}; re-copy the artifact")
-        if sha256_file(path) != entry.sha256:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise ArtifactError(cannot_read("artifact file", path, e)) from None
+        if digest != entry.sha256:
             raise ArtifactError(f"{rel} does not match its sha256 in the manifest; the file is corrupt, re-copy the artifact")
     check_loaded_files(root, m.files)
 

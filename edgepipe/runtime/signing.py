@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgepipe.errors import InputError, SignatureError
+from edgepipe.errors import InputError, SignatureError, cannot_read
 
 SIGNATURE_NAME = "model.sig"
 ENV_TRUSTED_KEYS = "EDGEPIPE_TRUSTED_KEYS"
@@ -150,6 +150,8 @@ def _key_files(path: Path, source: str) -> tuple[Path, ...]:
         return tuple(sorted(p for p in path.iterdir() if p.suffix in _KEY_SUFFIXES and p.is_file()))
     if path.is_file():
         return (path,)
+    if path.exists():
+        raise InputError(f"trusted key path {path} (from {source}) is not a regular file (a pipe or a device); pass PEM files or folders")
     raise InputError(f"trusted key path {path} (from {source}) does not exist; fix it or unset it")
 
 
@@ -166,7 +168,9 @@ def _load_public_keys(keys: TrustedKeys) -> dict[str, Any]:
     for f in keys.files:
         try:
             key = serialization.load_pem_public_key(f.read_bytes())
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise InputError(cannot_read("trusted key", f, e)) from None
+        except ValueError as e:
             raise InputError(f"trusted key {f} is not a PEM public key ({type(e).__name__}); replace it") from None
         ecdsa_for(key)
         out[key_id(key)] = key

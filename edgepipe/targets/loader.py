@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from edgepipe.errors import TargetError
+from edgepipe.errors import TargetError, cannot_read
 from edgepipe.targets.schema import SCHEMA_VERSION, Target
 
 
@@ -198,7 +198,9 @@ def _read_yaml(path: Path) -> Any:
         if path.stat().st_size > MAX_PROFILE_BYTES:
             raise TargetError(f"target profile {path} is over {MAX_PROFILE_BYTES >> 10} KB; not a profile, fix the file")
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise TargetError(cannot_read("target profile", path, e)) from None
+    except UnicodeDecodeError as e:
         raise TargetError(f"cannot read target profile {path}: {e}; fix or remove the file") from None
     try:
         return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
@@ -220,6 +222,13 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def load_target(name_or_path: str, _seen: tuple[str, ...] = ()) -> Target:
     """Load a shipped profile by name (``raspberrypi5``) or a profile file by path.
 
@@ -231,7 +240,9 @@ def load_target(name_or_path: str, _seen: tuple[str, ...] = ()) -> Target:
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or _is_file(path):
         if not _is_file(path):
-            raise TargetError(f"target profile file {name_or_path[:200]} does not exist")
+            there = _exists(path)
+            raise TargetError(f"target profile file {name_or_path[:200]} "
+                              + ("is not a regular file (a folder, a pipe or a device); pass a profile .yaml file" if there else "does not exist"))
     else:
         path = targets_dir() / f"{name_or_path}.yaml"
         if not _is_file(path):

@@ -48,10 +48,9 @@ def read_api_key(path: Path | None) -> str | None:
     the key the operator meant to set would be worse than not starting)."""
     if path is None:
         return None
-    try:
-        lines = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read --api-key-file {path}: {e}") from None
+    from edgepipe.runtime.args import read_user_text
+
+    lines = read_user_text(path, "--api-key-file").strip().splitlines()
     key = lines[0].strip() if lines else ""
     if not key:
         raise InputError(f"--api-key-file {path} is empty; write the key on its first line")
