@@ -23,7 +23,7 @@ whole model (mixing the two scales would rank nonsense).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # fp32 when the weights fit comfortably; beyond this, bf16 (a 2.5B model: 5 GB instead of 10)
 _FP32_MAX_PARAMETERS = 1_000_000_000
 _KEY = 4  # leading values of a weight column that index it
+_BIG_PIECE = 128  # tokens per forward / backward pass of a model beyond _FP32_MAX_PARAMETERS
 # Up to this size the diagonal is kept whole, E[x_k^2 g_n^2] per weight (one fp32 array the size of the
 # weights); beyond, the factorised a_k b_n. On SmolLM2-135M at 100.56 MiB the whole diagonal gave
 # KL 0.0446 against 0.0450 factorised (benchmarks/RESULTS.md).
@@ -77,8 +78,8 @@ def fisher_statistics(
     gen = torch.Generator().manual_seed(seed)
     tokens = 0
     try:
-        for i, w in enumerate(windows):
-            ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
+        for i, w in enumerate(_pieces(windows, big=dtype != torch.float32)):
+            ids = torch.as_tensor(w).reshape(1, -1)
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=emb, use_cache=False).logits.float()[0]
             logp = torch.log_softmax(logits, dim=-1)
@@ -93,6 +94,16 @@ def fisher_statistics(
     t = max(tokens, 1)
     stats: FisherStats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
     return stats, LinearIndex({n: m.weight.detach() for n, m in linears.items()})
+
+
+def _pieces(windows: Iterable[np.ndarray], *, big: bool) -> Iterator[np.ndarray]:
+    """The windows, each cut in pieces of ``_BIG_PIECE`` tokens for a large model: the backward pass
+    keeps every layer's activations: on Granite-2B (5 GB of bf16 weights) one 512-token window
+    peaked at 8.2 GB, in 128-token pieces at 6.6 GB."""
+    for w in windows:
+        w = np.asarray(w, dtype=np.int64).reshape(-1)
+        step = _BIG_PIECE if big else len(w)
+        yield from (w[i:i + step] for i in range(0, len(w), max(step, 1)))
 
 
 def _forward_hook(slot: list[Any]) -> Callable[..., None]:
