@@ -160,6 +160,46 @@ def cached_stage(
         return final, hit
     if held is not None:
         os.close(held)
+    with _producing(base, key, stage):
+        done = _lock(final, fcntl.LOCK_SH)  # another process may have made it while this one waited
+        hit = _complete_entry(final) if done is not None else None
+        if hit is not None:
+            _lease(done)
+            if progress:
+                progress(f"{stage}: made by another build ({key[:12]})")
+            return final, hit
+        if done is not None:
+            os.close(done)
+        t0 = time.time()
+        made = _produce(stage, parts, produce, base, final, need_bytes, need_ram_bytes)
+        if progress:
+            progress(f"{stage}: made ({key[:12]}) in {time.time() - t0:.1f} s")
+        return made
+
+
+@contextlib.contextmanager
+def _producing(base: Path, key: str, stage: str) -> Iterator[None]:
+    """Only one process makes an entry at a time: ``flock`` on ``<stage>/.lock-<key>`` (a file, so
+    ``cache ls`` / ``prune`` never see it) while it produces; another build of the same inputs waits
+    and then finds the entry complete. The kernel drops a killed producer's lock."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base / f".lock-{key}", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(stage, base) from None
+        raise InputError(f"cannot write in the stage cache folder {base} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _produce(
+    stage: str, parts: dict[str, Any], produce: Callable[[Path], dict[str, Any] | None], base: Path, final: Path,
+    need_bytes: int | None, need_ram_bytes: int | None,
+) -> tuple[Path, dict[str, Any]]:
     tmp = _work_folder(stage, base, need_bytes)
     held = _lock(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
     try:
