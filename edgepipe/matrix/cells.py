@@ -68,8 +68,17 @@ def run_cell_stage(spec: dict[str, Any], stage: str) -> dict[str, Any]:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         log_event(spec, {"stage": stage, "event": "error", "error": msg, "wall_s": round(time.time() - t0, 2), **events})
         return {"error": msg, "stage": stage, "exit_code": e.exit_code}
-    log_event(spec, {"stage": stage, "event": "end", "wall_s": round(time.time() - t0, 2), **events})
+    log_event(spec, {"stage": stage, "event": "end", "wall_s": round(time.time() - t0, 2), **events, **_peak_rss()})
     return row
+
+
+def _peak_rss() -> dict[str, float]:
+    """Peak RSS so far of this process and of its largest finished child (the builder's export, the
+    benchmark), MiB. A reused worker's figure covers its earlier tasks too: an upper bound."""
+    import resource
+
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_child_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 def _run(spec: dict[str, Any], stage: str, say: Any) -> dict[str, Any]:
