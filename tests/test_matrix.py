@@ -58,6 +58,7 @@ BAD_PLANS = [
     ("url-cache", "models: [m]\ntargets: [x86-avx2]\ncache: s3://bucket/cache\n", "object storage (fsspec URLs) is not supported"),
     ("missing-calib", "models: [m]\ntargets: [x86-avx2]\ncalib: nope.txt\n", "calib:"),
     ("target-key", "models: [m]\ntargets: [{name: x86-avx2, board: pi}]\n", "unknown key 'board'"),
+    ("bad-device", "models: [m]\ntargets: [{name: x86-avx2, device: floppy}]\n", "targets[0]: unknown device 'floppy'"),
     ("alias", "models: &a [m]\ntargets: *a\n", "aliases (*name) are not allowed in a matrix plan"),
     ("duplicate-key", "models: [m]\nmodels: [m]\ntargets: [x86-avx2]\n", "duplicate or unhashable key 'models'"),
     ("bad-yaml", "models: [m\n", "is not valid YAML"),
@@ -274,21 +275,26 @@ def test_ray_matrix_shares_exports_survives_a_killed_worker_and_a_killed_driver(
     assert len(exports) == 2
     assert len({e["pid"] for e in log}) >= 2  # tasks ran in more than one worker
 
-    # 2. a second matrix (same cache) whose driver is killed once a cell is done; the rerun builds only the rest
+    # 2. a matrix of budgets (same cache: the exports are found there) whose driver is killed once a
+    #    cell is done; the rerun keeps the finished cells and builds only the rest
+    plan2 = write_plan(tmp_path / "plan2.yaml", f"models: [{models}]\ntargets: [x86-avx2]\nbudgets: [6.5, 8]\n"
+                                                "allow_untrained: true\ncache: cache\n")
     out2, t1 = tmp_path / "out2", time.time()
-    driver = start_driver(ray_cluster, plan, out2)
+    driver = start_driver(ray_cluster, plan2, out2)
     first_done = wait_for(lambda: [e["cell"] for e in stage_log(out2) if e["stage"] == "package" and e["event"] == "end"], 600, "a finished cell")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.communicate(timeout=60)
     killed_at = time.time()
     finished = {e["cell"] for e in stage_log(out2) if e["stage"] == "package" and e["event"] == "end"}
     assert first_done and len(finished) < 4
-    rerun = start_driver(ray_cluster, plan, out2)
+    rerun = start_driver(ray_cluster, plan2, out2)
     stdout, stderr = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, stderr[-4000:]
     doc = json.loads(stdout)
     assert set(doc["kept"]) >= finished and doc["built"] == 4
     verify_cells(doc)
+    assert set(doc["plots"]) == {"m0--x86-avx2", "m1--x86-avx2"}  # two budgets per model and target: the Pareto plots
+    assert not [s for e in stage_log(out2) if e["event"] == "end" for s in e["made"] if s == "export"]  # found in the shared cache
     restarted = {e["cell"] for e in stage_log(out2) if e["t"] > killed_at and e["event"] == "start"}
     assert not restarted & finished, (restarted, finished)
     print(f"ray matrix 2 x 2 with a killed worker: {first_s:.1f} s; killed driver + rerun: {time.time() - t1:.1f} s")

@@ -173,7 +173,10 @@ def _target(value: Any, where: str) -> PlanTarget:
     if device is not None:
         from edgepipe.devices import get_runner
 
-        get_runner(device, target=tgt)  # a bad spec fails now, not in a cell
+        try:
+            get_runner(device, target=tgt)  # a bad spec fails now, not in a cell
+        except InputError as e:
+            raise InputError(f"{where}: {str(e).splitlines()[0]}") from None
     label = tgt.name if _NAME.match(tgt.name) else Path(d["name"]).stem
     return PlanTarget(d["name"], label, device)
 
