@@ -8,6 +8,10 @@ Builds and ``cache prune`` coordinate with ``flock`` on the entry folders themse
 a shared lock on every entry it produced or reused until it ends (:func:`leases`; the lock follows
 the folder through its rename from ``.tmp-*``), and prune deletes only entries it can lock
 exclusively without waiting. The kernel drops a killed build's locks, so nothing stays pinned.
+
+Two processes that need the same missing entry (two cells of a matrix, two builds) do not both make
+it: the producer holds an exclusive ``flock`` on ``.locks/<stage>-<key>`` while it works; the other
+waits, then finds the entry complete.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from edgepipe.models import cache_root
 logger = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+LOCKS = ".locks"  # one lock file per entry being made (:func:`_producing`); not a stage, never listed or pruned
 
 
 _scopes: list[list[int]] = []  # open, shared-locked entry folders of the builds in progress (innermost last)
@@ -160,7 +165,7 @@ def cached_stage(
         return final, hit
     if held is not None:
         os.close(held)
-    with _producing(base, key, stage):
+    with _producing(key, stage):
         done = _lock(final, fcntl.LOCK_SH)  # another process may have made it while this one waited
         hit = _complete_entry(final) if done is not None else None
         if hit is not None:
@@ -178,17 +183,18 @@ def cached_stage(
 
 
 @contextlib.contextmanager
-def _producing(base: Path, key: str, stage: str) -> Iterator[None]:
-    """Only one process makes an entry at a time: ``flock`` on ``<stage>/.lock-<key>`` (a file, so
-    ``cache ls`` / ``prune`` never see it) while it produces; another build of the same inputs waits
-    and then finds the entry complete. The kernel drops a killed producer's lock."""
+def _producing(key: str, stage: str) -> Iterator[None]:
+    """Only one process makes an entry at a time: ``flock`` on ``<cache>/.locks/<stage>-<key>`` while it
+    produces; another build of the same inputs waits and then finds the entry complete. The kernel
+    drops a killed producer's lock. (Lock files stay: deleting one races with a process waiting on it.)"""
+    locks = cache_root() / LOCKS
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(base / f".lock-{key}", os.O_RDWR | os.O_CREAT, 0o644)
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{stage}-{key}", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise disk_full(stage, base) from None
-        raise InputError(f"cannot write in the stage cache folder {base} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
+            raise disk_full(stage, locks) from None
+        raise InputError(f"cannot write in the stage cache folder {locks} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -315,7 +321,7 @@ def list_cache() -> list[dict[str, Any]]:
     root = cache_root()
     if not root.is_dir():
         return out
-    for stage in sorted(p for p in root.iterdir() if p.is_dir()):
+    for stage in sorted(p for p in root.iterdir() if p.is_dir() and p.name != LOCKS):
         for entry in sorted(p for p in stage.iterdir() if p.is_dir()):
             out.append({
                 "stage": stage.name,
