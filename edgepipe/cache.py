@@ -165,7 +165,7 @@ def cached_stage(
         return final, hit
     if held is not None:
         os.close(held)
-    with _producing(key, stage):
+    with _producing(key, stage, progress):
         done = _lock(final, fcntl.LOCK_SH)  # another process may have made it while this one waited
         hit = _complete_entry(final) if done is not None else None
         if hit is not None:
@@ -183,7 +183,7 @@ def cached_stage(
 
 
 @contextlib.contextmanager
-def _producing(key: str, stage: str) -> Iterator[None]:
+def _producing(key: str, stage: str, progress: Callable[[str], None] | None = None) -> Iterator[None]:
     """Only one process makes an entry at a time: ``flock`` on ``<cache>/.locks/<stage>-<key>`` while it
     produces; another build of the same inputs waits and then finds the entry complete. The kernel
     drops a killed producer's lock. (Lock files stay: deleting one races with a process waiting on it.)"""
@@ -196,7 +196,12 @@ def _producing(key: str, stage: str) -> Iterator[None]:
             raise disk_full(stage, locks) from None
         raise InputError(f"cannot write in the stage cache folder {locks} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"{stage}: another build is making it ({key[:12]}); waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
