@@ -5,6 +5,7 @@ nothing of the build toolchain)::
 
     import edgepipe
     result = edgepipe.build(target="raspberrypi5", out="dist/smollm2-rpi")
+    table = edgepipe.run_matrix("plan.yaml", out="dist/matrix", ray="auto")  # models x targets x budgets
     manifest = edgepipe.verify_artifact("dist/smollm2-rpi")
 """
 
@@ -26,6 +27,9 @@ from edgepipe.errors import (
 _LAZY = {
     "build": "edgepipe.pipeline",
     "search": "edgepipe.search",
+    "run_matrix": "edgepipe.matrix",
+    "MatrixResult": "edgepipe.matrix",
+    "load_plan": "edgepipe.matrix",
     "SearchResult": "edgepipe.search",
     "BuildRequest": "edgepipe.pipeline",
     "BuildResult": "edgepipe.pipeline",

@@ -8,6 +8,10 @@ Builds and ``cache prune`` coordinate with ``flock`` on the entry folders themse
 a shared lock on every entry it produced or reused until it ends (:func:`leases`; the lock follows
 the folder through its rename from ``.tmp-*``), and prune deletes only entries it can lock
 exclusively without waiting. The kernel drops a killed build's locks, so nothing stays pinned.
+
+Two processes that need the same missing entry (two cells of a matrix, two builds) do not both make
+it: the producer holds an exclusive ``flock`` on ``.locks/<stage>-<key>`` while it works; the other
+waits, then finds the entry complete.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ _TAG = TAG_SIGNATURE + "\n# This folder is edgepipe's cache (stage outputs, conv
 # the top-level folders of a cache made before the tag: a folder holding nothing else is edgepipe's
 _LEGACY_NAMES = frozenset({
     "export", "quantize", "optimize", "validate", "allocate", "sensitivity", "npu-export", "npu-quantize", "npu-compile",
-    "npu-validate", "models", "bench", "llamacpp", "wheels", "pyroot", "qemu",
+    "npu-validate", "models", "bench", "llamacpp", "wheels", "pyroot", "qemu", ".locks",
 })
+LOCKS = ".locks"  # one lock file per entry being made (:func:`_producing`); not a stage, never listed or pruned
 
 
 _scopes: list[list[int]] = []  # open, shared-locked entry folders of the builds in progress (innermost last)
@@ -171,6 +176,52 @@ def cached_stage(
         return final, hit
     if held is not None:
         os.close(held)
+    with _producing(key, stage, progress):
+        done = lock_folder(final, fcntl.LOCK_SH)  # another process may have made it while this one waited
+        hit = _complete_entry(final) if done is not None else None
+        if hit is not None:
+            _lease(done)
+            if progress:
+                progress(f"{stage}: made by another build ({key[:12]})")
+            return final, hit
+        if done is not None:
+            os.close(done)
+        t0 = time.time()
+        made = _produce(stage, parts, produce, base, final, need_bytes, need_ram_bytes)
+        if progress:
+            progress(f"{stage}: made ({key[:12]}) in {time.time() - t0:.1f} s")
+        return made
+
+
+@contextlib.contextmanager
+def _producing(key: str, stage: str, progress: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Only one process makes an entry at a time: ``flock`` on ``<cache>/.locks/<stage>-<key>`` while it
+    produces; another build of the same inputs waits and then finds the entry complete. The kernel
+    drops a killed producer's lock. (Lock files stay: deleting one races with a process waiting on it.)"""
+    locks = cache_root() / LOCKS
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{stage}-{key}", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(stage, locks) from None
+        raise InputError(f"cannot write in the stage cache folder {locks} ({e.strerror}); set EDGEPIPE_CACHE to a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"{stage}: another build is making it ({key[:12]}); waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _produce(
+    stage: str, parts: dict[str, Any], produce: Callable[[Path], dict[str, Any] | None], base: Path, final: Path,
+    need_bytes: int | None, need_ram_bytes: int | None,
+) -> tuple[Path, dict[str, Any]]:
     tmp = _work_folder(stage, base, need_bytes)
     held = lock_folder(tmp, fcntl.LOCK_SH)  # prune leaves a work folder in use alone; the lock follows the rename
     try:
@@ -312,7 +363,7 @@ def list_cache() -> list[dict[str, Any]]:
     root = cache_root()
     if not root.is_dir():
         return out
-    for stage in sorted(p for p in root.iterdir() if p.is_dir()):
+    for stage in sorted(p for p in root.iterdir() if p.is_dir() and p.name != LOCKS):
         for entry in sorted(p for p in stage.iterdir() if p.is_dir()):
             out.append({
                 "stage": stage.name,

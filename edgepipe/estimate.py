@@ -22,6 +22,37 @@ RUNTIME_BASE_MB = 90.0  # python + numpy + onnxruntime + tokenizers, measured on
 PREFILL_TOKENS = 256  # the bench's prompt length: its logits and activations are the transient peak
 
 
+def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str, int]:
+    """Peak RAM of each build stage on the build host, for a model of ``num_parameters`` (the stages'
+    out-of-memory messages and ``edgepipe matrix``'s task memory requests use these).
+
+    - export: the builder holds the checkpoint in its own dtype and casts one tensor at a time
+      (measured: Granite-2B bf16, 5.07 GB of safetensors -> 6.3 GB peak); the generic path holds the
+      fp32 model and its traced copy.
+    - sensitivity: one segmented fp32 pass (pieces of <= 1 GiB of weights); Granite-2B's segmented
+      calibration peaked at 4.24 GB (1.67 bytes a parameter), with 20 % to spare.
+    - quantize: one fp32 initializer at a time, plus GPTQ's Hessian of one matrix and the calibration pass.
+    - validate: the fp32 reference in pieces beside the quantized model (Granite-2B: 6.41 GB int8,
+      5.54 GB int4: 2.53 bytes a parameter at most).
+    - package: the throughput benchmark of the artifact in a fresh process beside the build
+      (Granite-2B: 6.18 GB int8).
+
+    Each stage also holds Python, torch and onnxruntime: at least 1 GiB (``BUILD_BASE``).
+    """
+    per_param = {
+        "export": 2 * 1.3 if export_path == BUILDER else 4 * 2.5,
+        "sensitivity": 1.67 * 1.2,
+        "quantize": 1.2,
+        "validate": 2.53 * 1.1,
+        "package": 2.44 * 1.1,
+    }
+    extra = {"quantize": 3 << 30}
+    return {stage: max(int(num_parameters * b) + extra.get(stage, 0), BUILD_BASE) for stage, b in per_param.items()}
+
+
+BUILD_BASE = 1 << 30
+
+
 @dataclass(frozen=True)
 class ArtifactSize:
     """Bytes of the artifact's weights, and of what one decode step reads."""
@@ -110,6 +141,7 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target, pre: P
         "ram_budget_mb": round(budget, 1),
         "fits": peak_ram / 2**20 <= budget and (target.budgets.max_artifact_mb is None or size / 2**20 <= target.budgets.max_artifact_mb),
         "basis": f"{target.cpu.mem_bandwidth_gbps} GB/s read bandwidth, {target.cpu.gops} GOP/s, context {ctx}",
+        "build_ram_mb": {k: round(v / 2**20, 1) for k, v in stage_ram_bytes(num_parameters, pre.path if pre else BUILDER).items()},
     }
 
 

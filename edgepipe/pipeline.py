@@ -61,10 +61,47 @@ def build(
     from edgepipe.cache import leases
     from edgepipe.package import check_out_dir
 
+    request = _request(target, out, model, calib, eval_file, device, allow_random_weights, bits_per_weight, max_mb)
+    check_out_dir(request.out, (request.model, request.calib, request.eval_file))
+    with leases():  # `cache prune` leaves every entry this build uses alone until it ends
+        return backend_for(request.target).build(request, progress or silent)
+
+
+def run_stages(
+    *,
+    target: str | Target,
+    stop_after: str,
+    model: Path | str | None = None,
+    calib: Path | str | None = None,
+    eval_file: Path | str | None = None,
+    progress: Progress | None = None,
+    allow_random_weights: bool = False,
+    bits_per_weight: float | None = None,
+    max_mb: float | None = None,
+) -> None:
+    """The stages of :func:`build` up to ``stop_after`` (``export``, ``sensitivity``, ``quantize`` or
+    ``validate``; CPU targets), into the stage cache only: a later build of the same inputs finds them
+    there. ``edgepipe matrix`` runs each stage of a cell as its own task this way."""
+    from edgepipe.backends.cpu import STAGES, CpuBackend
+    from edgepipe.cache import leases
+
+    if stop_after not in STAGES[:-1]:
+        raise ValueError(f"stop_after is one of {STAGES[:-1]}, got {stop_after!r}")  # a bug, not user input
+    request = _request(target, Path("unused"), model, calib, eval_file, None, allow_random_weights, bits_per_weight, max_mb)
+    if request.target.runtime.execution_provider != "CPUExecutionProvider":
+        raise ValueError("run_stages runs the CPU backend's stages")  # a bug: the matrix runs NPU cells whole
+    with leases():
+        CpuBackend().run(request, progress or silent, stop_after)
+
+
+def _request(
+    target: str | Target, out: Path | str, model: Path | str | None, calib: Path | str | None, eval_file: Path | str | None,
+    device: str | None, allow_random_weights: bool, bits_per_weight: float | None, max_mb: float | None,
+) -> BuildRequest:
     tgt = target if isinstance(target, Target) else load_target(target)
     if bits_per_weight is not None or max_mb is not None:
         tgt = with_budget(tgt, bits_per_weight, max_mb)
-    request = BuildRequest(
+    return BuildRequest(
         target=tgt,
         out=Path(out).absolute(),
         model=Path(model) if model is not None else None,
@@ -73,9 +110,6 @@ def build(
         device=device,
         allow_random_weights=allow_random_weights,
     )
-    check_out_dir(request.out, (request.model, request.calib, request.eval_file))
-    with leases():  # `cache prune` leaves every entry this build uses alone until it ends
-        return backend_for(request.target).build(request, progress or silent)
 
 
 def with_budget(target: Target, bits_per_weight: float | None, max_mb: float | None) -> Target:

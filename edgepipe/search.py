@@ -19,7 +19,7 @@ from typing import Any
 from edgepipe.errors import InputError, TargetError
 from edgepipe.runtime.progress import Progress, silent
 
-__all__ = ["SearchResult", "default_budgets", "search"]
+__all__ = ["SearchResult", "choose", "default_budgets", "pareto_front", "point_row", "search"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def default_budgets(q: Any) -> tuple[float, ...]:
     return tuple(sorted(set(steps) | ({q.bits_per_weight} if q.bits_per_weight else set())))
 
 
-def _point(budget: float, art: Path, res: Any) -> dict[str, Any]:
+def point_row(budget: float, art: Path, res: Any) -> dict[str, Any]:
     m = res.manifest.to_dict()
     met, q = m["metrics"], m["quantization"]
     acc, thr = met.get("accuracy", {}), met.get("throughput", {})
@@ -56,7 +56,7 @@ def _point(budget: float, art: Path, res: Any) -> dict[str, Any]:
     }
 
 
-def _choose(points: Sequence[dict[str, Any]]) -> int | None:
+def choose(points: Sequence[dict[str, Any]]) -> int | None:
     built = [i for i, p in enumerate(points) if p.get("kl_divergence") is not None]
     passing = [i for i in built if points[i]["verdict"] == "pass"]
     if passing:
@@ -98,8 +98,8 @@ def search(
         except TargetError as e:  # this budget is out of the model's reach: the others still count
             points.append({"bits_per_weight": b, "error": str(e).splitlines()[0]})
             continue
-        points.append(_point(b, art, res))
-    chosen = _choose(points)
+        points.append(point_row(b, art, res))
+    chosen = choose(points)
     if chosen is None:
         raise TargetError(f"no budget of the search could be built for this model: {points[0].get('error')}")
     doc = {"target": tgt.name, "model": str(model) if model else "default", "points": points, "chosen": chosen, "pareto": pareto_front(points)}

@@ -18,9 +18,18 @@ from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.progress import Progress
 from edgepipe.stage import StageContext
 
+STAGES = ("export", "sensitivity", "quantize", "validate", "package")  # where :meth:`CpuBackend.run` can stop
+
 
 class CpuBackend:
     def build(self, request: BuildRequest, progress: Progress) -> BuildResult:
+        result = self.run(request, progress)
+        assert result is not None
+        return result
+
+    def run(self, request: BuildRequest, progress: Progress, stop_after: str | None = None) -> BuildResult | None:
+        """The build, or its stages up to ``stop_after`` (one of :data:`STAGES` but the last; they land in
+        the stage cache and nothing else is written): how ``edgepipe matrix`` runs one stage per task."""
         from edgepipe.cache import key_of
         from edgepipe.export import inspect_model
         from edgepipe.export.inspect import check_weights
@@ -56,6 +65,8 @@ class CpuBackend:
         t0 = time.time()
         fp32 = run_export(info, ExportConfig.for_model(info, versions, pre), ctx)
         timings["export_s"] = round(time.time() - t0, 2)
+        if stop_after == "export":
+            return None
 
         t0 = time.time()
         tok = fp32.model_dir / "tokenizer.json"
@@ -66,6 +77,8 @@ class CpuBackend:
         if alloc is not None:  # sensitivity + allocation: what a size budget adds to the build
             timings["allocate_s"] = round(time.time() - t0, 2)
             t0 = time.time()
+        if stop_after == "sensitivity":
+            return None
         scheme = scheme_from_target(tgt.quantization)
         plan = alloc.plan if alloc else plan_from_onnx(fp32.model_dir / "model.onnx", scheme)
         quant = run_quantize(fp32, QuantizeConfig(fp32.key, scheme, calib_key, plan if alloc else None), calib_windows, ctx,
@@ -74,6 +87,8 @@ class CpuBackend:
         quant_info = {**quant.info, "matrix_formats": plan.labels(), **({"allocation": alloc.to_dict()} if alloc else {})}
 
         opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key), ctx)
+        if stop_after == "quantize":
+            return None
 
         t0 = time.time()
         score_from = len(eval_windows[0]) // 2
@@ -82,6 +97,8 @@ class CpuBackend:
         ), ctx)
         timings["validate_accuracy_s"] = round(time.time() - t0, 2)
         sanity = check_reference(acc.accuracy, int(info.config["vocab_size"]), allow_random_weights=request.allow_random_weights)
+        if stop_after == "validate":
+            return None
 
         base = Manifest(
             kind=ArtifactKind.CPU_DECODER, files={}, created="", edgepipe_version=versions["edgepipe"], versions=versions,

@@ -108,3 +108,27 @@ def search(model: Path | None, target: str, out: Path, budgets: tuple[float, ...
     sys.exit(0 if res.passed else EXIT_BUDGET)
 
 
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the cells' artifacts and matrix.json / matrix.md (default: PLAN.out beside the plan).")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run each stage as a task on this Ray cluster (pip install 'edgepipe[cluster]').")
+@click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True, help="Local mode: cells built at once, one process each.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (matrix.json) on stdout.")
+@_guard
+def matrix(plan: Path, out: Path | None, ray_address: str | None, jobs: int, as_json: bool) -> None:
+    """Build models x targets x budgets (a plan file); one table and an artifact per cell. Exit 3: a budget failed; 1: a cell failed."""
+    from edgepipe.matrix import run_matrix
+    from edgepipe.matrix.table import RESULTS_JSON, RESULTS_MD
+
+    with _native_stdout_to_stderr(as_json):
+        res = run_matrix(plan, out=out, ray=ray_address, jobs=jobs, progress=_progress(True))
+    if as_json:
+        _emit_json(json.loads((res.out / RESULTS_JSON).read_text(encoding="utf-8")))
+    else:
+        for r in res.rows:
+            status = f"failed in {r.get('stage')}: {r['error']}" if "error" in r else f"{r['artifact_mb']} MiB, KL {r['kl_divergence']:.5f}, {r['verdict']}"
+            click.echo(f"{r['cell']}: {status}" + (" (kept)" if r["cell"] in res.reused else ""))
+        click.echo(f"  table: {res.out / RESULTS_MD}")
+    sys.exit(res.exit_code)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepipe.estimate import stage_ram_bytes
 from edgepipe.export.genai_builder import export_fp32
 from edgepipe.export.inspect import ModelInfo
 from edgepipe.export.preflight import BUILDER, GENERIC
@@ -87,10 +88,7 @@ def run_export(info: ModelInfo, config: ExportConfig, ctx: StageContext) -> Expo
     out = run_cached(
         "export", config, produce, ctx,
         need_bytes=int(info.num_parameters * 4 * 1.1),
-        # the builder holds the checkpoint in its own dtype and casts one tensor at a time
-        # (measured: Granite-2B bf16, 5.07 GB of safetensors -> 6.3 GB peak); the generic path holds
-        # the fp32 model and its traced copy
-        need_ram_bytes=int(info.num_parameters * (2 * 1.3 if config.path == BUILDER else 4 * 2.5)),
+        need_ram_bytes=stage_ram_bytes(info.num_parameters, config.path)["export"],
     )
     recorded = out.info or _read_info(out.dir)
     return ExportResult(model_dir=out.dir / "model", key=out.key, info=recorded)

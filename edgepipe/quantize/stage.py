@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.estimate import stage_ram_bytes
 from edgepipe.export.stage import ExportResult
 from edgepipe.quantize import BitPlan, MixedPrecision, plan_from_onnx
 from edgepipe.stage import StageContext, run_cached
@@ -83,7 +84,7 @@ def run_quantize(
     extra = hessian_bytes(model_config) if scheme.needs_hessian or (config.plan is not None and config.plan.hessian_weights()) else 0
     out = run_cached(
         "quantize", config, produce, ctx,
-        need_bytes=int(num_parameters * 1.5) + extra, need_ram_bytes=int(num_parameters * 1.2) + (3 << 30),
+        need_bytes=int(num_parameters * 1.5) + extra, need_ram_bytes=stage_ram_bytes(num_parameters)["quantize"],
     )
     return QuantizeResult(model_dir=out.dir / "model", key=out.key, info=out.info)
 

@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from edgepipe.errors import TargetError, cannot_read
+from edgepipe.errors import InputError, TargetError, cannot_read
 from edgepipe.targets.schema import SCHEMA_VERSION, Target
 
 
@@ -167,7 +167,7 @@ def targets_dir() -> Path:
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a page of settings
 
 
-def _strict_loader() -> Any:
+def _strict_loader(what: str = "target profile") -> Any:
     """PyYAML's safe loader without aliases (``*name``: nested ones expand exponentially, the "billion
     laughs") and with duplicate keys refused (the second would silently win)."""
     import yaml
@@ -176,7 +176,7 @@ def _strict_loader() -> Any:
         def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.AliasEvent):
                 mark = self.peek_event().start_mark
-                raise yaml.constructor.ConstructorError(None, None, "aliases (*name) are not allowed in a target profile", mark)
+                raise yaml.constructor.ConstructorError(None, None, f"aliases (*name) are not allowed in a {what}", mark)
             return super().compose_node(parent, index)
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -192,23 +192,29 @@ def _strict_loader() -> Any:
 
 
 def _read_yaml(path: Path) -> Any:
+    return read_yaml(path, "target profile", MAX_PROFILE_BYTES, TargetError)
+
+
+def read_yaml(path: Path, what: str, max_bytes: int, error: type[InputError] = InputError) -> Any:
+    """A small YAML file of ours (a profile, a matrix plan) through the strict loader, bounded in size;
+    every problem is one ``error`` naming ``what`` and the file."""
     import yaml
 
     try:
-        if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise TargetError(f"target profile {path} is over {MAX_PROFILE_BYTES >> 10} KB; not a profile, fix the file")
+        if path.stat().st_size > max_bytes:
+            raise error(f"{what} {path} is over {max_bytes >> 10} KB; not a {what}, fix the file")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise TargetError(cannot_read("target profile", path, e)) from None
+        raise error(cannot_read(what, path, e)) from None
     except UnicodeDecodeError as e:
-        raise TargetError(f"cannot read target profile {path}: {e}; fix or remove the file") from None
+        raise error(f"cannot read {what} {path}: {e}; fix or remove the file") from None
     try:
-        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_strict_loader(what))  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
-        raise TargetError(f"target profile {path} is nested too deeply; fix the file") from None
+        raise error(f"{what} {path} is nested too deeply; fix the file") from None
     except yaml.YAMLError as e:
         line = str(e).replace("\n", " ")
-        raise TargetError(f"target profile {path} is not valid YAML ({line}); fix the file") from None
+        raise error(f"{what} {path} is not valid YAML ({line}); fix the file") from None
 
 
 def list_targets() -> list[str]:
