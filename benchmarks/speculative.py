@@ -1,0 +1,197 @@
+"""Plain vs prompt-lookup (and vs draft-model) decoding on one artifact: decode tok/s and identical greedy text.
+
+Two workloads, greedy, on the same loaded model:
+
+- **extraction**: answers that quote the prompt (a passage of Austen from ``../shared/data/text``,
+  else the packaged eval text, then a request to copy or quote it);
+- **free**: chat prompts whose answers quote nothing.
+
+Decode tok/s of one generation is (tokens - 1) / (time of the last token - time of the first):
+prefill is the same for every mode and left out. Each rep runs every prompt once per mode, the
+modes interleaved (A B, then B A); the figures are medians over reps of the workload's summed
+tokens / summed decode time. Every mode's text must equal plain greedy's token for token (exit 1
+otherwise, naming the first differing token and plain decoding's top-2 logit margin there).
+
+    python benchmarks/speculative.py [--artifact DIR] [--draft DIR] [--lookup 8] [--threads 2] [--reps 3] [--json]
+
+With no ``--artifact`` the default model is built for ``raspberrypi5`` once into
+``<edgepipe cache>/bench/smollm2-raspberrypi5`` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHARED_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "text"
+GOALS = {"extraction": 1.5, "free": 0.97}
+FREE = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works to a ten-year-old.",
+    "Give me five tips for learning a new language, with a sentence on each.",
+)
+
+
+def chat(user: str, assistant: str = "") -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
+
+
+def passages(n: int, words: int = 120) -> list[str]:
+    """``n`` passages of about ``words`` words, from the start of paragraphs far apart."""
+    files = sorted(SHARED_TEXT.glob("*.txt")) if SHARED_TEXT.is_dir() else []
+    text = files[0].read_text(encoding="utf-8") if files else resources.files("edgepipe.data").joinpath("eval.txt").read_text(encoding="utf-8")
+    paras = [" ".join(p.split()) for p in text.split("\n\n")]
+    paras = [p for p in paras if len(p.split()) >= words]
+    picks = [paras[i * len(paras) // n] for i in range(n)]
+    return [" ".join(p.split()[:words]) for p in picks]
+
+
+def workloads() -> dict[str, list[str]]:
+    a, b, c = passages(3)
+    head = lambda p: " ".join(p.split()[:4])  # noqa: E731
+    extraction = [
+        chat(f"Copy this text:\n{a}", f"Here is the text:\n\n{head(a)}"),
+        chat(f"{b}\n\nQuote the passage above in full, word for word.", f'"{head(b)}'),
+        f"{c}\n\nOnce more, the same text:\n\n{head(c)}",
+    ]
+    return {"extraction": extraction, "free": [chat(p) for p in FREE]}
+
+
+def default_artifact() -> Path:
+    import edgepipe
+    from edgepipe.models import cache_root
+
+    out = cache_root() / "bench" / "smollm2-raspberrypi5"
+    if not (out / "manifest.json").is_file():
+        print(f"building the default model for raspberrypi5 into {out} (once)", file=sys.stderr, flush=True)
+        edgepipe.build(target="raspberrypi5", out=out, progress=lambda m: print(f"  build: {m}", file=sys.stderr, flush=True))
+    return out
+
+
+def timed(lm: Any, ids: list[int], cfg: Any, draft: Any = None) -> dict[str, Any]:
+    from edgepipe.runtime.generate import generate
+    from edgepipe.runtime.speculative import SpecStats
+
+    stats = SpecStats()
+    stamps: list[float] = []
+    tokens: list[int] = []
+    for t in generate(lm, ids, cfg, draft=draft, stats=stats):
+        stamps.append(time.perf_counter())
+        tokens.append(t)
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {"tokens": tokens, "decoded": len(tokens) - 1, "seconds": span, "stats": stats}
+
+
+def divergence(lm: Any, ids: list[int], plain: list[int], other: list[int]) -> str:
+    i = next((i for i, (x, y) in enumerate(zip(plain, other, strict=False)) if x != y), min(len(plain), len(other)))
+    if i >= min(len(plain), len(other)):
+        return f"one output is a prefix of the other ({len(plain)} vs {len(other)} tokens)"
+    state = lm.stepper(len(ids) + i + 1)
+    logits = state.step(np.asarray(ids, dtype=np.int64), last_only=True)
+    for t in plain[:i]:
+        logits = state.step(np.asarray([t], dtype=np.int64), last_only=True)
+    top = np.sort(logits[-1])[-2:]
+    return f"first difference at token {i} ({plain[i]} vs {other[i]}); plain decoding's top-2 logit margin there: {top[1] - top[0]:.3f}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    from edgepipe.runtime.artifact import open_draft
+    from edgepipe.runtime.generate import GenerationConfig
+    from edgepipe.runtime.model import CausalLM
+
+    artifact = args.artifact or default_artifact()
+    lm = CausalLM(artifact, threads=args.threads)
+    draft = open_draft(artifact, args.draft, threads=args.threads) if args.draft else None
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    base = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    modes: dict[str, tuple[Any, Any]] = {"plain": (base, None), "lookup": (GenerationConfig(max_new_tokens=args.max_new_tokens, lookup=args.lookup), None)}
+    if draft is not None:
+        modes["draft"] = (GenerationConfig(max_new_tokens=args.max_new_tokens, draft_tokens=args.draft_tokens), draft)
+    loads = [os.getloadavg()]
+    rows: list[dict[str, Any]] = []
+    texts: dict[tuple[str, int, str], list[int]] = {}
+    failures: list[str] = []
+    for rep in range(args.reps):
+        order = list(modes) if rep % 2 == 0 else list(reversed(modes))
+        for work, prompts in workloads().items():
+            for mode in order:
+                cfg, d = modes[mode]
+                runs = [timed(lm, tok.encode(p).ids, cfg, d) for p in prompts]
+                for i, r in enumerate(runs):
+                    texts.setdefault((work, i, mode), r["tokens"])
+                s = [r["stats"] for r in runs]
+                rows.append({
+                    "rep": rep, "workload": work, "mode": mode,
+                    "tok_s": sum(r["decoded"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9),
+                    "tokens": sum(len(r["tokens"]) for r in runs), "steps": sum(x.steps for x in s),
+                    "drafted": sum(x.drafted for x in s), "accepted": sum(x.accepted for x in s),
+                    "backoffs": sum(x.backoffs for x in s), "off_steps": sum(x.off_steps for x in s),
+                })
+                if not args.json:
+                    r = rows[-1]
+                    print(f"rep {rep} {work:10s} {mode:6s} {r['tok_s']:7.2f} tok/s  {r['tokens']} tokens in {r['steps']} steps, "
+                          f"accepted {r['accepted']}/{r['drafted']}, back-offs {r['backoffs']}", flush=True)
+        loads.append(os.getloadavg())
+    for (work, i, mode), toks in sorted(texts.items()):
+        plain = texts[(work, i, "plain")]
+        if mode != "plain" and toks != plain:
+            failures.append(f"{work} prompt {i}, {mode}: " + divergence(lm, tok.encode(workloads()[work][i]).ids, plain, toks))
+    return summarize(args, artifact, rows, loads, failures)
+
+
+def summarize(args: argparse.Namespace, artifact: Path, rows: list[dict[str, Any]], loads: list[Any], failures: list[str]) -> dict[str, Any]:
+    med: dict[str, dict[str, float]] = {}
+    for work, mode in dict.fromkeys((r["workload"], r["mode"]) for r in rows):
+        med.setdefault(work, {})[mode] = statistics.median(r["tok_s"] for r in rows if r["workload"] == work and r["mode"] == mode)
+    ratios = {work: {m: round(v / modes["plain"], 3) for m, v in modes.items() if m != "plain"} for work, modes in med.items()}
+    return {
+        "artifact": str(artifact), "draft": str(args.draft) if args.draft else None, "threads": args.threads,
+        "reps": args.reps, "max_new_tokens": args.max_new_tokens, "lookup": args.lookup, "load_average": loads,
+        "median_tok_s": med, "ratio_vs_plain": ratios, "goals": GOALS, "identical_greedy_text": not failures,
+        "differences": failures, "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", type=Path, help="an edgepipe CPU artifact (default: the default model for raspberrypi5)")
+    p.add_argument("--draft", type=Path, help="also measure draft-model decoding with this artifact")
+    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--lookup", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    out = run(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        loads = " -> ".join(f"{la[0]:.2f}" for la in out["load_average"])
+        print(f"\n{out['artifact']}, {args.threads} threads, {args.reps} reps interleaved, {args.max_new_tokens} new tokens, "
+              f"greedy; load average (1 min) {loads}")
+        print("| workload | mode | median decode tok/s | vs plain | goal |\n|---|---|---:|---:|---:|")
+        for work, modes in out["median_tok_s"].items():
+            for mode, v in modes.items():
+                ratio = out["ratio_vs_plain"][work].get(mode)
+                goal = f">= {GOALS[work]}" if mode == "lookup" else ""
+                print(f"| {work} | {mode} | {v:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | {goal} |")
+        print("identical greedy text: " + ("yes" if out["identical_greedy_text"] else "NO"))
+        for line in out["differences"]:
+            print(f"  {line}")
+    return 0 if out["identical_greedy_text"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
