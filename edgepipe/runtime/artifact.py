@@ -103,9 +103,10 @@ def run_prompt(
     output, then return an iterator of decoded text pieces as they are generated. ``cfg.lookup``
     or ``draft``: speculative decoding (:mod:`.speculative`, which fills ``stats``)."""
     from edgepipe.runtime.args import prompt_text
-    from edgepipe.runtime.speculative import check_capable
+    from edgepipe.runtime.speculative import check_capable, check_one_drafter
 
     prompt_text(prompt)
+    check_one_drafter(cfg.lookup, draft)
     lm, _ = open_artifact(artifact, threads=threads, generates=True)
     if cfg.lookup or draft is not None:
         check_capable(lm, f"{artifact}")

@@ -79,6 +79,11 @@ def check_capable(lm: Any, what: str = "the model") -> None:
         )
 
 
+def check_one_drafter(lookup: int, draft: object | None) -> None:
+    if lookup and draft is not None:
+        raise InputError("--lookup and --draft are two ways of drafting tokens; pass one of them")
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens one step yields with ``k`` drafts, each accepted with probability ``alpha``."""
     return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
@@ -258,6 +263,7 @@ def generate_speculative(
     """:func:`edgepipe.runtime.generate.generate` with drafts (lookup, or ``draft``): the same EOS,
     ``max_new_tokens`` and context limits, the same greedy tokens, the same sampling distribution."""
     check_capable(lm)
+    check_one_drafter(cfg.lookup, draft)
     stats = stats if stats is not None else SpecStats()
     rng = np.random.default_rng(cfg.seed)
     limit = max(min(cfg.max_new_tokens, lm.context_length - len(prompt_ids)), 0)
