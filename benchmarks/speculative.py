@@ -8,10 +8,12 @@ Two workloads, greedy, on the same loaded model:
 
 Decode tok/s of one generation is (tokens - 1) / (time of the last token - time of the first):
 prefill is the same for every mode and left out. Each rep runs every prompt once per mode, the
-modes interleaved (A B, then B A); the figures are medians over reps of the workload's summed
-tokens / summed decode time. Every mode's text is compared with plain greedy's token for token; the
-first difference of each prompt is printed with plain decoding's top-2 logit margin there, and the
-run fails (exit 1) when a margin is not a near-tie (``TIE_MARGIN``: kernel numerics, see README).
+modes of one prompt back to back in alternating order (A B, then B A); a workload's tok/s in a rep
+is its summed tokens / summed decode time, and its ratio is the median over reps of each rep's
+mode / plain. Tokens per step (tokens / model calls, the prefill counted) does not depend on load.
+Every mode's text is compared with plain greedy's token for token; the first difference of each
+prompt is printed with plain decoding's top-2 logit margin there, and the run fails (exit 1) when
+a margin is not a near-tie (``TIE_MARGIN``: kernel numerics, see README).
 
     python benchmarks/speculative.py [--artifact DIR] [--draft DIR] [--lookup 8] [--threads 2] [--reps 3] [--json]
 
@@ -131,13 +133,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts: dict[tuple[str, int, str], list[int]] = {}
     differences: list[dict[str, Any]] = []
     for rep in range(args.reps):
-        order = list(modes) if rep % 2 == 0 else list(reversed(modes))
         for work, prompts in workloads().items():
-            for mode in order:
-                cfg, d = modes[mode]
-                runs = [timed(lm, tok.encode(p).ids, cfg, d) for p in prompts]
-                for i, r in enumerate(runs):
-                    texts.setdefault((work, i, mode), r["tokens"])
+            runs_of: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            for i, p in enumerate(prompts):  # the modes of one prompt run back to back, alternating order
+                for mode in list(modes) if (rep + i) % 2 == 0 else list(reversed(modes)):
+                    cfg, d = modes[mode]
+                    runs_of[mode].append(timed(lm, tok.encode(p).ids, cfg, d))
+                    texts.setdefault((work, i, mode), runs_of[mode][-1]["tokens"])
+            for mode, runs in runs_of.items():
                 s = [r["stats"] for r in runs]
                 rows.append({
                     "rep": rep, "workload": work, "mode": mode,
@@ -163,13 +166,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def summarize(args: argparse.Namespace, artifact: Path, rows: list[dict[str, Any]], loads: list[Any], differences: list[dict[str, Any]]) -> dict[str, Any]:
     med: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    per_step: dict[str, dict[str, float]] = {}
     for work, mode in dict.fromkeys((r["workload"], r["mode"]) for r in rows):
-        med.setdefault(work, {})[mode] = statistics.median(r["tok_s"] for r in rows if r["workload"] == work and r["mode"] == mode)
-    ratios = {work: {m: round(v / modes["plain"], 3) for m, v in modes.items() if m != "plain"} for work, modes in med.items()}
+        mine = [r for r in rows if r["workload"] == work and r["mode"] == mode]
+        med.setdefault(work, {})[mode] = statistics.median(r["tok_s"] for r in mine)
+        per_step.setdefault(work, {})[mode] = round(mine[0]["tokens"] / max(mine[0]["steps"] + 3, 1), 3) if mode != "plain" else 1.0
+        if mode != "plain":  # each rep's ratio is of runs made minutes apart at most: the median of those
+            plain = {r["rep"]: r["tok_s"] for r in rows if r["workload"] == work and r["mode"] == "plain"}
+            ratios.setdefault(work, {})[mode] = round(statistics.median(r["tok_s"] / plain[r["rep"]] for r in mine), 3)
     return {
         "artifact": str(artifact), "draft": str(args.draft) if args.draft else None, "threads": args.threads,
         "reps": args.reps, "max_new_tokens": args.max_new_tokens, "lookup": args.lookup, "load_average": loads,
-        "median_tok_s": med, "ratio_vs_plain": ratios, "goals": GOALS, "identical_greedy_text": not differences,
+        "median_tok_s": med, "ratio_vs_plain": ratios, "tokens_per_step": per_step, "goals": GOALS, "identical_greedy_text": not differences,
         "differences": differences, "only_near_ties": all(d["margin"] < TIE_MARGIN for d in differences), "rows": rows,
     }
 
@@ -192,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         loads = " -> ".join(f"{la[0]:.2f}" for la in out["load_average"])
         print(f"\n{out['artifact']}, {args.threads} threads, {args.reps} reps interleaved, {args.max_new_tokens} new tokens, "
               f"greedy; load average (1 min) {loads}")
-        print("| workload | mode | median decode tok/s | vs plain | goal |\n|---|---|---:|---:|---:|")
+        print("| workload | mode | median decode tok/s | median of per-rep ratios vs plain | goal | tokens per step |\n|---|---|---:|---:|---:|---:|")
         for work, modes in out["median_tok_s"].items():
             for mode, v in modes.items():
-                ratio = out["ratio_vs_plain"][work].get(mode)
+                ratio = out["ratio_vs_plain"].get(work, {}).get(mode)
                 goal = f">= {GOALS[work]}" if mode == "lookup" else ""
-                print(f"| {work} | {mode} | {v:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | {goal} |")
+                print(f"| {work} | {mode} | {v:.2f} | {'' if ratio is None else f'{ratio:.3f}'} | {goal} | {out['tokens_per_step'][work][mode]:.2f} |")
         n = out["compared"]
         print(f"identical greedy text: {n - len(out['differences'])}/{n} prompts" +
               ("" if not out["differences"] else "; the others differ first at near-ties" if out["only_near_ties"] else "; NOT ONLY AT NEAR-TIES"))
