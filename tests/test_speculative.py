@@ -156,8 +156,8 @@ def test_seeded_sampling_reproduces(zoo):
 
 
 def test_backoff_switches_lookup_off_on_text_without_repeats(zoo):
-    """Sampled text of a tiny model hardly repeats its prompt: 1-token matches are chance, their
-    drafts get rejected, and the drafter switches itself off for most steps."""
+    """Sampled text of a tiny model hardly repeats its prompt: 2-token matches are chance, their
+    drafts get rejected, and the drafter switches itself off."""
     lm = CausalLM(zoo.fp32("llama"), threads=1)
     stats = SpecStats()
     prompt = zoo.eval_ids(40, offset=1200).tolist()
