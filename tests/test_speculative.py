@@ -124,7 +124,6 @@ def test_acceptance_rule_keeps_the_distribution():
             assert 0.5 * np.abs(counts / n - p).sum() < 0.045, (cfg, fixed, counts / n, p)  # sampling noise ~0.015
 
 
-@pytest.mark.slow  # 1600 generations of a tiny model: a minute or more on a loaded machine
 def test_sampling_keeps_the_distribution(zoo, llama_artifact):
     """Seeded sampling of the first two new tokens, 400 times: lookup drafts (a point-mass q) and a
     draft model of another architecture (the tiny Qwen2 verifies the tiny Llama's int4 artifact, a
