@@ -9,7 +9,11 @@ The sdist vendors llama.cpp under ``vendor/llama.cpp`` (sources, ``convert_hf_to
     subprocess.run([paths.quantize, "in.gguf", "out.gguf", "Q4_0"])
 
 The build is not "native": ``-DGGML_NATIVE=ON`` turns on the AMX kernels on Sapphire Rapids class
-CPUs, which crash on quantized models here. We pin AVX2/AVX-512/VNNI/FMA/F16C and switch AMX off.
+CPUs, which crash on quantized models here. Instead each x86 instruction-set option is set ON or
+OFF from the host's ``/proc/cpuinfo`` flags (:func:`isa_flags`; AMX always off): a build pinned to
+AVX-512 died with SIGILL on an AVX2-only EPYC. The chosen set names the cache folder
+(``<version>-<isa>``) and is checked against the build's marker, so a build for another
+instruction set is never reused.
 
 Run ``python benchmarks/llamacpp.py`` to build (or just print the paths of) the cached tools.
 """
@@ -38,12 +42,6 @@ CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
     "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX=ON",
-    "-DGGML_AVX2=ON",
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON",
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DGGML_AMX_BF16=OFF",
@@ -53,6 +51,76 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
 )
+# ggml's x86 options and the /proc/cpuinfo flags each needs (ggml's AVX512 compiles with
+# -mavx512f/cd/vl/dq/bw). AVX512_VBMI and AVX512_BF16 stay off: the quants compared (Q4_0, Q4_K_M,
+# Q8_0) do not use them, and an AVX-512 build stays the same on every AVX-512 VNNI host.
+ISA_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("SSE42", ("sse4_2",)),
+    ("AVX", ("avx",)),
+    ("AVX2", ("avx2",)),
+    ("BMI2", ("bmi2",)),
+    ("FMA", ("fma",)),
+    ("F16C", ("f16c",)),
+    ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("AVX512_VNNI", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni")),
+    ("AVX_VNNI", ("avx2", "avx_vnni")),
+)
+# ggml's defaults with GGML_NATIVE=OFF, for markers whose flags do not name an option
+ISA_DEFAULT_ON = frozenset({"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"})
+# the host flags vs_llamacpp prints with its tables
+RELEVANT_CPU_FLAGS = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
+                      "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (or in the text given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def isa_flags(flags: frozenset[str] | set[str]) -> frozenset[str]:
+    """The ggml x86 options to build with on a CPU with these flags. AVX_VNNI only without
+    AVX512_VNNI (the AVX-512 kernels take precedence)."""
+    on = {name for name, needs in ISA_OPTIONS if set(needs) <= set(flags)}
+    if "AVX512_VNNI" in on:
+        on.discard("AVX_VNNI")
+    return frozenset(on)
+
+
+def isa_cmake_flags(isa: frozenset[str]) -> tuple[str, ...]:
+    """Every ISA option ON or OFF explicitly (with NATIVE off, ggml turns AVX2 and friends on by default)."""
+    return tuple(f"-DGGML_{name}={'ON' if name in isa else 'OFF'}" for name, _ in ISA_OPTIONS)
+
+
+def isa_of_cmake_flags(flags: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The ISA options a build's recorded cmake flags turned on (ggml's defaults for the others)."""
+    on = set(ISA_DEFAULT_ON)
+    for flag in flags:
+        name, _, value = flag.removeprefix("-DGGML_").partition("=")
+        if flag.startswith("-DGGML_") and name in dict(ISA_OPTIONS):
+            (on.add if value.upper() == "ON" else on.discard)(name)
+    return frozenset(on)
+
+
+def isa_tag(isa: frozenset[str]) -> str:
+    """A short name of the instruction set, for the cache folder."""
+    for name, tag in (("AVX512_VNNI", "avx512vnni"), ("AVX512", "avx512"), ("AVX_VNNI", "avxvnni"), ("AVX2", "avx2"), ("AVX", "avx")):
+        if name in isa:
+            return tag
+    return "generic"
+
+
+def host_isa() -> frozenset[str]:
+    return isa_flags(cpu_flags())
+
 
 Progress = Callable[[str], None]
 
@@ -91,12 +159,29 @@ class Paths:
         ]
 
 
-def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """``$EDGEPIPE_LLAMACPP`` if set (a build folder of its own), else ``<edgepipe cache>/llamacpp/<version>``."""
+def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION, isa: frozenset[str] | None = None) -> Path:
+    """``$EDGEPIPE_LLAMACPP`` if set (a build folder of its own), else
+    ``<edgepipe cache>/llamacpp/<version>-<isa tag>`` (default: the host's instruction set)."""
     if os.environ.get("EDGEPIPE_LLAMACPP"):
         return Path(os.environ["EDGEPIPE_LLAMACPP"])
-    base = Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe")
-    return base / "llamacpp" / version
+    return _cache_base() / f"{version}-{isa_tag(host_isa() if isa is None else isa)}"
+
+
+def _cache_base() -> Path:
+    return Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe") / "llamacpp"
+
+
+def _candidates(version: str, isa: frozenset[str]) -> list[Path]:
+    """Where a build for ``isa`` may be: its own folder, then the folder of builds made before the
+    instruction set named the folder (used only when its marker's flags give the same set)."""
+    own = cache_dir(version, isa)
+    return [own] if os.environ.get("EDGEPIPE_LLAMACPP") else [own, _cache_base() / version]
+
+
+def marker_isa(info: dict) -> frozenset[str] | None:
+    """The instruction set a build's ``.complete`` marker records (None: no flags recorded)."""
+    flags = info.get("cmake_flags")
+    return isa_of_cmake_flags(flags) if isinstance(flags, list) else None
 
 
 def _paths(root: Path, version: str, commit: str = "") -> Paths:
@@ -117,15 +202,29 @@ def _paths(root: Path, version: str, commit: str = "") -> Paths:
     )
 
 
-def cached_llamacpp(version: str = LLAMA_CPP_PYTHON_VERSION, root: Path | None = None) -> Paths | None:
-    """The cached build (in ``root``, default :func:`cache_dir`) if it is complete, else None (never builds)."""
-    root = Path(root) if root else cache_dir(version)
+def cached_llamacpp(
+    version: str = LLAMA_CPP_PYTHON_VERSION, root: Path | None = None, isa: frozenset[str] | None = None
+) -> Paths | None:
+    """The cached build for ``isa`` (default: the host's) in ``root`` (default: :func:`cache_dir`,
+    then the older ``llamacpp/<version>`` folder) if it is complete, else None (never builds).
+    A build whose recorded flags give another instruction set is not this one."""
+    isa = host_isa() if isa is None else isa
+    for where in [Path(root)] if root else _candidates(version, isa):
+        found = _complete_build(where, version, isa)
+        if found:
+            return found
+    return None
+
+
+def _complete_build(root: Path, version: str, isa: frozenset[str]) -> Paths | None:
     marker = root / ".complete"
     if not marker.is_file():
         return None
     try:
         info = json.loads(marker.read_text())
     except ValueError:
+        return None
+    if marker_isa(info) != isa:
         return None
     p = _paths(root, version, info.get("commit") or _tool_version(root / "build" / "bin" / "llama-bench"))
     if (
@@ -158,22 +257,26 @@ def ensure_llamacpp(
 ) -> Paths:
     """Return the cached llama.cpp tools, downloading the sdist and building them first if needed."""
     say = progress or (lambda _m: None)
-    found = cached_llamacpp(version)
+    isa = host_isa()
+    found = cached_llamacpp(version, isa=isa)
     if found:
         return found
-    root = cache_dir(version)
+    root = cache_dir(version, isa)
+    flags = (*CMAKE_FLAGS, *isa_cmake_flags(isa))
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits for the first build
-        found = cached_llamacpp(version)
+        found = cached_llamacpp(version, isa=isa)
         if found:
             return found
         marker = root / ".complete"
-        if marker.is_file():  # tools built, only the converter's Python needs are missing
+        if marker.is_file() and marker_isa(json.loads(marker.read_text())) == isa:
+            # tools built, only the converter's Python needs are missing
             p = _paths(root, version, json.loads(marker.read_text()).get("commit", ""))
             with open(root / "pydeps.log", "w") as log:
                 _ensure_pydeps(p, log, say)
             return p
+        marker.unlink(missing_ok=True)  # a build for another instruction set is rebuilt
         for name in ("src", "build"):
             shutil.rmtree(root / name, ignore_errors=True)
         t0 = time.time()
@@ -211,9 +314,9 @@ def ensure_llamacpp(
             p = _paths(root, version)
             if not (p.src / "CMakeLists.txt").is_file():
                 raise RuntimeError(f"{p.src} has no CMakeLists.txt: not the expected sdist layout")
-            say(f"llama.cpp: configuring ({' '.join(CMAKE_FLAGS)})")
+            say(f"llama.cpp: configuring ({' '.join(flags)})")
             gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-            _run(["cmake", "-S", p.src, "-B", root / "build", *gen, *CMAKE_FLAGS], log)
+            _run(["cmake", "-S", p.src, "-B", root / "build", *gen, *flags], log)
             say(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs} (several minutes on 2 cores)")
             _run(
                 [
@@ -237,7 +340,8 @@ def ensure_llamacpp(
                     "version": version,
                     "commit": commit,
                     "build_seconds": round(seconds, 1),
-                    "cmake_flags": list(CMAKE_FLAGS),
+                    "cmake_flags": list(flags),
+                    "isa": sorted(isa),
                     "targets": list(TARGETS),
                     "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 },
@@ -248,8 +352,9 @@ def ensure_llamacpp(
         return _paths(root, version, commit)
 
 
-def build_info(version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
-    marker = cache_dir(version) / ".complete"
+def build_info(root: Path) -> dict:
+    """The ``.complete`` marker of the build in ``root`` (a :class:`Paths`' ``root``)."""
+    marker = Path(root) / ".complete"
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 

@@ -61,9 +61,9 @@ from typing import Any
 import numpy as np
 
 if __package__:  # imported as benchmarks.vs_llamacpp (the tests)
-    from .llamacpp import Paths, build_info, ensure_llamacpp
+    from .llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
 else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.path[0]
-    from llamacpp import Paths, build_info, ensure_llamacpp
+    from llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
 
 QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
@@ -614,6 +614,8 @@ def machine_facts() -> dict[str, Any]:
         facts["cpu_model"] = (re.search(r"Model name:\s*(.+)", lscpu) or [None, "?"])[1].strip()
     except OSError:
         facts["cpu_model"] = platform.processor()
+    host = cpu_flags()
+    facts["cpu_flags"] = [f for f in RELEVANT_CPU_FLAGS if f in host]
     try:
         facts["ram_gb"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
     except (OSError, ValueError):
@@ -792,10 +794,21 @@ def _edgepipe_notes(ep: dict[str, Any]) -> list[str]:
     return lines
 
 
+def machine_lines(R: dict[str, Any]) -> list[str]:
+    """The CPU the tables were measured on, its instruction-set flags and what llama.cpp was built with."""
+    m, lc = R.get("machine") or {}, R.get("llamacpp") or {}
+    isa = lc.get("isa")
+    return [
+        f"CPU: {m.get('cpu_model', '?')}, {m.get('cores', '?')} logical cores; flags: {' '.join(m.get('cpu_flags') or []) or '?'}",
+        f"llama.cpp {lc.get('llama_cpp', '?')} built with: {' '.join(isa) if isa else ' '.join(f for f in lc.get('cmake_flags', []) if 'GGML_' in f) or '?'}",
+        "",
+    ]
+
+
 def summarize(R: dict[str, Any]) -> str:
     bw = (R.get("bandwidth") or {}).get("read_gbs")
     ep = R.get("edgepipe") or {}
-    lines = _quality_table(R, ep)
+    lines = machine_lines(R) + _quality_table(R, ep)
     for T, speed in (R.get("speed") or {}).items():
         lines += _speed_table(R, ep, T, speed, bw)
     if ep:
@@ -907,7 +920,7 @@ def _run_facts(args: argparse.Namespace, lc: Paths, model_dir: Path, info: Any, 
         "llamacpp": {
             "llama_cpp_python": lc.version,
             "llama_cpp": lc.commit,
-            **{k: v for k, v in build_info().items() if k not in ("version", "commit")},
+            **{k: v for k, v in build_info(lc.root).items() if k not in ("version", "commit")},
         },
         "work": str(work),
     }

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import vs_llamacpp  # noqa: E402
+from benchmarks import llamacpp, vs_llamacpp  # noqa: E402
 from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp  # noqa: E402
 
 # conftest points EDGEPIPE_CACHE at a temp dir: look for the build (and the converted default
@@ -43,6 +43,51 @@ def _default_model_folder() -> Path:
     from edgepipe.models import default_model_dir
 
     return default_model_dir()  # converts once into the test cache
+
+
+# /proc/cpuinfo flags of three x86 kinds (trimmed to what matters)
+EPYC_AVX2 = "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 bmi2 avx2 sha_ni clzero\n"
+SAPPHIRE_RAPIDS = ("flags\t\t: sse4_2 avx f16c fma bmi2 avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni "
+                   "avx512vbmi avx512_bf16 avx_vnni amx_tile amx_int8 amx_bf16\n")
+ALDER_LAKE = "flags\t\t: sse4_2 avx f16c fma bmi2 avx2 avx_vnni\n"
+PINNED_BEFORE = [  # what the build pinned before the flags came from the host
+    "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON",
+    "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+]
+
+
+def test_cmake_flags_follow_the_host_cpu():
+    avx2 = llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
+    assert avx2 == {"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"}
+    flags = llamacpp.isa_cmake_flags(avx2)
+    assert "-DGGML_AVX512=OFF" in flags and "-DGGML_AVX512_VNNI=OFF" in flags and "-DGGML_AVX2=ON" in flags
+    assert not any("AMX" in f and f.endswith("=ON") for f in (*llamacpp.CMAKE_FLAGS, *flags))
+    spr = llamacpp.isa_flags(llamacpp.cpu_flags(SAPPHIRE_RAPIDS))
+    assert {"AVX512", "AVX512_VNNI"} <= spr and "AVX_VNNI" not in spr  # the AVX-512 kernels take precedence
+    assert "AVX_VNNI" in llamacpp.isa_flags(llamacpp.cpu_flags(ALDER_LAKE))
+    # the instruction set names the folder and is read back from a marker's flags, older markers too
+    assert llamacpp.isa_tag(avx2) == "avx2" and llamacpp.isa_tag(spr) == "avx512vnni"
+    assert llamacpp.isa_of_cmake_flags(llamacpp.isa_cmake_flags(avx2)) == avx2
+    assert llamacpp.isa_of_cmake_flags(PINNED_BEFORE) == spr
+    assert llamacpp.isa_flags(llamacpp.cpu_flags("processor: 0\n")) == frozenset()
+
+
+def test_a_build_for_another_instruction_set_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))
+    monkeypatch.delenv("EDGEPIPE_LLAMACPP", raising=False)
+    avx2 = llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
+    avx512 = llamacpp.isa_flags(llamacpp.cpu_flags(SAPPHIRE_RAPIDS))
+    assert llamacpp.cache_dir(isa=avx2) != llamacpp.cache_dir(isa=avx512)
+    # a complete-looking build made with the AVX-512 flags, in the folder of builds made before the ISA named it
+    root = tmp_path / "llamacpp" / LLAMA_CPP_PYTHON_VERSION
+    p = llamacpp._paths(root, LLAMA_CPP_PYTHON_VERSION)
+    for f in (p.quantize, p.bench, p.perplexity, p.convert, p.pydeps / ".complete"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("")
+    (root / ".complete").write_text(json.dumps({"commit": "test", "cmake_flags": [*llamacpp.CMAKE_FLAGS, *PINNED_BEFORE]}))
+    assert cached_llamacpp(isa=avx512) is not None
+    assert cached_llamacpp(isa=avx2) is None
+    assert cached_llamacpp(root=root, isa=avx2) is None
 
 
 def _write_kld_base(path: Path, n_ctx: int, tokens: np.ndarray, logits: np.ndarray) -> None:
@@ -175,3 +220,11 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
     diff = np.abs(lp[top] - want[top])
     assert diff.mean() < 2e-3 and diff.max() < 0.1, (diff.mean(), diff.max())
     assert (lp.argmax(-1) == want.argmax(-1)).mean() > 0.99
+
+
+def test_tables_name_the_cpu_and_its_flags():
+    facts = vs_llamacpp.machine_facts()
+    assert facts["cpu_model"] and set(facts["cpu_flags"]) <= set(llamacpp.RELEVANT_CPU_FLAGS)
+    lines = vs_llamacpp.machine_lines({"machine": facts, "llamacpp": {"llama_cpp": "b1", "isa": ["AVX", "AVX2"]}})
+    assert lines[0].startswith(f"CPU: {facts['cpu_model']}") and " ".join(facts["cpu_flags"]) in lines[0]
+    assert lines[1] == "llama.cpp b1 built with: AVX AVX2"

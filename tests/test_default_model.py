@@ -94,3 +94,48 @@ def test_default_model_knows_paris(default_build):
     assert "Paris" in run.stdout[len("The capital of France is"):], run.stdout
     v = subprocess.run([*edgepipe_exe(), "verify", str(out)], capture_output=True, text=True, timeout=600)
     assert v.returncode == 0, v.stderr
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def test_default_model_decodes_several_tokens_per_step(default_build):
+    """Lookup and draft decoding on the default model, an answer that copies the prompt.
+
+    On the fp32 export (whose logits do not depend on how many tokens a step carries) both give
+    plain greedy's tokens exactly, the int4 artifact drafting for it. On the int4 artifact
+    onnxruntime's int8-activation kernels round one row differently from several: the texts
+    agree up to the first near-tie (top-2 logit margin below 0.5 there), if any."""
+    import numpy as np
+    from conftest import find_export, packaged_text
+
+    from edgepipe.models import default_model_dir
+    from edgepipe.runtime.artifact import load_tokenizer
+    from edgepipe.runtime.generate import GenerationConfig, generate
+    from edgepipe.runtime.model import CausalLM
+    from edgepipe.runtime.speculative import SpecStats
+
+    out, proc = default_build
+    assert proc.returncode in (0, 3)
+    export = find_export(default_model_dir())
+    assert export is not None
+    fp32, int4 = CausalLM(export, threads=2), CausalLM(out, threads=2)
+    passage = " ".join(packaged_text("eval.txt").split()[200:290])
+    head = " ".join(passage.split()[:4])
+    text = f"<|im_start|>user\nCopy this text:\n{passage}<|im_end|>\n<|im_start|>assistant\nHere is the text:\n\n{head}"
+    ids = load_tokenizer(out).encode(text).ids
+    cfg = GenerationConfig(max_new_tokens=48)
+    plain = list(generate(fp32, ids, cfg))
+    for spec in ({"cfg": GenerationConfig(max_new_tokens=48, lookup=8)}, {"cfg": cfg, "draft": int4}):
+        stats = SpecStats()
+        assert list(generate(fp32, ids, spec["cfg"], draft=spec.get("draft"), stats=stats)) == plain
+        assert stats.accepted > 0 and stats.tokens > 1.3 * stats.steps, stats
+    plain_q = list(generate(int4, ids, cfg))
+    stats = SpecStats()
+    fast_q = list(generate(int4, ids, GenerationConfig(max_new_tokens=48, lookup=8), stats=stats))
+    assert stats.tokens >= 1.5 * stats.steps, stats  # the copy is verified several tokens at a time
+    i = _first_difference(plain_q, fast_q)
+    if i is not None:
+        top = np.sort(int4.logits(np.asarray(ids + plain_q[:i]))[-1])[-2:]
+        assert top[1] - top[0] < 0.5, (i, top)

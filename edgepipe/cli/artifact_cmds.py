@@ -24,15 +24,21 @@ from edgepipe.cli._common import (
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
 @click.option("--seed", type=int, help="A non-negative integer.")
+@click.option("--lookup", is_flag=False, flag_value="", default=None, metavar="[N]",
+              help="Prompt-lookup decoding: verify up to N tokens copied from the text so far per step (default 8, 1..32).")
+@click.option("--draft", type=click.Path(path_type=Path), help="Speculative decoding with this smaller artifact of the same tokenizer.")
+@click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --draft: most drafted tokens per step, 1..32.")
 @_trusted_keys_option
 @_guard
-def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
+def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+        lookup: str | None, draft: Path | None, draft_tokens: int) -> None:
     """Generate text from an artifact (verifies the manifest first)."""
     from edgepipe.runtime import args
     from edgepipe.runtime.artifact import run_prompt
 
-    cfg = args.generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    pieces = run_prompt(artifact, prompt, cfg)  # verifies the manifest before anything is printed
+    cfg = args.generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 lookup=lookup, draft_tokens=draft_tokens)
+    pieces = run_prompt(artifact, prompt, cfg, draft=draft)  # verifies the manifest before anything is printed
     click.echo(prompt, nl=False)
     for piece in pieces:
         click.echo(piece, nl=False)
@@ -46,13 +52,17 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
 @click.option("--api-key-file", type=click.Path(path_type=Path), help="File whose first line is the key every request must send as 'Authorization: Bearer KEY'.")
 @click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True, help="Requests that may wait while one generates; more get 503.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="onnxruntime threads (0: the target's count or one per core).")
+@click.option("--lookup", is_flag=False, flag_value="", default=None, metavar="[N]",
+              help="Prompt-lookup decoding for every request: up to N tokens copied from the text per step (default 8, 1..32).")
 @_guard
-def serve(artifact: Path, host: str, port: int, api_key_file: Path | None, max_queue: int, threads: int) -> None:
+def serve(artifact: Path, host: str, port: int, api_key_file: Path | None, max_queue: int, threads: int, lookup: str | None) -> None:
     """Serve an artifact over an OpenAI-compatible HTTP API (verifies the manifest first)."""
+    from edgepipe.runtime import args
     from edgepipe.runtime.serve import ServeConfig
     from edgepipe.runtime.serve import serve as run_server
 
-    cfg = ServeConfig(artifact=artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue, threads=threads)
+    cfg = ServeConfig(artifact=artifact, host=host, port=port, api_key_file=api_key_file, max_queue=max_queue, threads=threads,
+                      lookup=args.lookup_tokens(lookup))
     run_server(cfg, lambda line: click.echo(line, err=True))
 
 

@@ -12,6 +12,7 @@ from edgepipe.runtime.kinds import ArtifactKind
 from edgepipe.runtime.lm import LM
 from edgepipe.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, read_manifest, verify_artifact
 from edgepipe.runtime.model import CausalLM
+from edgepipe.runtime.speculative import SpecStats
 
 __all__ = [
     "LM",
@@ -21,6 +22,7 @@ __all__ = [
     "CausalLM",
     "GenerationConfig",
     "Manifest",
+    "SpecStats",
     "generate",
     "open_artifact",
     "read_manifest",

@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> None:
     from edgepipe.runtime.serve import ServeConfig, serve
 
     key = Path(args.api_key_file) if args.api_key_file else None
-    cfg = ServeConfig(Path(args.artifact), args.host, args.port, key, args.max_queue, args.threads)
+    cfg = ServeConfig(Path(args.artifact), args.host, args.port, key, args.max_queue, args.threads, lookup=contract.lookup_tokens(args.lookup))
     serve(cfg, lambda line: print(line, file=sys.stderr, flush=True))
 
 
@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int)
+    r.add_argument("--draft", help="a smaller artifact of the same tokenizer: speculative decoding")
+    r.add_argument("--draft-tokens", type=int, default=4)
     f = sub.add_parser("verify")
     f.add_argument("artifact")
     s = sub.add_parser("serve")
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file")
     s.add_argument("--max-queue", type=int, default=8)
     s.add_argument("--threads", type=int, default=0)
+    for cmd in (r, s):  # "--lookup" alone: the default length; "--lookup N": at most N tokens per step
+        cmd.add_argument("--lookup", nargs="?", const="", default=None)
     for cmd in (v, b, r, f, s):
         cmd.add_argument("--trusted-keys", help="public key file(s) or folder(s), ':'-separated (default: $EDGEPIPE_TRUSTED_KEYS)")
     return p
@@ -99,8 +103,9 @@ def _run(args: argparse.Namespace) -> None:
 
     cfg = contract.generation_config(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        lookup=args.lookup, draft_tokens=args.draft_tokens,
     )
-    for piece in run_prompt(args.artifact, args.prompt, cfg):
+    for piece in run_prompt(args.artifact, args.prompt, cfg, draft=args.draft):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

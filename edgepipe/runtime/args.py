@@ -17,6 +17,8 @@ MAX_TOP_K = 1 << 20
 MAX_SEED = 2**63 - 1  # numpy's generator takes any non-negative int; keep it a signed 64-bit value
 MAX_THREADS = 1024
 MAX_EVAL_TOKENS = 10**9
+MAX_DRAFT_TOKENS = 32  # --lookup N / --draft-tokens N: a step verifies at most this many drafts
+DEFAULT_LOOKUP = 8  # --lookup without N
 
 
 def int_in(flag: str, value: int, lo: int, hi: int) -> int:
@@ -49,6 +51,7 @@ def prompt_text(prompt: str) -> str:
 
 def generation_config(
     *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+    lookup: int | str | None = None, draft_tokens: int = 4,
 ) -> GenerationConfig:
     """A :class:`GenerationConfig` whose every field was checked against the contract."""
     return GenerationConfig(
@@ -57,7 +60,24 @@ def generation_config(
         top_k=int_in("--top-k", top_k, 0, MAX_TOP_K),
         top_p=float_in("--top-p", top_p, 0.0, 1.0, lo_open=True),
         seed=None if seed is None else int_in("--seed", seed, 0, MAX_SEED),
+        lookup=lookup_tokens(lookup),
+        draft_tokens=int_in("--draft-tokens", draft_tokens, 1, MAX_DRAFT_TOKENS),
     )
+
+
+def lookup_tokens(value: int | str | None) -> int:
+    """``--lookup [N]``: at most N tokens copied from the text per step. The entry points pass the
+    flag's text: None (no flag) is 0, off; ``""`` (the flag without N) is ``DEFAULT_LOOKUP``."""
+    if value is None:
+        return 0
+    if value == "":
+        return DEFAULT_LOOKUP
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"--lookup {value!r} is not a whole number (the most tokens copied per step, 1..{MAX_DRAFT_TOKENS})") from None
+    return int_in("--lookup", value, 0, MAX_DRAFT_TOKENS)
 
 
 def max_tokens(value: int | None) -> int | None:

@@ -6,16 +6,20 @@ the files to decide what the artifact is.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import ArtifactError, InputError
 from edgepipe.runtime.facts import artifact_bytes, mem_available_mb
 from edgepipe.runtime.generate import GenerationConfig, generate
 from edgepipe.runtime.kinds import spec_of
 from edgepipe.runtime.manifest import Manifest, check_artifact
+
+if TYPE_CHECKING:
+    from edgepipe.runtime.speculative import SpecStats
 
 TOKENIZER = "tokenizer.json"
 logger = logging.getLogger(__name__)
@@ -68,13 +72,45 @@ def open_artifact(
     return spec.load(artifact, threads=manifest.threads(threads)), manifest
 
 
-def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, threads: int = 0) -> Iterator[str]:
-    """Verify and load the artifact now (errors surface before any output), then return an
-    iterator of decoded text pieces as they are generated."""
+def tokenizer_identity(model_dir: Path) -> Any:
+    """What makes two ``tokenizer.json`` files give the same ids: the model (vocabulary, merges),
+    the added tokens, and the text transforms before and after."""
+    path = Path(model_dir) / TOKENIZER
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return [doc.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")]
+    except (OSError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path} is missing or not JSON ({type(e).__name__}); rebuild the artifact") from None
+
+
+def open_draft(artifact: Path | str, draft: Path | str, *, threads: int = 0) -> Any:
+    """The draft model for speculative decoding: an artifact of the same tokenizer (refused in
+    one line otherwise, before it is loaded) whose steps take several tokens."""
+    from edgepipe.runtime.speculative import check_capable
+
+    if tokenizer_identity(Path(draft)) != tokenizer_identity(Path(artifact)):
+        raise InputError(f"--draft {draft} has another tokenizer than {artifact}; a draft model must share the model's tokenizer")
+    lm, _ = open_artifact(draft, threads=threads, generates=True)
+    check_capable(lm, f"the draft artifact {draft}")
+    return lm
+
+
+def run_prompt(
+    artifact: Path | str, prompt: str, cfg: GenerationConfig, *, threads: int = 0, draft: Path | str | None = None,
+    stats: SpecStats | None = None,
+) -> Iterator[str]:
+    """Verify and load the artifact (and the ``draft`` artifact) now, so errors surface before any
+    output, then return an iterator of decoded text pieces as they are generated. ``cfg.lookup``
+    or ``draft``: speculative decoding (:mod:`.speculative`, which fills ``stats``)."""
     from edgepipe.runtime.args import prompt_text
+    from edgepipe.runtime.speculative import check_capable, check_one_drafter
 
     prompt_text(prompt)
+    check_one_drafter(cfg.lookup, draft)
     lm, _ = open_artifact(artifact, threads=threads, generates=True)
+    if cfg.lookup or draft is not None:
+        check_capable(lm, f"{artifact}")
+    draft_lm = open_draft(artifact, draft, threads=threads) if draft is not None else None
     tok = load_tokenizer(Path(artifact))
     ids = tok.encode(prompt).ids
     if not ids:
@@ -85,7 +121,7 @@ def run_prompt(artifact: Path | str, prompt: str, cfg: GenerationConfig, *, thre
             "(prompt plus at least one new token); shorten the prompt"
         )
 
-    return decode_pieces(tok, generate(lm, ids, cfg))
+    return decode_pieces(tok, generate(lm, ids, cfg, draft=draft_lm, stats=stats))
 
 
 def decode_pieces(tok: Any, tokens: Iterable[int]) -> Generator[str, None, None]:

@@ -95,6 +95,9 @@ def session_options(threads: int = 0, *, spinning: bool = True) -> ort.SessionOp
 class CausalLM:
     """One decoder session and its KV cache layout (an :class:`edgepipe.runtime.lm.LM`)."""
 
+    # a step takes any number of tokens and its stepper can rewind (speculative decoding)
+    multi_token_steps = True
+
     def __init__(self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True):
         self.dir = Path(model_dir)
         self.spec = DecoderSpec.from_genai_config(self.dir / GENAI_CONFIG)
@@ -135,6 +138,12 @@ class CausalLM:
     @property
     def vocab_size(self) -> int:
         return self.spec.vocab_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the graph and its external weights (what a decode step reads)."""
+        graph = self.dir / self.spec.filename
+        return sum(p.stat().st_size for p in (graph, graph.with_name(graph.name + ".data")) if p.is_file())
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
@@ -221,6 +230,13 @@ class KVStepper:
         logits: np.ndarray = b.get_outputs()[-1].numpy()[0]
         return logits[-1:] if last_only and logits.shape[0] > 1 else logits
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on: the mask covers only the first ``length``
+        positions and the next step writes its keys/values over the rest."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind {self.length} positions to {length}")
+        self.length = int(length)
+
 
 class ConcatStepper:
     """Incremental decoding for graphs whose ``present`` is ``past`` with the new positions appended
@@ -240,3 +256,11 @@ class ConcatStepper:
         self.length += ids.shape[1]
         out: np.ndarray = logits[0]
         return out
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on (the cache is cut to its first ``length``)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind {self.length} positions to {length}")
+        if length < self.length:
+            self._cache = [np.ascontiguousarray(c[:, :, :length]) for c in self._cache]
+        self.length = int(length)

@@ -216,6 +216,9 @@ class StaticCausalLM:
     session before it opens the decode one.
     """
 
+    # the decode graph takes one token and the host cache cannot rewind: no speculative decoding
+    multi_token_steps = False
+
     def __init__(self, artifact: Path | str, *, backend: str = "auto", threads: int = 0) -> None:
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -32,6 +32,7 @@ class ServeConfig:
     max_queue: int = 8  # requests that may wait while one generates
     threads: int = 0  # 0: the artifact's profile / one per core (runtime.threads)
     max_body_bytes: int = 1 << 20
+    lookup: int = 0  # prompt-lookup decoding for every request: most tokens copied per step (0: off)
 
 
 def is_loopback(host: str) -> bool:
@@ -64,6 +65,9 @@ def _check(cfg: ServeConfig) -> None:
         raise InputError(f"--max-queue {cfg.max_queue} must be 0 or more")
     if cfg.threads < 0:
         raise InputError(f"--threads {cfg.threads} must be 0 or more")
+    from edgepipe.runtime.args import lookup_tokens
+
+    lookup_tokens(cfg.lookup)
 
 
 def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
@@ -82,7 +86,12 @@ def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     key = read_api_key(cfg.api_key_file)
     artifact = Path(cfg.artifact)
     lm, _manifest = open_artifact(artifact, threads=cfg.threads, generates=True)  # hashes verified here
-    engine = Engine(lm, load_tokenizer(artifact), ChatTemplate.from_artifact(artifact), artifact.resolve().name, max_queue=cfg.max_queue)
+    if cfg.lookup:
+        from edgepipe.runtime.speculative import check_capable
+
+        check_capable(lm, str(artifact))
+    engine = Engine(lm, load_tokenizer(artifact), ChatTemplate.from_artifact(artifact), artifact.resolve().name,
+                    max_queue=cfg.max_queue, lookup=cfg.lookup)
     try:
         server = Server((cfg.host, cfg.port), engine, key, cfg.max_body_bytes)
     except OSError as e:
@@ -91,7 +100,8 @@ def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
         announce(f"warning: serving on {cfg.host}, reachable from the network, without an API key; pass --api-key-file")
     host, port = str(server.server_address[0]), int(server.server_address[1])
     shown = f"[{host}]" if ":" in host else host
-    announce(f"serving {engine.model_id} at http://{shown}:{port}/v1 (queue {cfg.max_queue}, chat template: {engine.template.source})")
+    lookup = f", lookup decoding up to {cfg.lookup} tokens" if cfg.lookup else ""
+    announce(f"serving {engine.model_id} at http://{shown}:{port}/v1 (queue {cfg.max_queue}, chat template: {engine.template.source}{lookup})")
     _run(server, engine)
     announce("stopped")
 

@@ -83,8 +83,9 @@ class _Stats:
 
 
 class Engine:
-    def __init__(self, lm: LM, tokenizer: Any, template: ChatTemplate, model_id: str, *, max_queue: int) -> None:
+    def __init__(self, lm: LM, tokenizer: Any, template: ChatTemplate, model_id: str, *, max_queue: int, lookup: int = 0) -> None:
         self.lm = lm
+        self.lookup = lookup  # prompt-lookup decoding (edgepipe.runtime.speculative); 0: off
         self.tokenizer = tokenizer
         self.template = template
         self.model_id = model_id
@@ -158,7 +159,8 @@ class Engine:
 
     def _tokens(self, job: Job, gone: Gone, stats: _Stats) -> Iterator[int]:
         req = job.request
-        cfg = GenerationConfig(max_new_tokens=job.limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
+        cfg = GenerationConfig(max_new_tokens=job.limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                               ignore_eos=req.ignore_eos, lookup=self.lookup)
         for token in generate(self.lm, list(job.prompt_ids), cfg):
             if self._draining or gone():
                 stats.reason = "shutdown" if self._draining else "cancelled"
