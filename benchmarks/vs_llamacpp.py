@@ -18,7 +18,8 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
    ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
    the same target config and model is reused). ``--match-sizes``: also the int4 target with
-   ``--max-mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``).
+   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), its
+   SmolLM2-fitted 8-bit list dropped and int4 blocks 32/64/128 allowed (:func:`budget_profile`).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
      ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
@@ -74,6 +75,7 @@ else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.pat
 QUANTS = ("Q8_0", "Q5_K_M", "Q4_0", "Q4_K_M")
 SPEED_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")  # the ones with an edgepipe counterpart (PAIRS)
 SIZE_MATCHED = ("Q4_0", "Q4_K_M")  # --match-sizes: edgepipe --max-mb at these files' sizes
+BUDGET_FORMATS = ("int4/b32/asym", "int4/b64/asym", "int4/b128/asym", "int8/b64/asym")  # see budget_profile
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
 # which llama.cpp quant each edgepipe artifact is compared with
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4@Q4_0", "Q4_0"), ("int4@Q4_K_M", "Q4_K_M"))
@@ -344,6 +346,29 @@ def _reusable(art: Path, tgt: dict[str, Any], sha: str, reuse_any: bool) -> bool
     return same and (reuse_any or mpath.stat().st_mtime > _code_mtime())
 
 
+def budget_profile(work: Path, target: str, max_mb: float, tag: str) -> Path:
+    """``target`` (a shipped profile's name) with a ``max_mb`` budget and without its expert list
+    (``eight_bit_ops``): the shipped Pi profiles still pin the 57 matrices measured on SmolLM2's 30
+    layers, which on a shallower model pins most of it to 8 bits, so no budget near llama.cpp's 4-bit
+    files is reachable. Without the list the build-time allocator chooses every matrix's format among
+    those issue 12 lists (:data:`BUDGET_FORMATS`): with int4 block 32 alone (5.125 bits/weight with
+    its fp32 scales and zero points) nothing reaches Q4_0's 4.5."""
+    import re as _re
+
+    from edgepipe.targets import targets_dir
+
+    text = (targets_dir() / f"{target}.yaml").read_text()
+    text = text.replace(f"name: {target}", f"name: {target}-at-{tag}", 1)
+    formats = ", ".join(BUDGET_FORMATS)
+    text = _re.sub(
+        r"(?m)^(\s*)eight_bit_ops:.*$", rf"\1eight_bit_ops: []\n\1formats: [{formats}]\n\1max_mb: {max_mb!r}", text
+    )
+    out = work / f"{target}-at-{tag}.yaml"
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return out
+
+
 def edgepipe_artifacts(
     model_dir: Path,
     work: Path,
@@ -377,25 +402,27 @@ def sized_artifacts(
     model_dir: Path, work: Path, progress: Progress, target: str, sizes: dict[str, int],
     texts: dict[str, Path] | None = None, rebuild: bool = False, reuse_any: bool = False,
 ) -> dict[str, Path]:
-    """``edgepipe build --max-mb`` at each llama.cpp file's size (``sizes``: quant -> bytes), so that
-    the artifact (model.onnx + data) is no larger; labels ``int4@<quant>``."""
+    """``target`` built with ``max_mb`` at each llama.cpp file's size (``sizes``: quant -> bytes; the
+    profile from :func:`budget_profile`), so that the artifact (model.onnx + data) is no larger;
+    labels ``int4@<quant>``. A budget the model cannot reach is reported and skipped."""
     import edgepipe
-    from edgepipe.pipeline import with_budget
+    from edgepipe.errors import TargetError
 
     sha = edgepipe.inspect_model(model_dir).sha256
     out: dict[str, Path] = {}
     for quant, nbytes in sizes.items():
         max_mb = nbytes / 2**20
-        art = work / f"edgepipe-{Path(target).stem}-at-{quant}"
-        tgt = with_budget(edgepipe.load_target(target), None, max_mb).to_dict()
-        if not rebuild and _reusable(art, tgt, sha, reuse_any):
-            progress(f"edgepipe {target} --max-mb {max_mb:.4f}: reusing {art}")
-        else:
-            progress(f"edgepipe build --target {target} --max-mb {max_mb:.4f} ({quant}'s {nbytes} bytes)")
-            edgepipe.build(
-                model=model_dir, target=target, out=art, max_mb=max_mb,
-                progress=lambda s, q=quant: progress(f"  at {q}: {s}"), **(texts or {}),
-            )
+        prof = budget_profile(work, target, max_mb, quant)
+        art = work / f"edgepipe-{prof.stem}"
+        try:
+            if rebuild or not _reusable(art, edgepipe.load_target(str(prof)).to_dict(), sha, reuse_any):
+                progress(f"edgepipe build --target {prof} (max_mb {max_mb:.4f}: {quant}'s {nbytes} bytes)")
+                edgepipe.build(
+                    model=model_dir, target=str(prof), out=art, progress=lambda s, q=quant: progress(f"  at {q}: {s}"), **(texts or {})
+                )
+        except TargetError as e:  # e.g. below the smallest size the allowed formats reach: say so, go on
+            progress(f"edgepipe {prof.stem}: {e}")
+            continue
         out[f"int4@{quant}"] = art
     return out
 

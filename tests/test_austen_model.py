@@ -19,8 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_austen import HELDOUT, TINY, austen_model, default_data_dir  # noqa: E402
 
-# measured on this machine (2026-12-07): KL 0.0045, top-1 0.95; the bound leaves ~4x margin
-MAX_KL = 0.02
+# measured on this machine (2026-12-07, benchmarks/train_austen.py --tiny, calib.txt / heldout.txt):
+# KL 3.6e-5, top-1 0.994, PPL +0.009 %. The tiny model is barely past unigram statistics (held-out
+# PPL 372 vs unigram 391), so its outputs are flat and the quantizer's KL is small; the bound leaves 8x.
+MAX_KL = 3e-4
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,4 +59,4 @@ def test_tiny_austen_builds_for_raspberrypi5(tiny_austen, tmp_path):
     assert res.artifact == out
     acc = json.loads((out / "manifest.json").read_text())["metrics"]["accuracy"]
     assert 0 < acc["kl_divergence"] < MAX_KL, acc
-    assert acc["top1_agreement"] > 0.8, acc
+    assert acc["top1_agreement"] > 0.95, acc
