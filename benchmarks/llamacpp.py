@@ -124,6 +124,41 @@ def host_isa() -> frozenset[str]:
 
 Progress = Callable[[str], None]
 
+# llama.cpp's converter names a BPE pre-tokenizer by the hash of the token ids it gives for a test
+# string (``get_vocab_base_pre``), so a model with its own vocabulary (benchmarks/train_austen.py) is
+# never recognised and the converter raises. A tokenizer.json whose only pre-tokenizer is ByteLevel
+# with GPT-2's regex (``use_regex``) and no normalizer splits text exactly as llama.cpp's ``gpt-2``
+# pre-tokenizer does: only then, and only when the hash is unknown, the shim answers ``gpt-2``.
+CONVERT_SHIM = r"""
+import json, runpy, sys
+from pathlib import Path
+convert = sys.argv.pop(1)
+sys.path.insert(0, str(Path(convert).parent))
+from conversion import base
+def _byte_level_gpt2(model_dir):
+    try:
+        tj = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    pre = tj.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+        pre = pre["pretokenizers"][0]
+    return (tj.get("model") or {}).get("type") == "BPE" and tj.get("normalizer") is None and pre.get("type") == "ByteLevel" \
+        and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+_known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return _known(self, tokenizer)
+    except NotImplementedError:
+        if _byte_level_gpt2(self.dir_model):
+            print("convert shim: unknown BPE pre-tokenizer hash; a plain byte-level BPE, declared gpt-2", file=sys.stderr)
+            return "gpt-2"
+        raise
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv[0] = convert
+runpy.run_path(convert, run_name="__main__")
+"""
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -147,9 +182,13 @@ class Paths:
         return env
 
     def convert_cmd(self, model_dir: Path, out: Path, outtype: str = "f32") -> list[str]:
-        """The host python runs the vendored converter (use with ``env=self.convert_env()``)."""
+        """The host python runs the vendored converter (use with ``env=self.convert_env()``), through
+        :data:`CONVERT_SHIM`: a plain byte-level BPE whose pre-tokenizer hash it does not know is
+        declared ``gpt-2`` to it (the same regex) instead of refused."""
         return [
             sys.executable,
+            "-c",
+            CONVERT_SHIM,
             str(self.convert),
             str(model_dir),
             "--outtype",

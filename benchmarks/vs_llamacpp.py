@@ -1,6 +1,7 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
-    python benchmarks/vs_llamacpp.py [--model HF_FOLDER | --random-llama] [--threads 2[,1]] [--eval FILE]
+    python benchmarks/vs_llamacpp.py [--model HF_FOLDER|austen | --random-llama] [--threads 2[,1]] [--eval FILE]
+                                     [--calib FILE] [--match-sizes]
                                      [--reps 3] [--no-speed] [--no-quality] [--no-edgepipe] [--no-passive] [--speed-f32]
                                      [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
                                      [--rebuild | --reuse] [--artifact int4=DIR] [--json OUT.json] [--markdown OUT.md]
@@ -11,10 +12,14 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 
 1. llama.cpp tools from the llama-cpp-python sdist (``benchmarks/llamacpp.py``, built once).
 2. The HF folder -> GGUF f32 with llama.cpp's own converter (the full-precision reference), then
-   ``llama-quantize`` to Q8_0, Q4_0 and Q4_K_M (no imatrix: llama.cpp's plain recipe).
+   ``llama-quantize`` to Q8_0, Q5_K_M, Q4_0 and Q4_K_M (no imatrix: llama.cpp's plain recipe).
+   ``--model austen``: the fp32 Llama trained on Austen's novels (``benchmarks/train_austen.py``,
+   cached); its held-out novel's opening is the eval text and a training slice the calibration text.
 3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
    ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
-   the same target config and model is reused).
+   the same target config and model is reused). ``--match-sizes``: also the int4 target with
+   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), its
+   SmolLM2-fitted 8-bit list dropped and int4 blocks 32/64/128 allowed (:func:`budget_profile`).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
      ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
@@ -62,13 +67,18 @@ import numpy as np
 
 if __package__:  # imported as benchmarks.vs_llamacpp (the tests)
     from .llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    from .train_austen import austen_model
 else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.path[0]
     from llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    from train_austen import austen_model
 
-QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
+QUANTS = ("Q8_0", "Q5_K_M", "Q4_0", "Q4_K_M")
+SPEED_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")  # the ones with an edgepipe counterpart (PAIRS)
+SIZE_MATCHED = ("Q4_0", "Q4_K_M")  # --match-sizes: edgepipe --max-mb at these files' sizes
+BUDGET_FORMATS = ("int4/b32/asym", "int4/b64/asym", "int4/b128/asym", "int8/b64/asym")  # see budget_profile
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
 # which llama.cpp quant each edgepipe artifact is compared with
-PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"))
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4@Q4_0", "Q4_0"), ("int4@Q4_K_M", "Q4_K_M"))
 CTX = 512
 PP = (128, 512)
 TG = 128
@@ -314,6 +324,51 @@ def rtn_profile(work: Path) -> Path:
     return out
 
 
+def _code_mtime() -> float:
+    """The newest edgepipe source or shipped profile: an artifact older than this is built again."""
+    import edgepipe
+
+    pkg = Path(edgepipe.__file__).parent
+    return max(f.stat().st_mtime for f in [*pkg.rglob("*.py"), *pkg.parent.glob("targets/*.yaml")])
+
+
+def _reusable(art: Path, tgt: dict[str, Any], sha: str, reuse_any: bool) -> bool:
+    """Whether ``art`` was built from the same model for the same target config (and, unless
+    ``reuse_any``, by edgepipe's current code: e.g. its validation protocol may have changed)."""
+    mpath = art / "manifest.json"
+    if not mpath.is_file():
+        return False
+    try:
+        m = json.loads(mpath.read_text())
+    except ValueError:
+        return False
+    same = m.get("target") == tgt and (m.get("source_model") or {}).get("sha256") == sha
+    return same and (reuse_any or mpath.stat().st_mtime > _code_mtime())
+
+
+def budget_profile(work: Path, target: str, max_mb: float, tag: str) -> Path:
+    """``target`` (a shipped profile's name) with a ``max_mb`` budget and without its expert list
+    (``eight_bit_ops``): the shipped Pi profiles still pin the 57 matrices measured on SmolLM2's 30
+    layers, which on a shallower model pins most of it to 8 bits, so no budget near llama.cpp's 4-bit
+    files is reachable. Without the list the build-time allocator chooses every matrix's format among
+    those issue 12 lists (:data:`BUDGET_FORMATS`): with int4 block 32 alone (5.125 bits/weight with
+    its fp32 scales and zero points) nothing reaches Q4_0's 4.5."""
+    import re as _re
+
+    from edgepipe.targets import targets_dir
+
+    text = (targets_dir() / f"{target}.yaml").read_text()
+    text = text.replace(f"name: {target}", f"name: {target}-at-{tag}", 1)
+    formats = ", ".join(BUDGET_FORMATS)
+    text = _re.sub(
+        r"(?m)^(\s*)eight_bit_ops:.*$", rf"\1eight_bit_ops: []\n\1formats: [{formats}]\n\1max_mb: {max_mb!r}", text
+    )
+    out = work / f"{target}-at-{tag}.yaml"
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return out
+
+
 def edgepipe_artifacts(
     model_dir: Path,
     work: Path,
@@ -322,35 +377,53 @@ def edgepipe_artifacts(
     targets: dict[str, str] | None = None,
     reuse_any: bool = False,
     allow_random_weights: bool = False,  # the random-init Llama: untrained on purpose
+    texts: dict[str, Path] | None = None,  # calib / eval_file for edgepipe.build (default: packaged)
 ) -> dict[str, Path]:
     import edgepipe
 
     sha = edgepipe.inspect_model(model_dir).sha256
-    pkg = Path(edgepipe.__file__).parent
-    newest_code = max(f.stat().st_mtime for f in [*pkg.rglob("*.py"), *pkg.parent.glob("targets/*.yaml")])
     out: dict[str, Path] = {}
     for target, label in (targets or EDGEPIPE_TARGETS).items():
         art = work / f"edgepipe-{Path(target).stem}"
         tgt = edgepipe.load_target(target).to_dict()
-        mpath = art / "manifest.json"
-        reuse = False
-        if mpath.is_file() and not rebuild:
-            try:
-                m = json.loads(mpath.read_text())
-                reuse = m.get("target") == tgt and (m.get("source_model") or {}).get("sha256") == sha
-            except ValueError:
-                reuse = False
-            # edgepipe's code changed since (e.g. its validation protocol): build again (stage cache)
-            reuse = reuse and (reuse_any or mpath.stat().st_mtime > newest_code)
-        if reuse:
+        if not rebuild and _reusable(art, tgt, sha, reuse_any):
             progress(f"edgepipe {target}: reusing {art}")
         else:
             progress(f"edgepipe build --target {target} (stage cache)")
             edgepipe.build(
                 model=model_dir, target=target, out=art, progress=lambda s, t=target: progress(f"  {t}: {s}"),
-                allow_random_weights=allow_random_weights,
+                allow_random_weights=allow_random_weights, **(texts or {}),
             )
         out[label] = art
+    return out
+
+
+def sized_artifacts(
+    model_dir: Path, work: Path, progress: Progress, target: str, sizes: dict[str, int],
+    texts: dict[str, Path] | None = None, rebuild: bool = False, reuse_any: bool = False,
+) -> dict[str, Path]:
+    """``target`` built with ``max_mb`` at each llama.cpp file's size (``sizes``: quant -> bytes; the
+    profile from :func:`budget_profile`), so that the artifact (model.onnx + data) is no larger;
+    labels ``int4@<quant>``. A budget the model cannot reach is reported and skipped."""
+    import edgepipe
+    from edgepipe.errors import TargetError
+
+    sha = edgepipe.inspect_model(model_dir).sha256
+    out: dict[str, Path] = {}
+    for quant, nbytes in sizes.items():
+        max_mb = nbytes / 2**20
+        prof = budget_profile(work, target, max_mb, quant)
+        art = work / f"edgepipe-{prof.stem}"
+        try:
+            if rebuild or not _reusable(art, edgepipe.load_target(str(prof)).to_dict(), sha, reuse_any):
+                progress(f"edgepipe build --target {prof} (max_mb {max_mb:.4f}: {quant}'s {nbytes} bytes)")
+                edgepipe.build(
+                    model=model_dir, target=str(prof), out=art, progress=lambda s, q=quant: progress(f"  at {q}: {s}"), **(texts or {})
+                )
+        except TargetError as e:  # e.g. below the smallest size the allowed formats reach: say so, go on
+            progress(f"edgepipe {prof.stem}: {e}")
+            continue
+        out[f"int4@{quant}"] = art
     return out
 
 
@@ -826,7 +899,18 @@ def summarize(R: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="Hugging Face folder (default: edgepipe's default SmolLM2)")
+    p.add_argument(
+        "--model",
+        help="Hugging Face folder (default: edgepipe's default SmolLM2), or 'austen': the fp32 Llama trained on "
+        "Austen's novels (benchmarks/train_austen.py, trained once and cached; its held-out and calibration texts "
+        "become the --eval and --calib defaults)",
+    )
+    p.add_argument("--calib", type=Path, help="calibration text for the edgepipe builds (default: the packaged text)")
+    p.add_argument(
+        "--match-sizes",
+        action="store_true",
+        help=f"also build the int4 target with --max-mb at each of {', '.join(SIZE_MATCHED)}'s file sizes",
+    )
     p.add_argument(
         "--random-llama",
         action="store_true",
@@ -834,8 +918,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--speed-quants",
-        default=",".join(QUANTS),
-        help="llama.cpp quants to time (default all; each is timed next to its edgepipe counterpart)",
+        default=",".join(SPEED_QUANTS),
+        help=f"llama.cpp quants to time (default {','.join(SPEED_QUANTS)}; each is timed next to its edgepipe counterpart)",
     )
     p.add_argument(
         "--artifact",
@@ -934,8 +1018,11 @@ def llama_results(lc: Paths, ggufs: dict[str, Path], eval_file: Path, work: Path
     return {"files": files, "quality": llama_quality(lc, ggufs, eval_file, work, threads, compute=compute)}
 
 
-def _artifacts(args: argparse.Namespace, model_dir: Path, work: Path, ep_targets: dict[str, str]) -> dict[str, Path]:
-    """``--artifact`` folders, and the edgepipe builds for the labels they do not cover."""
+def _artifacts(
+    args: argparse.Namespace, model_dir: Path, work: Path, ep_targets: dict[str, str], ggufs: dict[str, Path], texts: dict[str, Path]
+) -> dict[str, Path]:
+    """``--artifact`` folders, the edgepipe builds for the labels they do not cover, and with
+    ``--match-sizes`` the int4 target built at llama.cpp's file sizes."""
     given = dict(a.split("=", 1) for a in args.artifact)
     arts = {k: Path(v).resolve() for k, v in given.items()}
     if set(ep_targets.values()) - set(arts):
@@ -943,10 +1030,32 @@ def _artifacts(args: argparse.Namespace, model_dir: Path, work: Path, ep_targets
         arts.update(
             edgepipe_artifacts(
                 model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse,
-                allow_random_weights=args.random_llama,
+                allow_random_weights=args.random_llama, texts=texts,
             )
         )
+    if args.match_sizes:
+        int4 = next(t for t, label in _edgepipe_targets(args, work).items() if label == "int4")
+        sizes = {q: ggufs[q].stat().st_size for q in SIZE_MATCHED}
+        arts.update(sized_artifacts(model_dir, work, say, int4, sizes, texts, rebuild=args.rebuild, reuse_any=args.reuse))
     return arts
+
+
+def _model_and_texts(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Path]]:
+    """The model folder, the evaluation text, and the calibration / evaluation texts of the edgepipe
+    builds. ``--model austen``: the trained Austen model, its held-out and calibration slices."""
+    from edgepipe.models import default_model_dir
+
+    packaged_eval = Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
+    if args.model == "austen":
+        model_dir = austen_model(progress=say)
+        eval_file, calib = args.eval_file or model_dir / "heldout.txt", args.calib or model_dir / "calib.txt"
+    else:
+        model_dir = random_llama_dir(say) if args.random_llama else Path(args.model) if args.model else default_model_dir(say)
+        eval_file, calib = args.eval_file or packaged_eval, args.calib
+    texts = {"calib": calib.resolve()} if calib else {}
+    if args.eval_file or args.model == "austen":
+        texts["eval_file"] = eval_file.resolve()
+    return model_dir.resolve(), eval_file.resolve(), texts
 
 
 def _eval_protocol(ev: dict[str, Any]) -> str:
@@ -1075,16 +1184,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
 
     import edgepipe
-    from edgepipe.models import cache_root, default_model_dir
+    from edgepipe.models import cache_root
 
     t_start = time.time()
     load_before = os.getloadavg()
     lc = ensure_llamacpp(say)
-    model_dir = (random_llama_dir(say) if args.random_llama else args.model or default_model_dir(say)).resolve()
+    model_dir, eval_file, texts = _model_and_texts(args)
     info = edgepipe.inspect_model(model_dir)
-    eval_file = (
-        args.eval_file or Path(__file__).resolve().parent.parent / "edgepipe" / "data" / "eval.txt"
-    ).resolve()
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]
     work.mkdir(parents=True, exist_ok=True)
     ep_targets = _edgepipe_targets(args, work)
@@ -1096,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arts: dict[str, Path] = {}
     if not args.no_edgepipe:
-        arts = _artifacts(args, model_dir, work, ep_targets)
+        arts = _artifacts(args, model_dir, work, ep_targets, ggufs, texts)
         R["edgepipe"] = edgepipe_results(args, arts, model_dir, work, T)
 
     if not args.no_speed:
