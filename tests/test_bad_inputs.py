@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from model_edits import edit_tensors, int8_weights
 from reliability_support import TARGET, built_artifact, env, shared_cache, tiny_model, tree_state, use_zoo
 
 from edgepipe.cli import main
@@ -112,22 +113,6 @@ def _flip_byte(a: Path, name: str) -> Path:
 
 def _deep(n: int) -> str:
     return "[" * n + "]" * n
-
-
-def _tensors(m: Path, fn: Callable[[dict], None]) -> Path:
-    """Rewrite the model's safetensors after ``fn`` edits its tensors (name -> numpy array)."""
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(str(m / "model.safetensors"))
-    fn(tensors)
-    save_file(tensors, str(m / "model.safetensors"), metadata={"format": "pt"})
-    return m
-
-
-def _int8_weights(t: dict) -> None:
-    """A broken conversion: the weights stored as int8."""
-    for k in list(t):
-        t[k] = np.clip(np.round(t[k] * 64), -127, 127).astype(np.int8)
 
 
 def _index(m: Path, weight_map: object) -> Path:
@@ -314,9 +299,9 @@ CASES = [
     Case("model-intermediate-mismatch", lambda w: w.build(model=w.config_edit(intermediate_size=128)), 2, "but config.json implies [128, 64]"),
     Case("model-kv-heads-mismatch", lambda w: w.build(model=w.config_edit(num_key_value_heads=4)), 2, "'model.layers.0.self_attn.k_proj.weight' has shape"),
     Case("model-vocab-mismatch", lambda w: w.build(model=w.config_edit(vocab_size=400)), 2, "'model.embed_tokens.weight' has shape"),
-    Case("model-int8-weights", lambda w: w.build(model=_tensors(w.model(), _int8_weights)), 2, "is stored as I8, not a float"),
-    Case("model-missing-tensor", lambda w: w.build(model=_tensors(w.model(), lambda t: t.pop("model.norm.weight"))), 2, "'model.norm.weight' is missing"),
-    Case("model-unexpected-tensor", lambda w: w.build(model=_tensors(w.model(), lambda t: t.update({"model.layers.0.extra.weight": np.zeros(4, np.float32)}))),
+    Case("model-int8-weights", lambda w: w.build(model=edit_tensors(w.model(), int8_weights)), 2, "is stored as I8, not a float"),
+    Case("model-missing-tensor", lambda w: w.build(model=edit_tensors(w.model(), lambda t: t.pop("model.norm.weight"))), 2, "'model.norm.weight' is missing"),
+    Case("model-unexpected-tensor", lambda w: w.build(model=edit_tensors(w.model(), lambda t: t.update({"model.layers.0.extra.weight": np.zeros(4, np.float32)}))),
          2, "'model.layers.0.extra.weight' is not part of a LlamaForCausalLM"),
     Case("model-index-escapes", lambda w: w.build(model=_full_index(w.model(), **{"model.norm.weight": "../model.safetensors"})), 2, "not a safetensors file inside the model folder"),
     Case("model-index-not-object", lambda w: w.build(model=_index(w.model(), ["model.safetensors"])), 2, "no weight_map object"),

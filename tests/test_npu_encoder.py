@@ -12,6 +12,8 @@ import pytest
 
 qnn_wheel = pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed: pip install 'edgepipe[npu]'")
 
+from model_edits import edit_tensors, int8_weights  # noqa: E402
+
 from edgepipe.backends.npu import build_encoder  # noqa: E402
 from edgepipe.errors import EdgepipeError, ModelError, NpuCoverageError, TargetError  # noqa: E402
 from edgepipe.export.encoder import read_spec  # noqa: E402
@@ -267,23 +269,13 @@ def _bert_with(tiny_bert: Path, tmp_path: Path, edit) -> Path:
     """A copy of the tiny BERT whose tensors ``edit`` changed (name -> numpy array)."""
     import shutil
 
-    from safetensors.numpy import load_file, save_file
-
     folder = tmp_path / "bert"
     shutil.copytree(tiny_bert, folder)
-    tensors = load_file(str(folder / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
-def _int8(t: dict) -> None:
-    for k in list(t):
-        t[k] = np.clip(np.round(t[k] * 64), -127, 127).astype(np.int8)
+    return edit_tensors(folder, edit)
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (_int8, "is stored as I8, not a float"),
+    (int8_weights, "is stored as I8, not a float"),
     (lambda t: t.pop("encoder.layer.1.output.dense.weight"), "missing tensors"),
     (lambda t: t.update({"embeddings.word_embeddings.weight": t["embeddings.word_embeddings.weight"][:50]}), "shape other than config.json implies"),
 ], ids=["int8-weights", "missing-layer-tensor", "vocab-shape"])
