@@ -14,7 +14,7 @@ Labels are sampled from the model itself (the true Fisher, which is the KL's Hes
 from the text.
 
 The statistics come from the Hugging Face checkpoint in torch (the export has no gradients); each
-ONNX matrix is matched to the checkpoint's ``nn.Linear`` layers by value, so fused projections
+ONNX matrix is matched to the checkpoint's ``nn.Linear`` (and GPT-2 ``Conv1D``) layers by value, so fused projections
 (qkv, gate_up) and the tied table need no per-architecture name table. A matrix that matches
 nothing has no Fisher statistics, and the caller falls back to the relative output error for the
 whole model (mixing the two scales would rank nonsense).
@@ -64,12 +64,13 @@ def fisher_statistics(
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
     model.eval()
     model.requires_grad_(False)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights = _linear_weights(model)
+    linears = {n: m for n, m in model.named_modules() if n in weights}
     exact = num_parameters <= EXACT_MAX_PARAMETERS
     acc: dict[str, list[Any]] = {
-        n: [torch.zeros(m.in_features, dtype=torch.float64), torch.zeros(m.out_features, dtype=torch.float64),
-            torch.zeros(m.in_features, m.out_features) if exact else None, None]
-        for n, m in linears.items()
+        n: [torch.zeros(w.shape[1], dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64),
+            torch.zeros(w.shape[1], w.shape[0]) if exact else None, None]
+        for n, w in weights.items()
     }
     hooks = []
     for name, mod in linears.items():
@@ -93,7 +94,21 @@ def fisher_statistics(
             h.remove()
     t = max(tokens, 1)
     stats: FisherStats = {n: ((a / t).numpy(), (b / t).numpy(), None if f is None else (f / t).numpy()) for n, (a, b, f, _x) in acc.items()}
-    return stats, LinearIndex({n: m.weight.detach() for n, m in linears.items()})
+    return stats, LinearIndex(weights)
+
+
+def _linear_weights(model: Any) -> dict[str, Any]:
+    """Every matrix-multiplying layer's weight as [out, in]: ``nn.Linear`` and GPT-2's ``Conv1D``
+    (transformers.pytorch_utils; its weight is stored [in, out])."""
+    import torch
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = mod.weight.detach()
+        elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
+            out[name] = mod.weight.detach().T
+    return out
 
 
 def _pieces(windows: Iterable[np.ndarray], *, big: bool) -> Iterator[np.ndarray]:
