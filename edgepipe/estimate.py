@@ -29,8 +29,9 @@ def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str
     - export: the builder holds the checkpoint in its own dtype and casts one tensor at a time
       (measured: Granite-2B bf16, 5.07 GB of safetensors -> 6.3 GB peak); the generic path holds the
       fp32 model and its traced copy.
-    - sensitivity: one segmented fp32 pass (pieces of <= 1 GiB of weights); Granite-2B's segmented
-      calibration peaked at 4.24 GB (1.67 bytes a parameter), with 20 % to spare.
+    - sensitivity: the Fisher pass in torch (:mod:`edgepipe.quantize.fisher`): fp32 weights and, up to
+      600M parameters, a whole Fisher diagonal of the same size (8 bytes a parameter); beyond 1B the
+      checkpoint in bf16, 128-token pieces (Granite-2B: 6.72 GB, 2.65 bytes a parameter); 10 % to spare.
     - quantize: one fp32 initializer at a time, plus GPTQ's Hessian of one matrix and the calibration pass.
     - validate: the fp32 reference in pieces beside the quantized model (Granite-2B: 6.41 GB int8,
       5.54 GB int4: 2.53 bytes a parameter at most).
@@ -41,7 +42,7 @@ def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str
     """
     per_param = {
         "export": 2 * 1.3 if export_path == BUILDER else 4 * 2.5,
-        "sensitivity": 1.67 * 1.2,
+        "sensitivity": _fisher_bytes_per_parameter(num_parameters) * 1.1,
         "quantize": 1.2,
         "validate": 2.53 * 1.1,
         "package": 2.44 * 1.1,
@@ -51,6 +52,14 @@ def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str
 
 
 BUILD_BASE = 1 << 30
+
+
+def _fisher_bytes_per_parameter(num_parameters: int) -> float:
+    from edgepipe.quantize.fisher import EXACT_MAX_PARAMETERS, FP32_MAX_PARAMETERS
+
+    if num_parameters <= EXACT_MAX_PARAMETERS:
+        return 8.0
+    return 4.0 if num_parameters <= FP32_MAX_PARAMETERS else 2.65
 
 
 @dataclass(frozen=True)

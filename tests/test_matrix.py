@@ -91,7 +91,7 @@ def test_stage_memory_requests_cover_granite_2b_measured_peaks() -> None:
     from edgepipe.estimate import stage_ram_bytes
 
     need = stage_ram_bytes(2_533_531_648)
-    measured = {"export": 6.32e9, "sensitivity": 4.24e9, "quantize": 4.24e9, "validate": 6.41e9, "package": 6.18e9}
+    measured = {"export": 6.32e9, "sensitivity": 6.72e9, "quantize": 4.24e9, "validate": 6.41e9, "package": 6.18e9}  # sensitivity: the Fisher pass, 2026-12-07
     for stage, peak in measured.items():
         assert peak <= need[stage] <= 1.5 * peak, (stage, need[stage], peak)
     assert min(stage_ram_bytes(1000).values()) >= 2**30  # python + torch + onnxruntime alone

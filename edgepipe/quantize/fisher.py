@@ -34,9 +34,9 @@ __all__ = ["FisherStats", "LinearIndex", "Part", "fisher_pair", "fisher_statisti
 logger = logging.getLogger(__name__)
 
 # fp32 when the weights fit comfortably; beyond this, bf16 (a 2.5B model: 5 GB instead of 10)
-_FP32_MAX_PARAMETERS = 1_000_000_000
+FP32_MAX_PARAMETERS = 1_000_000_000
 _KEY = 4  # leading values of a weight column that index it
-_BIG_PIECE = 128  # tokens per forward / backward pass of a model beyond _FP32_MAX_PARAMETERS
+_BIG_PIECE = 128  # tokens per forward / backward pass of a model beyond FP32_MAX_PARAMETERS
 # Up to this size the diagonal is kept whole, E[x_k^2 g_n^2] per weight (one fp32 array the size of the
 # weights); beyond, the factorised a_k b_n. On SmolLM2-135M at 100.56 MiB the whole diagonal gave
 # KL 0.0446 against 0.0450 factorised (benchmarks/RESULTS.md).
@@ -60,7 +60,7 @@ def fisher_statistics(
     if threads:
         torch.set_num_threads(threads)
     # loaded in the dtype it is used in: a 2.5B model read as fp32 first would peak at 10 GB
-    dtype = torch.float32 if num_parameters <= _FP32_MAX_PARAMETERS else torch.bfloat16
+    dtype = torch.float32 if num_parameters <= FP32_MAX_PARAMETERS else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
     model.eval()
     model.requires_grad_(False)
