@@ -47,7 +47,7 @@ def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str
         "validate": 2.53 * 1.1,
         "package": 2.44 * 1.1,
     }
-    extra = {"quantize": 3 << 30}
+    extra = {"quantize": 3 << 30, "sensitivity": 1 << 30}  # sensitivity: python + torch beside the model
     return {stage: max(int(num_parameters * b) + extra.get(stage, 0), BUILD_BASE) for stage, b in per_param.items()}
 
 
