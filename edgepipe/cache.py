@@ -167,30 +167,33 @@ def cached_stage(
     key = key_of(parts)
     base = cache_root() / stage
     final = base / key
-    held = lock_folder(final, fcntl.LOCK_SH)  # waits while a prune is deleting it
-    hit = _complete_entry(final) if held is not None else None
+    hit = _leased_entry(final)  # waits while a prune is deleting it
     if hit is not None:
-        _lease(held)
         if progress:
             progress(f"{stage}: cached ({key[:12]})")
         return final, hit
-    if held is not None:
-        os.close(held)
     with _producing(key, stage, progress):
-        done = lock_folder(final, fcntl.LOCK_SH)  # another process may have made it while this one waited
-        hit = _complete_entry(final) if done is not None else None
+        hit = _leased_entry(final)  # another process may have made it while this one waited
         if hit is not None:
-            _lease(done)
             if progress:
                 progress(f"{stage}: made by another build ({key[:12]})")
             return final, hit
-        if done is not None:
-            os.close(done)
         t0 = time.time()
         made = _produce(stage, parts, produce, base, final, need_bytes, need_ram_bytes)
         if progress:
             progress(f"{stage}: made ({key[:12]}) in {time.time() - t0:.1f} s")
         return made
+
+
+def _leased_entry(final: Path) -> dict[str, Any] | None:
+    """The complete entry at ``final``, leased for this build (shared-locked until it ends), or None."""
+    held = lock_folder(final, fcntl.LOCK_SH)
+    hit = _complete_entry(final) if held is not None else None
+    if hit is not None:
+        _lease(held)
+    elif held is not None:
+        os.close(held)
+    return hit
 
 
 @contextlib.contextmanager
