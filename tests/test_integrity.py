@@ -178,7 +178,8 @@ def _prune_in_another_process(cache: Path) -> subprocess.CompletedProcess:
 def test_prune_leaves_entries_and_work_folders_of_a_running_build_alone(tmp_path: Path, monkeypatch) -> None:
     from dataclasses import dataclass
 
-    from edgepipe.cache import leases, prune_cache
+    from edgepipe.cache import leases
+    from edgepipe.cache_prune import prune_cache
     from edgepipe.stage import StageContext, run_cached
 
     @dataclass(frozen=True)
@@ -265,7 +266,8 @@ def test_prune_deletes_only_in_a_folder_marked_as_edgepipes_cache(tmp_path: Path
     (CACHEDIR.TAG, written when a build creates the cache, or finds one an older edgepipe made)."""
     from dataclasses import dataclass
 
-    from edgepipe.cache import TAG_NAME, is_marked, prune_cache
+    from edgepipe.cache import TAG_NAME, is_marked
+    from edgepipe.cache_prune import prune_cache
     from edgepipe.stage import StageContext, run_cached
 
     @dataclass(frozen=True)

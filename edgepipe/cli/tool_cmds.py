@@ -106,7 +106,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @_guard
 def cache_ls(as_json: bool) -> None:
-    from edgepipe.cache import list_cache
+    from edgepipe.cache_prune import list_cache
 
     entries = list_cache()
     if as_json:
@@ -121,7 +121,7 @@ def cache_ls(as_json: bool) -> None:
 @click.option("--max-mb", type=float, default=0, show_default=True, help="Keep at most this much (least recently used go first).")
 @_guard
 def cache_prune(max_mb: float) -> None:
-    from edgepipe.cache import prune_cache
+    from edgepipe.cache_prune import prune_cache
     from edgepipe.runtime import args
 
     max_mb = args.max_mb(max_mb)
