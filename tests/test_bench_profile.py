@@ -159,3 +159,44 @@ def test_tok_s_of_a_recorded_run():
     assert tok_s(bench) == "123.45 ± 1.20"
     assert tok_s("tok/s 98.70\n") == "98.70"
     assert tok_s("nothing") == "?"
+
+
+IN_ASM = """\
+----------------
+IN: 
+0x7f0000001000:  d503201f  nop      
+0x7f0000001004:  d4000001  svc      #0
+
+----------------
+IN: 
+0x7f0000102000:  4f98e27a  .byte    0x7a, 0xe2, 0x98, 0x4f
+0x7f0000102004:  6f98e27a  .byte    0x7a, 0xe2, 0x98, 0x6f
+0x7f0000102008:  4e20cc00  fmla     v0.4s, v0.4s, v0.4s
+0x7f000010200c:  4e80a400  .byte    0x00, 0xa4, 0x80, 0x4e
+
+----------------
+IN: 
+0x7f0000103000:  4e400c00  fmla     v0.8h, v0.8h, v0.8h
+"""
+
+
+def test_aarch64_in_asm_blocks_and_kernel_functions():
+    from benchmarks.profile_aarch64 import after_marker, insn_class, kernel_functions, parse_in_asm
+
+    blocks = parse_in_asm(IN_ASM)
+    assert [b.addr for b in blocks] == [0x7F0000001000, 0x7F0000102000, 0x7F0000103000]
+    assert insn_class(0x4F98E27A) == "dotprod sdot (element)"
+    assert insn_class(0x6F98E27A) == "dotprod udot (element)"
+    assert insn_class(0x4E80A400) == "i8mm smmla"
+    assert insn_class(0x4E20CC00) == "fp32 fmla .4s"
+    assert insn_class(0x4E400C00) == "fp16 fmla .8h"
+    assert insn_class(0xD503201F) is None
+    work = after_marker(blocks, 0x7F0000001000)
+    assert len(work) == 2
+    # the library's executable mapping starts at 0x7f0000100000, file offset 0x1000
+    maps = [["7f0000100000-7f0000200000", "r-xp", "00001000", "fe:00", "1", "/x/lib.so"],
+            ["7f0000200000-7f0000300000", "r--p", "00101000", "fe:00", "1", "/x/lib.so"]]
+    found = kernel_functions(work, maps, [(0x3000, 0x3100)])
+    assert found[(0x3000, 0x3100)] == {"dotprod sdot (element)": 1, "dotprod udot (element)": 1,
+                                       "fp32 fmla .4s": 1, "i8mm smmla": 1}
+    assert found[(0x4000, 0x4040)] == {"fp16 fmla .8h": 1}  # no unwind record: its 64-byte line
