@@ -1,7 +1,7 @@
 """Where a decode step and a 512-token prefill spend their time: edgepipe (onnxruntime) vs llama.cpp.
 
     python benchmarks/profile_ops.py --int4 DIR --int8 DIR --gguf-dir DIR [--threads 2] [--steps 64]
-                                     [--prefill 512] [--reps 3] [--no-ort] [--no-perf] [--perf-freq 2000]
+                                     [--prefill 512] [--reps 3] [--no-ort] [--no-perf] [--perf-freq 2000] [--keep DIR]
 
 ``--int4`` / ``--int8``: ``edgepipe build --target raspberrypi5`` / ``--target x86-avx512`` artifacts
 of the default model; ``--gguf-dir``: the folder holding its ``Q4_0.gguf``, ``Q4_K_M.gguf`` and
