@@ -120,3 +120,19 @@ def test_kv_stepper_rebinds_only_shapes_and_returns_its_own_buffer(llama_artifac
     np.testing.assert_allclose(state.step(ids[4:8]), ref(slice(4, 8)), atol=1e-5)
     np.testing.assert_allclose(state.step(ids[8:], last_only=True), ref(slice(8, 9)), atol=1e-5)
     assert state.length == len(ids)
+
+
+def test_kv_stepper_prefills_in_chunks(zoo) -> None:
+    """A prompt longer than ``prefill_chunk`` runs in chunks and gives one run's logits (every
+    position, or the last only) and the same greedy tokens; on the fp32 export, since quantized
+    kernels round differently for one row and for several."""
+    ids = zoo.eval_ids(11, offset=3)
+    whole = CausalLM(zoo.fp32("llama"), threads=1, prefill_chunk=0)
+    chunked = CausalLM(zoo.fp32("llama"), threads=1, prefill_chunk=4)
+    ref = whole.stepper(16).step(ids).copy()
+    np.testing.assert_allclose(chunked.stepper(16).step(ids), ref, atol=1e-4)
+    np.testing.assert_allclose(chunked.stepper(16).step(ids, last_only=True), ref[-1:], atol=1e-4)
+    prompt = ids.tolist()
+    assert list(generate(chunked, prompt, GenerationConfig(max_new_tokens=8))) == list(
+        generate(whole, prompt, GenerationConfig(max_new_tokens=8))
+    )
