@@ -11,7 +11,7 @@ ships), measured in the same run.
 
 Variants (``--list`` prints them): the session's CPU memory arena and memory pattern, prepacking
 (``session.disable_prepacking``), initializers on the device allocator instead of the arena,
-intra-op spinning, the thread count, and prefill chunks (``CausalLM(prefill_chunk=N)``).
+intra-op spinning, the thread pool's dynamic block size, the thread count, and prefill chunks (``CausalLM(prefill_chunk=N)``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "prepack-off": {"config": {"session.disable_prepacking": "1"}, "tg": SLOW_TG},
     "init-device-alloc": {"config": {"session.use_device_allocator_for_initializers": "1"}},
     "spin-off": {"spinning": False},
+    "dynamic-block-4": {"config": {"session.dynamic_block_base": "4"}},
+    # onnxruntime-genai's CPU sessions: an arena registered in the environment, shared by sessions
+    "env-allocators": {"env_arena": True, "config": {"session.use_env_allocators": "1"}},
     "threads-1": {"threads": 1},
     "chunk-whole": {"chunk": 0},
     "chunk-64": {"chunk": 64},
@@ -62,6 +65,10 @@ def variant(threads=0, *, spinning=True):
     for key, value in v.get("config", {}).items():
         so.add_session_config_entry(key, value)
     return so
+if v.get("env_arena"):
+    import onnxruntime as ort
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, None)
 M.session_options = variant
 kw = {"spinning": v["spinning"]} if "spinning" in v else {}
 if "chunk" in v:
