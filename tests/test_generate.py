@@ -90,3 +90,49 @@ def test_kv_buffer_stepper_matches_concatenating_cache(llama_artifact) -> None:
         logits, cache = lm.forward(np.array([[t]]), cache)
         np.testing.assert_allclose(state.step(np.array([t])), logits[0], atol=1e-5)
     assert state.length == len(ids)
+
+
+def test_kv_stepper_rebinds_only_shapes_and_returns_its_own_buffer(llama_artifact) -> None:
+    """Steps of changing length (a last-only prompt, one-token steps, a rewind, a multi-token
+    verify step, last-only again) each give the concatenating cache's logits for the same chunks;
+    the logits a step returns are a view of the stepper's own buffer (onnxruntime writes into it:
+    no logits array per step), so the next step overwrites them."""
+    from edgepipe.runtime.model import CausalLM
+
+    lm = CausalLM(llama_artifact)
+    ids = np.array([5, 17, 42, 8, 99, 3, 21, 64, 11], dtype=np.int64)
+    state = lm.stepper(len(ids))
+    cache = lm.empty_cache()
+
+    def ref(chunk: slice) -> np.ndarray:
+        nonlocal cache
+        logits, cache = lm.forward(ids[None, chunk], cache)
+        return logits[0]
+
+    np.testing.assert_allclose(state.step(ids[:4], last_only=True), ref(slice(0, 4))[-1:], atol=1e-5)
+    a = state.step(ids[4:5], last_only=True)
+    np.testing.assert_allclose(a, ref(slice(4, 5)), atol=1e-5)
+    b = state.step(ids[5:6])
+    assert np.shares_memory(a, b), "one-token steps should return the same buffer"
+    np.testing.assert_allclose(b, ref(slice(5, 6)), atol=1e-5)
+    state.rewind(4)
+    cache = [c[:, :, :4] for c in cache]
+    np.testing.assert_allclose(state.step(ids[4:8]), ref(slice(4, 8)), atol=1e-5)
+    np.testing.assert_allclose(state.step(ids[8:], last_only=True), ref(slice(8, 9)), atol=1e-5)
+    assert state.length == len(ids)
+
+
+def test_kv_stepper_prefills_in_chunks(zoo) -> None:
+    """A prompt longer than ``prefill_chunk`` runs in chunks and gives one run's logits (every
+    position, or the last only) and the same greedy tokens; on the fp32 export, since quantized
+    kernels round differently for one row and for several."""
+    ids = zoo.eval_ids(11, offset=3)
+    whole = CausalLM(zoo.fp32("llama"), threads=1, prefill_chunk=0)
+    chunked = CausalLM(zoo.fp32("llama"), threads=1, prefill_chunk=4)
+    ref = whole.stepper(16).step(ids).copy()
+    np.testing.assert_allclose(chunked.stepper(16).step(ids), ref, atol=1e-4)
+    np.testing.assert_allclose(chunked.stepper(16).step(ids, last_only=True), ref[-1:], atol=1e-4)
+    prompt = ids.tolist()
+    assert list(generate(chunked, prompt, GenerationConfig(max_new_tokens=8))) == list(
+        generate(whole, prompt, GenerationConfig(max_new_tokens=8))
+    )

@@ -26,11 +26,11 @@ def bench_decoder(lm: CausalLM, *, prompt_tokens: int = 256, decode_tokens: int 
     vocab = lm.spec.vocab_size
     ids = (np.arange(prompt_tokens, dtype=np.int64) * 7919 + 13) % max(vocab - 1, 1) + 1
     short = ids[:32]
-    lm.forward(short[None, :8], lm.empty_cache(), last_only=True)  # warm-up: allocations, prepacking
+    lm.stepper(8).step(short[:8], last_only=True)  # warm-up: allocations, prepacking
     prefill, ttft, decode = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lm.forward(ids[None, :], lm.empty_cache(), last_only=True)  # as generation: the last logits only
+        lm.stepper(prompt_tokens).step(ids, last_only=True)  # as generation: its stepper, the last logits only
         prefill.append(prompt_tokens / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         state = lm.stepper(len(short) + decode_tokens)  # what generate() does

@@ -17,7 +17,8 @@ import numpy as np
 class Stepper(Protocol):
     """One sequence being decoded. The first ``step`` is the prefill (the prompt); each later
     call appends ``ids`` (usually one token). Returns logits ``[n, vocab]`` (``last_only``: the
-    last position's ``[1, vocab]``)."""
+    last position's ``[1, vocab]``), which may be a view of the stepper's own buffer that the next
+    ``step`` overwrites: copy them to keep them."""
 
     def step(self, ids: np.ndarray, *, last_only: bool = ...) -> np.ndarray: ...
 

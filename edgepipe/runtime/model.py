@@ -26,6 +26,11 @@ GENAI_CONFIG = "genai_config.json"
 # graph input added by edgepipe.optimize.logits_slice: first position whose logits are computed
 LOGITS_START = "logits_start"
 _LAST = np.array([-1], dtype=np.int64)
+# A stepper feeds a longer prompt in runs of this many tokens. The activations onnxruntime holds
+# (its arena keeps the largest run's) grow with a run's length: on the default model, 128-token
+# runs cut peak RSS by 8-10 % against one 512-token run at the same or better prefill speed
+# (benchmarks/session_options.py, int4 and int8 artifacts; 64 saves a little more, 256 less).
+DEFAULT_PREFILL_CHUNK = 128
 _ALL = np.array([0], dtype=np.int64)
 
 
@@ -98,8 +103,11 @@ class CausalLM:
     # a step takes any number of tokens and its stepper can rewind (speculative decoding)
     multi_token_steps = True
 
-    def __init__(self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True):
+    def __init__(
+        self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    ):
         self.dir = Path(model_dir)
+        self.prefill_chunk = int(prefill_chunk)  # a stepper feeds longer prompts in runs of this many (0: whole)
         self.spec = DecoderSpec.from_genai_config(self.dir / GENAI_CONFIG)
         path = self.dir / self.spec.filename
         if not path.is_file():
@@ -126,6 +134,10 @@ class CausalLM:
         self.can_slice_logits = LOGITS_START in self._input_names | overridable
         dtypes = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if dtypes.get(self._past_names[0]) == "tensor(float16)" else np.float32
+        logits_out = next((o for o in out if o.name == "logits"), None)
+        self.logits_dtype = np.float16 if logits_out is not None and logits_out.type == "tensor(float16)" else np.float32
+        width = logits_out.shape[-1] if logits_out is not None and logits_out.shape else None
+        self.logits_width = width if isinstance(width, int) else self.spec.vocab_size
 
     @property
     def context_length(self) -> int:
@@ -193,42 +205,89 @@ class KVStepper:
     are the same buffer, so no step allocates or copies the cache (``forward`` concatenates the
     whole cache on every step, which grows with the context). The attention mask spans the valid
     positions; the buffer may be longer.
+
+    The host side of a step allocates nothing either (onnxruntime-genai's generator does the same
+    in C++; ours was ~0.5 ms of an 11 ms step): the token ids are written into a preallocated
+    array, the mask and positions are prefixes of preallocated arrays, and the logits are written
+    by onnxruntime straight into a buffer this stepper owns, so a step returns a view of that
+    buffer, **valid until the next step** (copy it to keep it). Reading the outputs back through
+    the binding would wrap all 2 x layers present tensors in Python objects on every step.
     """
 
     def __init__(self, lm: CausalLM, max_len: int):
         self.lm = lm
         self.max_len = int(max_len)
         self.length = 0
+        self.prefill_chunk = lm.prefill_chunk
         spec = lm.spec
         shape = (1, spec.num_kv_heads, self.max_len, spec.head_size)
         self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=lm.kv_dtype)) for _ in lm._past_names]
         self._binding = lm.session.io_binding()
-        # bind_cpu_input rejects an input that has an initializer default; OrtValues are accepted
-        self._logits_start = {
-            last: ort.OrtValue.ortvalue_from_numpy(_LAST if last else _ALL) for last in (False, True)
-        }
         for past, present, buf in zip(lm._past_names, lm._present_names, self._kv, strict=False):
             self._binding.bind_ortvalue_input(past, buf)
             self._binding.bind_ortvalue_output(present, buf)
+        # host buffers the per-step inputs and the logits are views of (OrtValues over numpy memory
+        # are not copies); the mask is all ones: its length is what tells the graph how many
+        # positions are valid
+        self._ids = np.zeros((1, self.max_len), dtype=np.int64)
+        self._mask = np.ones((1, self.max_len), dtype=np.int64)
+        self._positions = np.arange(self.max_len, dtype=np.int64)[None, :]
+        self._logits = np.empty((1, 1, lm.logits_width), dtype=lm.logits_dtype)
+        self._shape: tuple[int, int, int] | None = None  # (ids, logit rows, first row) the binding holds
+        self._held: list[ort.OrtValue] = []  # what the binding points into, kept alive with it
+
+    def _bind_shape(self, n: int, rows: int, at: int) -> None:
+        """(Re)bind what follows a run's shape (its ``n`` ids, ``rows`` logit rows written from row
+        ``at`` of the buffer): only when it changes. One logit row of several ids is the last's."""
+        held = [
+            ort.OrtValue.ortvalue_from_numpy(self._ids[:, :n]),
+            ort.OrtValue.ortvalue_from_numpy(self._logits[:, at : at + rows]),
+        ]
+        b = self._binding
+        b.bind_ortvalue_input("input_ids", held[0])
+        b.bind_ortvalue_output("logits", held[1])
+        if self.lm.can_slice_logits:
+            # bind_cpu_input rejects an input that has an initializer default; OrtValues are accepted
+            held.append(ort.OrtValue.ortvalue_from_numpy(_LAST if rows < n else _ALL))
+            b.bind_ortvalue_input(LOGITS_START, held[-1])
+        self._held, self._shape = held, (n, rows, at)
+
+    def _run(self, ids: np.ndarray, rows: int, at: int) -> None:
+        n = ids.shape[0]
+        start, total = self.length, self.length + n
+        if self._shape != (n, rows, at):
+            self._bind_shape(n, rows, at)
+        self._ids[0, :n] = ids
+        b = self._binding
+        if "attention_mask" in self.lm._input_names:
+            b.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self._mask[:, :total]))
+        if "position_ids" in self.lm._input_names:
+            b.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions[:, start:total]))
+        self.lm.session.run_with_iobinding(b)
+        self.length = total
 
     def step(self, ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
         """Feed ``ids`` (1-D) after what was fed before; return their logits [seq, vocab]
-        (``last_only``: [1, vocab], the last position's, see ``CausalLM.forward``)."""
-        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
-        total = self.length + ids.shape[1]
-        if total > self.max_len:
+        (``last_only``: [1, vocab], the last position's, see ``CausalLM.forward``): a view of
+        this stepper's buffer that the next step overwrites.
+
+        More than ``prefill_chunk`` ids run in chunks of that many: the activations onnxruntime
+        keeps for a run grow with its length, the keys/values do not care how they were fed."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        width = ids.shape[0]
+        if self.length + width > self.max_len:
             raise ValueError(f"KV buffer of {self.max_len} positions is full")
-        b = self._binding
-        b.bind_cpu_input("input_ids", ids)
-        if "attention_mask" in self.lm._input_names:
-            b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        if self.lm.can_slice_logits:  # bound every step: a binding outlives the call
-            b.bind_ortvalue_input(LOGITS_START, self._logits_start[last_only])
-        b.bind_output("logits", "cpu")  # re-bound each step: its shape follows the input length
-        self.lm.session.run_with_iobinding(b)
-        self.length = total
-        logits: np.ndarray = b.get_outputs()[-1].numpy()[0]
-        return logits[-1:] if last_only and logits.shape[0] > 1 else logits
+        sliced = last_only and self.lm.can_slice_logits
+        needed = 1 if sliced else width
+        if needed > self._logits.shape[1]:
+            self._logits = np.empty((1, needed, self._logits.shape[2]), dtype=self._logits.dtype)
+            self._shape = None
+        chunk = self.prefill_chunk if self.prefill_chunk > 0 else max(width, 1)
+        for i in range(0, width, chunk):
+            part = ids[i : i + chunk]
+            self._run(part, 1 if sliced else part.shape[0], 0 if sliced else i)
+        logits: np.ndarray = self._logits[0, :needed]
+        return logits[-1:] if last_only and needed > 1 else logits
 
     def rewind(self, length: int) -> None:
         """Forget every position from ``length`` on: the mask covers only the first ``length``
