@@ -38,37 +38,22 @@ from typing import Any
 
 import numpy as np
 
-if __package__:
-    from .llamacpp import cpu_flags, ensure_llamacpp
-    from .profile_parse import (
-        PerfRow,
-        classify_asm,
-        fde_ranges,
-        function_of,
-        group,
-        load_ort_profile,
-        ort_breakdown,
-        ort_table,
-        perf_rows,
-        short_dso,
-        top_symbols,
-    )
-else:  # python benchmarks/profile_ops.py
+if not __package__:  # python benchmarks/profile_ops.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.llamacpp import cpu_flags, ensure_llamacpp
-    from benchmarks.profile_parse import (
-        PerfRow,
-        classify_asm,
-        fde_ranges,
-        function_of,
-        group,
-        load_ort_profile,
-        ort_breakdown,
-        ort_table,
-        perf_rows,
-        short_dso,
-        top_symbols,
-    )
+from benchmarks.llamacpp import cpu_flags, ensure_llamacpp  # noqa: E402
+from benchmarks.profile_parse import (  # noqa: E402
+    PerfRow,
+    classify_asm,
+    fde_ranges,
+    function_of,
+    group,
+    load_ort_profile,
+    ort_breakdown,
+    ort_table,
+    perf_rows,
+    short_dso,
+    top_symbols,
+)
 
 PROMPT, WARMUP = 16, 8
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
