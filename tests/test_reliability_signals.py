@@ -26,6 +26,9 @@ OLD = "2000-01-01T00:00:00Z"  # the previous artifact's manifest says so (the ma
 PRELUDE = """
 import os, signal, types
 from edgepipe.package import folder
+# a shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+# inherited SIG_IGN: give the build the disposition an interactive Ctrl-C meets
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SIG, MOMENT = signal.{sig}, "{moment}"
 def _kill():
     os.kill(os.getpid(), SIG)
