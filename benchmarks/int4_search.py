@@ -74,7 +74,8 @@ def fp32_export() -> Path:
 
 
 def windows(model_dir: Path):
-    """The build's calibration and eval token windows (the packaged texts), as ``edgepipe build`` cuts them."""
+    """The calibration and eval token windows (the packaged texts). Calibration keeps the 8 windows this
+    search was run with (session 2), not the 24 a build of this model now reads (``calib_window_count``)."""
     from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
 
     tok = model_dir / "tokenizer.json"

@@ -16,8 +16,19 @@ from edgepipe.errors import InputError
 
 EVAL_WINDOW = 512
 EVAL_WINDOWS = 16  # the packaged eval text has 13 windows of 512 tokens
-CALIB_WINDOWS = 8
+CALIB_WINDOWS = 8  # windows of EVAL_WINDOW tokens a large model calibrates on
+# A small model calibrates on three times as many: SmolLM2-135M at Q4_0's size, 24 windows of
+# Emma instead of 8 lower its KL from 0.0667 to 0.0629 (GPTQ's Hessians and the Fisher pass both
+# see more text; benchmarks/RESULTS.md). Both passes cost parameters x tokens, so a 2.5B model
+# keeps 8 (its Fisher pass and calibration are already most of the allocation's 333 s).
+SMALL_MODEL_CALIB_WINDOWS = 24
+SMALL_MODEL_PARAMETERS = 600_000_000
 MIN_EVAL_TOKENS = 64
+
+
+def calib_window_count(num_parameters: int) -> int:
+    """How many calibration windows a model of ``num_parameters`` gets (as many as the text holds)."""
+    return SMALL_MODEL_CALIB_WINDOWS if num_parameters <= SMALL_MODEL_PARAMETERS else CALIB_WINDOWS
 
 
 @dataclass(frozen=True)

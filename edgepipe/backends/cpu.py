@@ -42,7 +42,7 @@ class CpuBackend:
         from edgepipe.quantize.allocate_stage import preflight_budget, run_allocation
         from edgepipe.quantize.stage import QuantizeConfig, run_quantize
         from edgepipe.runtime.threads import resolve_threads
-        from edgepipe.texts import CALIB_WINDOWS, EVAL_WINDOWS, read_text_file, token_windows
+        from edgepipe.texts import EVAL_WINDOWS, calib_window_count, read_text_file, token_windows
         from edgepipe.validate.accuracy import AccuracyConfig, run_accuracy
         from edgepipe.validate.sanity import check_reference
 
@@ -70,7 +70,7 @@ class CpuBackend:
 
         t0 = time.time()
         tok = fp32.model_dir / "tokenizer.json"
-        calib_windows = token_windows(tok, calib, CALIB_WINDOWS, "calibration")
+        calib_windows = token_windows(tok, calib, calib_window_count(info.num_parameters), "calibration")
         eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
         calib_key = key_of({"t": calib.text})
         alloc = run_allocation(fp32, tgt.quantization, info, calib_windows, calib_key, ctx)
