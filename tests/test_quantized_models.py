@@ -1,5 +1,5 @@
-"""Quantized artifacts of the tiny models: the graph (MatMulNBits everywhere, the tied embedding as
-GatherBlockQuantized) and the accuracy against the fp32 export, int4 (raspberrypi5) and int8 (x86-avx512)."""
+"""Quantized artifacts of the tiny models: the graph (MatMulNBits everywhere, the embedding, tied or
+not, as GatherBlockQuantized) and the accuracy against the fp32 export, int4 (raspberrypi5) and int8 (x86-avx512)."""
 
 from __future__ import annotations
 
@@ -95,27 +95,23 @@ def test_quantized_graph(zoo, arch, target):
         t.name for t in q.graph.initializer
         if t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims) == sorted([VOCAB, HIDDEN])
     ]
+    assert ops["GatherBlockQuantized"] == 1
+    assert ops["Gather"] == 0 or not any(n.op_type == "Gather" and n.input[0] in {t.name for t in q.graph.initializer} for n in q.graph.node)
+    assert float_tables == [], f"a [vocab, hidden] fp32 table is left: {float_tables}"
+    gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+    assert attr(gbq, "bits") == cfg.embedding_bits and HIDDEN % attr(gbq, "block_size") == 0
     if TIED[arch]:
-        assert ops["GatherBlockQuantized"] == 1
-        assert ops["Gather"] == 0 or not any(n.op_type == "Gather" and n.input[0] in {t.name for t in q.graph.initializer} for n in q.graph.node)
-        assert float_tables == [], f"a [vocab, hidden] fp32 table is left: {float_tables}"
-        gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
-        assert attr(gbq, "bits") == cfg.embedding_bits and attr(gbq, "block_size") == attr(heads[0], "block_size")
-        assert HIDDEN % attr(gbq, "block_size") == 0
+        assert attr(gbq, "block_size") == attr(heads[0], "block_size")
         # the lookup and the head read the same quantized tensor (one copy of the table)
         assert res.manifest.to_dict()["quantization"]["embedding"] == f"int{cfg.embedding_bits} (shared with lm_head)"
         assert ops["Transpose"] == Counter(n.op_type for n in f.graph.node)["Transpose"] - 1
     else:
-        # only a tied table is quantized: an untied input embedding stays an fp32 Gather
-        assert ops["GatherBlockQuantized"] == 0
-        assert len(float_tables) == 1 and "embed_tokens" in float_tables[0]
-        assert res.manifest.to_dict()["quantization"]["embedding"] == "fp32"
+        # an untied input embedding gets a quantized table of its own (tests/test_untied_embedding.py)
+        assert gbq.input[0].startswith("model.embed_tokens/")
+        assert res.manifest.to_dict()["quantization"]["embedding"].startswith(f"int{cfg.embedding_bits}/")
 
     fp_bytes = (zoo.fp32(arch) / "model.onnx.data").stat().st_size
     q_bytes = (art / "model.onnx.data").stat().st_size + (art / "model.onnx").stat().st_size
-    if not TIED[arch]:  # the fp32 input embedding is in both
-        fp_bytes -= VOCAB * HIDDEN * 4
-        q_bytes -= VOCAB * HIDDEN * 4
     # what was quantized shrank: matmul weights by ~32/(bits + 1.25); rope caches and norms stay fp32
     assert q_bytes < fp_bytes * (0.45 if bits == 4 else 0.55), (q_bytes, fp_bytes)
 
