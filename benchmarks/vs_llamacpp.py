@@ -18,8 +18,8 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
    ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
    the same target config and model is reused). ``--match-sizes``: also the int4 target with
-   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), its
-   SmolLM2-fitted 8-bit list dropped and int4 blocks 32/64/128 allowed (:func:`budget_profile`).
+   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), int4
+   blocks 32/64/128 with and without zero points allowed (:func:`budget_profile`).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
      ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
@@ -75,7 +75,9 @@ else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.pat
 QUANTS = ("Q8_0", "Q5_K_M", "Q4_0", "Q4_K_M")
 SPEED_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")  # the ones with an edgepipe counterpart (PAIRS)
 SIZE_MATCHED = ("Q4_0", "Q4_K_M")  # --match-sizes: edgepipe --max-mb at these files' sizes
-BUDGET_FORMATS = ("int4/b32/asym", "int4/b64/asym", "int4/b128/asym", "int8/b64/asym")  # see budget_profile
+# what the matched builds' allocator chooses between (see budget_profile): int4 in blocks of 32, 64 and 128,
+# with and without zero points (4.25 to 5.125 bits/weight with fp32 scales), and int8 in blocks of 64
+BUDGET_FORMATS = tuple(f"int4/b{b}/{s}" for b in (32, 64, 128) for s in ("sym", "asym")) + ("int8/b64/asym",)
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
 # which llama.cpp quant each edgepipe artifact is compared with
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4@Q4_0", "Q4_0"), ("int4@Q4_K_M", "Q4_K_M"))
@@ -347,22 +349,22 @@ def _reusable(art: Path, tgt: dict[str, Any], sha: str, reuse_any: bool) -> bool
 
 
 def budget_profile(work: Path, target: str, max_mb: float, tag: str) -> Path:
-    """``target`` (a shipped profile's name) with a ``max_mb`` budget and without its expert list
-    (``eight_bit_ops``): the shipped Pi profiles still pin the 57 matrices measured on SmolLM2's 30
-    layers, which on a shallower model pins most of it to 8 bits, so no budget near llama.cpp's 4-bit
-    files is reachable. Without the list the build-time allocator chooses every matrix's format among
-    those issue 12 lists (:data:`BUDGET_FORMATS`): with int4 block 32 alone (5.125 bits/weight with
-    its fp32 scales and zero points) nothing reaches Q4_0's 4.5."""
-    import re as _re
+    """``target`` (a shipped profile's name) with a ``max_mb`` budget instead of its own, and the formats
+    the allocator chooses between widened to :data:`BUDGET_FORMATS`: the Pi profiles allow int4 block 32
+    (asymmetric, 5.125 bits/weight with its fp32 scales and zero points) and int8 block 64 only, and
+    nothing reaches Q4_0's 4.5 bits/weight with those. Any expert list (``eight_bit_ops``) is dropped
+    too, so the build-time allocator chooses every matrix. The shipped profiles keep their defaults."""
+    import yaml
 
     from edgepipe.targets import targets_dir
 
-    text = (targets_dir() / f"{target}.yaml").read_text()
-    text = text.replace(f"name: {target}", f"name: {target}-at-{tag}", 1)
-    formats = ", ".join(BUDGET_FORMATS)
-    text = _re.sub(
-        r"(?m)^(\s*)eight_bit_ops:.*$", rf"\1eight_bit_ops: []\n\1formats: [{formats}]\n\1max_mb: {max_mb!r}", text
-    )
+    doc = yaml.safe_load((targets_dir() / f"{target}.yaml").read_text())
+    doc["name"] = f"{target}-at-{tag}"
+    q = doc["quantization"]
+    for key in ("eight_bit_ops", "eight_bit_layers", "bits_per_weight"):
+        q.pop(key, None)
+    q.update(formats=list(BUDGET_FORMATS), max_mb=float(max_mb))
+    text = yaml.safe_dump(doc, sort_keys=False)
     out = work / f"{target}-at-{tag}.yaml"
     if not out.is_file() or out.read_text() != text:
         out.write_text(text)
