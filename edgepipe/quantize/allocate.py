@@ -90,10 +90,12 @@ def options_for(plan: BitPlan, formats: Sequence[Format], q: Any, pinned: frozen
     out: dict[str, tuple[WeightOnlyConfig | None, ...]] = {}
     for e in plan:
         m = e.matrix
-        # a table (lm_head, an untied input embedding) keeps the profile's embedding_bits, or fp32 if the
-        # profile allows it: the lm_head's loss is the one the proxy predicts worst (alone at int4 it
-        # cost SmolLM2 KL 0.022, a third of the rest together; benchmarks/RESULTS.md)
-        fmts = [f for f in formats if not m.vocab_table or f.bits in (e.format.bits, 32)]
+        # a tied table keeps the profile's embedding_bits: the proxy sees only its head's use, not the
+        # lookup's, and predicts its loss worst (alone at int4 it cost SmolLM2 KL 0.022, a third of the
+        # rest together; benchmarks/RESULTS.md). An untied lm_head and input embedding are each seen
+        # whole (the embedding through the gradient at its output), so they choose as any matrix does,
+        # in blocks that divide the hidden size.
+        fmts = [f for f in formats if not (plan.tied and m.is_table) or f.bits == e.format.bits]
         if m.name in pinned or not fmts:
             out[m.name] = (e.config,)
             continue
