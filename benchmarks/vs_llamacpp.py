@@ -1,7 +1,7 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
     python benchmarks/vs_llamacpp.py [--model HF_FOLDER|austen | --random-llama] [--threads 2[,1]] [--eval FILE]
-                                     [--calib FILE] [--match-sizes]
+                                     [--calib FILE] [--match-sizes [--sized-only]]
                                      [--reps 3] [--no-speed] [--no-quality] [--no-edgepipe] [--no-passive] [--speed-f32]
                                      [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
                                      [--rebuild | --reuse] [--artifact int4=DIR] [--json OUT.json] [--markdown OUT.md]
@@ -19,7 +19,8 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
    ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
    the same target config and model is reused). ``--match-sizes``: also the int4 target with
    ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), int4
-   blocks 32/64/128 with and without zero points allowed (:func:`budget_profile`).
+   blocks 32/64/128 with and without zero points allowed (:func:`budget_profile`); ``--sized-only``:
+   only those (the targets' own builds skipped, for a quick quality-at-size comparison).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
      ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
@@ -617,10 +618,14 @@ def onnx_read_bytes(art: Path) -> dict[str, int]:
         ext = {e.key: e.value for e in t.external_data}
         sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(np.prod(t.dims) * 4)
     uses: dict[str, list[tuple[str, int]]] = {}
+    # an untied embedding's own quantized table reaches GatherBlockQuantized through a Reshape (a view)
+    views = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] in sizes}
     for node in m.graph.node:
         for i, name in enumerate(node.input):
-            if name in sizes:
+            if name in sizes and not (node.op_type == "Reshape" and i == 0):
                 uses.setdefault(name, []).append((node.op_type, i))
+            elif name in views:
+                uses.setdefault(views[name], []).append((node.op_type, i))
     gathered = [n for n, u in uses.items() if u and all(op.startswith("Gather") and i == 0 for op, i in u)]
     # a GatherBlockQuantized table's scales/zero points go with it
     skip = set(gathered)
@@ -931,6 +936,7 @@ def _parser() -> argparse.ArgumentParser:
         help="time this prebuilt edgepipe folder as int4 or int8 instead of building one (repeatable)",
     )
     p.add_argument("--no-int8", action="store_true", help="build and compare the int4 artifact only")
+    p.add_argument("--sized-only", action="store_true", help="with --match-sizes: build only the size-matched artifacts")
     p.add_argument(
         "--int4-target",
         help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random-llama "
@@ -1027,7 +1033,7 @@ def _artifacts(
     ``--match-sizes`` the int4 target built at llama.cpp's file sizes."""
     given = dict(a.split("=", 1) for a in args.artifact)
     arts = {k: Path(v).resolve() for k, v in given.items()}
-    if set(ep_targets.values()) - set(arts):
+    if set(ep_targets.values()) - set(arts) and not (args.match_sizes and args.sized_only):
         ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
         arts.update(
             edgepipe_artifacts(
