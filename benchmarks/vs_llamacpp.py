@@ -1,7 +1,7 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
     python benchmarks/vs_llamacpp.py [--model HF_FOLDER|austen | --random-llama] [--threads 2[,1]] [--eval FILE]
-                                     [--calib FILE] [--match-sizes]
+                                     [--calib FILE] [--match-sizes [--sized-only]]
                                      [--reps 3] [--no-speed] [--no-quality] [--no-edgepipe] [--no-passive] [--speed-f32]
                                      [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
                                      [--rebuild | --reuse] [--artifact int4=DIR] [--json OUT.json] [--markdown OUT.md]
@@ -18,8 +18,9 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
 3. edgepipe artifacts from the same folder: ``x86-avx512`` (int8) and ``raspberrypi5`` (int4), via
    ``edgepipe.build`` (its stage cache makes a rebuild cheap; an artifact already built for
    the same target config and model is reused). ``--match-sizes``: also the int4 target with
-   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), its
-   SmolLM2-fitted 8-bit list dropped and int4 blocks 32/64/128 allowed (:func:`budget_profile`).
+   ``max_mb`` at Q4_0's and at Q4_K_M's file size (labels ``int4@Q4_0``, ``int4@Q4_K_M``), int4
+   blocks 32/64/128 with and without zero points allowed (:func:`budget_profile`); ``--sized-only``:
+   only those (the targets' own builds skipped, for a quick quality-at-size comparison).
 4. Quality on the same text (``edgepipe/data/eval.txt`` by default):
    * llama.cpp: ``llama-perplexity -c 512 --kl-divergence-base`` on the f32 GGUF, then
      ``--kl-divergence`` for each quant: PPL ratio, mean KL, same-top-1, over every full
@@ -75,7 +76,9 @@ else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.pat
 QUANTS = ("Q8_0", "Q5_K_M", "Q4_0", "Q4_K_M")
 SPEED_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")  # the ones with an edgepipe counterpart (PAIRS)
 SIZE_MATCHED = ("Q4_0", "Q4_K_M")  # --match-sizes: edgepipe --max-mb at these files' sizes
-BUDGET_FORMATS = ("int4/b32/asym", "int4/b64/asym", "int4/b128/asym", "int8/b64/asym")  # see budget_profile
+# what the matched builds' allocator chooses between (see budget_profile): int4 in blocks of 32, 64 and 128,
+# with and without zero points (4.25 to 5.125 bits/weight with fp32 scales), and int8 in blocks of 64
+BUDGET_FORMATS = tuple(f"int4/b{b}/{s}" for b in (32, 64, 128) for s in ("sym", "asym")) + ("int8/b64/asym",)
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
 # which llama.cpp quant each edgepipe artifact is compared with
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4@Q4_0", "Q4_0"), ("int4@Q4_K_M", "Q4_K_M"))
@@ -347,22 +350,22 @@ def _reusable(art: Path, tgt: dict[str, Any], sha: str, reuse_any: bool) -> bool
 
 
 def budget_profile(work: Path, target: str, max_mb: float, tag: str) -> Path:
-    """``target`` (a shipped profile's name) with a ``max_mb`` budget and without its expert list
-    (``eight_bit_ops``): the shipped Pi profiles still pin the 57 matrices measured on SmolLM2's 30
-    layers, which on a shallower model pins most of it to 8 bits, so no budget near llama.cpp's 4-bit
-    files is reachable. Without the list the build-time allocator chooses every matrix's format among
-    those issue 12 lists (:data:`BUDGET_FORMATS`): with int4 block 32 alone (5.125 bits/weight with
-    its fp32 scales and zero points) nothing reaches Q4_0's 4.5."""
-    import re as _re
+    """``target`` (a shipped profile's name) with a ``max_mb`` budget instead of its own, and the formats
+    the allocator chooses between widened to :data:`BUDGET_FORMATS`: the Pi profiles allow int4 block 32
+    (asymmetric, 5.125 bits/weight with its fp32 scales and zero points) and int8 block 64 only, and
+    nothing reaches Q4_0's 4.5 bits/weight with those. Any expert list (``eight_bit_ops``) is dropped
+    too, so the build-time allocator chooses every matrix. The shipped profiles keep their defaults."""
+    import yaml
 
     from edgepipe.targets import targets_dir
 
-    text = (targets_dir() / f"{target}.yaml").read_text()
-    text = text.replace(f"name: {target}", f"name: {target}-at-{tag}", 1)
-    formats = ", ".join(BUDGET_FORMATS)
-    text = _re.sub(
-        r"(?m)^(\s*)eight_bit_ops:.*$", rf"\1eight_bit_ops: []\n\1formats: [{formats}]\n\1max_mb: {max_mb!r}", text
-    )
+    doc = yaml.safe_load((targets_dir() / f"{target}.yaml").read_text())
+    doc["name"] = f"{target}-at-{tag}"
+    q = doc["quantization"]
+    for key in ("eight_bit_ops", "eight_bit_layers", "bits_per_weight"):
+        q.pop(key, None)
+    q.update(formats=list(BUDGET_FORMATS), max_mb=float(max_mb))
+    text = yaml.safe_dump(doc, sort_keys=False)
     out = work / f"{target}-at-{tag}.yaml"
     if not out.is_file() or out.read_text() != text:
         out.write_text(text)
@@ -615,10 +618,14 @@ def onnx_read_bytes(art: Path) -> dict[str, int]:
         ext = {e.key: e.value for e in t.external_data}
         sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(np.prod(t.dims) * 4)
     uses: dict[str, list[tuple[str, int]]] = {}
+    # an untied embedding's own quantized table reaches GatherBlockQuantized through a Reshape (a view)
+    views = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] in sizes}
     for node in m.graph.node:
         for i, name in enumerate(node.input):
-            if name in sizes:
+            if name in sizes and not (node.op_type == "Reshape" and i == 0):
                 uses.setdefault(name, []).append((node.op_type, i))
+            elif name in views:
+                uses.setdefault(views[name], []).append((node.op_type, i))
     gathered = [n for n, u in uses.items() if u and all(op.startswith("Gather") and i == 0 for op, i in u)]
     # a GatherBlockQuantized table's scales/zero points go with it
     skip = set(gathered)
@@ -929,6 +936,7 @@ def _parser() -> argparse.ArgumentParser:
         help="time this prebuilt edgepipe folder as int4 or int8 instead of building one (repeatable)",
     )
     p.add_argument("--no-int8", action="store_true", help="build and compare the int4 artifact only")
+    p.add_argument("--sized-only", action="store_true", help="with --match-sizes: build only the size-matched artifacts")
     p.add_argument(
         "--int4-target",
         help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random-llama "
@@ -1025,7 +1033,7 @@ def _artifacts(
     ``--match-sizes`` the int4 target built at llama.cpp's file sizes."""
     given = dict(a.split("=", 1) for a in args.artifact)
     arts = {k: Path(v).resolve() for k, v in given.items()}
-    if set(ep_targets.values()) - set(arts):
+    if set(ep_targets.values()) - set(arts) and not (args.match_sizes and args.sized_only):
         ep_targets = {t: label for t, label in ep_targets.items() if label not in arts}
         arts.update(
             edgepipe_artifacts(

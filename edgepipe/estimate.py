@@ -1,8 +1,8 @@
 """Predict an artifact's size, the device's peak RAM and decode speed before any export.
 
 The size is the :class:`~edgepipe.quantize.BitPlan`'s: the same plan ``quantize`` will write, made
-from ``config.json`` alone, with its bytes counted as stored; what is not a weight matrix (norms,
-biases, an untied input embedding, the rotary caches) stays fp32.
+from ``config.json`` alone, with its bytes counted as stored (an untied input embedding is one of its
+tables); what is not a weight matrix (norms, biases, the rotary caches) stays fp32.
 
 Decode is memory-bound on these boards: every generated token reads every weight once, so
 tok/s ~= sustained read bandwidth / bytes of weights. Prefill is compute-bound: 2 ops per
@@ -67,7 +67,7 @@ class ArtifactSize:
     """Bytes of the artifact's weights, and of what one decode step reads."""
 
     matrices: int  # the BitPlan's bytes: every weight MatMul (and the shared table) as stored
-    fp32: int  # the other parameters, fp32 as exported: norms, biases, an untied input embedding
+    fp32: int  # the other parameters, fp32 as exported: norms, biases (an fp32 input embedding of the generic path)
     rope: int  # cos + sin caches, fp32
     per_token: int  # bytes a decode step reads: all of the above but one row of the tables
 
@@ -96,7 +96,11 @@ def artifact_size(config: dict[str, Any], num_parameters: int, target: Target, p
     plan = _plan(config, target, pre)
     hidden, vocab = (pre.hidden, pre.vocab) if pre else (dimensions(config)["hidden"], dimensions(config)["vocab"])
     head_dim = pre.head_size if pre else dimensions(config)["head_dim"]
-    untied_embedding = 0 if plan.tied else vocab * hidden  # a Gather of the fp32 table: a row per token
+    lookup = plan.embedding  # an untied input embedding's own table: a decode step reads one row of it
+    if lookup is not None:
+        unread = lookup.nbytes - lookup.nbytes // vocab
+    else:  # tied (a row of the table besides the head), or an fp32 Gather the plan does not list (generic path)
+        unread = (0 if plan.tied else vocab * hidden * 4) - hidden * 4
     fp32 = max(num_parameters - plan.parameters(), 0) * 4
     rope = int(config.get("max_position_embeddings", 4096)) * head_dim * 4
     idle_experts = 0
@@ -108,7 +112,7 @@ def artifact_size(config: dict[str, Any], num_parameters: int, target: Target, p
         from edgepipe.quantize.allocate import graph_bytes
 
         matrices = max(budget.matrix_bytes(plan.parameters(), fp32 + rope + graph_bytes(plan.num_layers)), 0)
-    per_token = matrices + fp32 - untied_embedding * 4 + hidden * 4 - idle_experts
+    per_token = matrices + fp32 - unread - idle_experts
     return ArtifactSize(matrices, fp32, rope, per_token)
 
 

@@ -60,6 +60,17 @@ def test_any_depth_meets_the_same_budget_in_bytes(layers):
     assert 6.0 < 8 * a.plan.bytes() / plan.parameters() <= 6.12
 
 
+def test_untied_tables_choose_their_formats():
+    """A tied table keeps embedding_bits (the proxy sees its head's use only); an untied lm_head and input
+    embedding each choose among every allowed format, as any matrix does."""
+    untied = plan_from_config(dict(TINY, num_hidden_layers=6, tie_word_embeddings=False), scheme_from_target(PI))
+    options = options_for(untied, allowed_formats(PI), PI)
+    labels = {n: {c.format.label for c in options[n]} for n in ("lm_head.MatMul.weight", "model.embed_tokens.weight")}
+    assert labels["lm_head.MatMul.weight"] == labels["model.embed_tokens.weight"] == {"int4/b32/asym", "int8/b64/asym"}
+    tied = plan_from_config(dict(TINY, num_hidden_layers=6), scheme_from_target(PI))
+    assert [c.format.label for c in options_for(tied, allowed_formats(PI), PI)["lm_head.MatMul.weight"]] == ["int4/b32/asym"]
+
+
 def test_a_larger_budget_never_raises_the_predicted_loss():
     plan, options, losses = problem(16)
     prev_loss = np.inf

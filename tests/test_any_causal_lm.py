@@ -196,6 +196,36 @@ def test_generic_export_matches_pytorch_and_decodes_incrementally(zoo, tmp_path)
     assert plan.num_layers == 2 and plan.tied and len(plan) == 2 * 4 + 1
 
 
+def test_generic_untied_embedding_is_a_table_of_its_own(zoo, tmp_path):
+    """GPT-J (untied, no builder path): its token embedding is ``model.embed_tokens.weight`` in the generic
+    export, as the builder names it, and the plan lists it as a table of its own (a lookup), as the
+    preflight's matrices do for ``estimate``; the quantized graph reads it with GatherBlockQuantized."""
+    import onnx
+
+    from edgepipe.export.generic import export_generic
+    from edgepipe.export.preflight import generic_matrices
+    from edgepipe.quantize.bitplan import EMBEDDING, Matrix, matrices_from_onnx
+    from edgepipe.quantize.configs import Rtn
+    from edgepipe.quantize.graph import quantize
+
+    src = tiny_model("gptj", zoo)
+    export_generic(src, tmp_path / "model")
+    got = matrices_from_onnx(onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False))
+    emb = Matrix(EMBEDDING, 64, VOCAB, lookup=True)
+    assert not got.tied and [m for m in got.matrices if m.lookup] == [emb]
+    planned = generic_matrices(preflight(src))
+    assert [m for m in planned.matrices if m.lookup] == [emb] and not planned.tied
+    info = quantize(tmp_path / "model", tmp_path / "q", Rtn(bits=4, block_size=32))
+    assert info["embedding"].startswith("int4/b32/asym")
+    q = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GatherBlockQuantized" for n in q.graph.node) == 1
+    from edgepipe.runtime.model import CausalLM
+
+    ids = zoo.eval_ids(64)
+    ref, got_logits = CausalLM(tmp_path / "model", threads=1).logits(ids), CausalLM(tmp_path / "q", threads=1).logits(ids)
+    assert np.isfinite(got_logits).all() and (ref.argmax(-1) == got_logits.argmax(-1)).mean() > 0.6  # a working graph
+
+
 def _fp32_matches_pytorch(artifact: Path, model_dir: Path, zoo) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     export = manifest["export"]

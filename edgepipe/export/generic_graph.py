@@ -7,7 +7,9 @@ builder writes). torch.onnx writes a Linear as ``Gemm`` (``transB``) or as a Mat
 This pass makes every weight product a ``MatMul`` of a ``[K, N]`` initializer named after the
 module that owns it (``model.layers.<i>.<rest>.weight``, from the exporter's name scopes) and
 the head ``lm_head.MatMul.weight``; a tied embedding then reads ``Transpose(lm_head...)`` through
-its ``Gather``, the builder's pattern, so the quantizer shares one int table for both.
+its ``Gather``, the builder's pattern, so the quantizer shares one int table for both. An untied
+token embedding is named ``model.embed_tokens.weight``, as the builder names it (the quantizer
+gives it a table of its own; ``estimate`` lists it under that name from the preflight's facts).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 HEAD = "lm_head.MatMul.weight"
+EMBEDDING = "model.embed_tokens.weight"  # edgepipe.quantize.bitplan.EMBEDDING (export does not import quantize)
 _POINTWISE = ("Div", "Mul", "Tanh", "Cast", "Add", "Sub", "Identity")
 _LAYER = re.compile(r"^(?:.*?\.)?(\d+)\.(.+)$")
 
@@ -115,6 +118,7 @@ def normalize_weights(model: Any) -> dict[str, int]:
             node.input[1] = target
             new_nodes.append(node)
     counts["tied"] = _retarget_gathers(new_nodes, renamed, new_inits)
+    _name_token_embedding(new_nodes, w.inits, new_inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused(graph, new_inits)
@@ -135,6 +139,20 @@ def _retarget_gathers(nodes: list[Any], renamed: dict[str, str], new_inits: dict
             node.input[0] = out
             count += 1
     return count
+
+
+def _name_token_embedding(nodes: list[Any], inits: dict[str, Any], new_inits: dict[str, Any]) -> None:
+    """The 2-D table a Gather reads ``input_ids`` from directly (an untied token embedding) becomes
+    ``model.embed_tokens.weight``; position tables are indexed by other inputs and keep their names."""
+    from onnx import numpy_helper
+
+    for node in nodes:
+        name = node.input[0] if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" else None
+        if name is None or name == EMBEDDING or name not in inits or len(inits[name].dims) != 2 or EMBEDDING in inits:
+            continue
+        new_inits[EMBEDDING] = numpy_helper.from_array(numpy_helper.to_array(inits[name]), EMBEDDING)
+        node.input[0] = EMBEDDING
+        return
 
 
 def _drop_unused(graph: Any, new_inits: dict[str, Any]) -> None:

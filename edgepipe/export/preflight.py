@@ -222,7 +222,7 @@ def generic_matrices(pre: Preflight) -> Any:
     """The weight matrices a generic export will have, from the preflight's facts (names as
     :mod:`edgepipe.export.generic_graph` writes them). MoE experts are 3-D parameters, not MatMuls:
     the export keeps them fp32, so they are not listed (``estimate`` counts them as fp32)."""
-    from edgepipe.quantize.bitplan import Matrix, ModelMatrices
+    from edgepipe.quantize.bitplan import EMBEDDING, Matrix, ModelMatrices
 
     h, q, kv, inter = pre.hidden, pre.heads * pre.head_size, pre.kv_heads * pre.head_size, pre.intermediate
     rows = [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv), ("self_attn.o_proj", q, h)]
@@ -232,6 +232,8 @@ def generic_matrices(pre: Preflight) -> Any:
         rows += [("mlp.down_proj", inter, h)] if gated else [("mlp.fc_out", inter, h)]
     mats = [Matrix(f"model.layers.{i}.{name}.weight", k, n) for i in range(pre.layers) for name, k, n in rows]
     mats.append(Matrix("lm_head.MatMul.weight", h, pre.vocab))
+    if not pre.tied:  # the token embedding's own table (generic_graph names it as the builder does)
+        mats.append(Matrix(EMBEDDING, h, pre.vocab, lookup=True))
     return ModelMatrices(tuple(mats), pre.layers, pre.tied)
 
 

@@ -32,9 +32,10 @@ def _pyplot() -> Any | None:
 
 
 def _kind(name: str) -> str:
-    """``model.layers.3.attn.qkv_proj.MatMul.weight`` -> ``qkv_proj``; the table -> ``lm_head``."""
-    parts = name.split(".")
-    return parts[-3] if len(parts) >= 3 else name
+    """``model.layers.3.attn.qkv_proj.MatMul.weight`` -> ``qkv_proj``; the table -> ``lm_head``; an
+    untied input embedding ``model.embed_tokens.weight`` -> ``embed_tokens``."""
+    parts = name.removesuffix(".weight").removesuffix(".MatMul").split(".")
+    return parts[-1]
 
 
 def format_map(matrices: Mapping[str, str], path: Path) -> Path | None:
@@ -43,7 +44,7 @@ def format_map(matrices: Mapping[str, str], path: Path) -> Path | None:
     if plt is None or not matrices:
         return None
     labels = sorted(set(matrices.values()))
-    kinds = sorted({_kind(n) for n in matrices}, key=lambda k: (k == "lm_head", k))
+    kinds = sorted({_kind(n) for n in matrices}, key=lambda k: (k in ("lm_head", "embed_tokens"), k))
     layers = sorted({x for n in matrices if (x := layer_of(n)) is not None}) or [0]
     import numpy as np
 

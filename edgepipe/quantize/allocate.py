@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError, TargetError
-from edgepipe.quantize.bitplan import BitPlan, Matrix, PlannedMatrix, table_block
+from edgepipe.quantize.bitplan import BitPlan, Matrix, PlannedMatrix, fitted_table_config
 from edgepipe.quantize.configs import Format, WeightOnlyConfig, config_for_format
 
 __all__ = ["Allocation", "Budget", "allocate", "check_reachable", "graph_bytes", "option_bytes", "options_for", "plan_from_labels", "smallest_bytes"]
@@ -90,17 +90,18 @@ def options_for(plan: BitPlan, formats: Sequence[Format], q: Any, pinned: frozen
     out: dict[str, tuple[WeightOnlyConfig | None, ...]] = {}
     for e in plan:
         m = e.matrix
-        # the table keeps the profile's embedding_bits: its loss is the one the proxy predicts worst
-        # (alone at int4 it cost SmolLM2 KL 0.022, a third of the rest together; benchmarks/RESULTS.md)
-        fmts = [f for f in formats if not m.is_table or f.bits == e.format.bits]
+        # a tied table keeps the profile's embedding_bits: the proxy sees only its head's use, not the
+        # lookup's, and predicts its loss worst (alone at int4 it cost SmolLM2 KL 0.022, a third of the
+        # rest together; benchmarks/RESULTS.md). An untied lm_head and input embedding are each seen
+        # whole (the embedding through the gradient at its output), so they choose as any matrix does,
+        # in blocks that divide the hidden size.
+        fmts = [f for f in formats if not (plan.tied and m.is_table) or f.bits == e.format.bits]
         if m.name in pinned or not fmts:
             out[m.name] = (e.config,)
             continue
         configs: dict[str, WeightOnlyConfig | None] = {}
         for fmt in fmts:
-            cfg = config_for_format(fmt, q)
-            if cfg is not None and m.is_table:
-                cfg = cfg.with_block(table_block(m.K, cfg.block_size))
+            cfg = fitted_table_config(m, config_for_format(fmt, q))
             configs.setdefault(cfg.format.label if cfg is not None else "fp32", cfg)
         out[m.name] = tuple(sorted(configs.values(), key=lambda c: option_bytes(plan, m, c)))
     return out

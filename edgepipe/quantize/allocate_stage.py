@@ -79,7 +79,7 @@ def _pinned(plan: BitPlan) -> frozenset[str]:
     """Matrices the profile's expert rules (eight_bit_ops / eight_bit_layers) put in 8 bits."""
     s = plan.scheme
     return frozenset(
-        e.matrix.name for e in plan if s.eight_bit is not None and not e.matrix.is_table and s.names_eight_bit(e.matrix.name, e.matrix.layer, plan.num_layers)
+        e.matrix.name for e in plan if s.eight_bit is not None and not e.matrix.vocab_table and s.names_eight_bit(e.matrix.name, e.matrix.layer, plan.num_layers)
     )
 
 

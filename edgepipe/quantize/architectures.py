@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgepipe.errors import ModelError
-from edgepipe.quantize.bitplan import BitPlan, Matrix, ModelMatrices
+from edgepipe.quantize.bitplan import EMBEDDING, BitPlan, Matrix, ModelMatrices
 from edgepipe.quantize.configs import MixedPrecision, WeightOnlyConfig, as_scheme
 
 __all__ = ["ARCHITECTURES", "checkpoint_tensors", "dimensions", "matrices_from_config", "plan_from_config"]
@@ -133,7 +133,7 @@ CHECKPOINT: dict[str, tuple[CkptRow, ...]] = {
     ),
 }
 # Outside the layers: embedding, final norm, and the lm_head (absent or equal to the embedding when tied).
-CKPT_EMBEDDING = ("model.embed_tokens.weight", ("vocab", "hidden"))
+CKPT_EMBEDDING = (EMBEDDING, ("vocab", "hidden"))
 CKPT_NORM = ("model.norm.weight", ("hidden",))
 CKPT_LM_HEAD = ("lm_head.weight", ("vocab", "hidden"))
 # Buffers some older checkpoints carry that transformers recomputes and ignores on load.
@@ -202,7 +202,10 @@ def matrices_from_config(config: Mapping[str, Any]) -> ModelMatrices:
     matrices = [_matrix(LAYER_PREFIX.format(i) + row[0], row, dims) for i in range(dims["layers"]) for row in rows]
     matrices.append(_matrix(LM_HEAD[0], LM_HEAD, dims))
     tied = config.get("tie_word_embeddings")
-    return ModelMatrices(tuple(matrices), dims["layers"], arch.tied_default if tied is None else bool(tied))
+    tied = arch.tied_default if tied is None else bool(tied)
+    if not tied:  # base.py make_embedding: a Gather of its own table, listed [hidden, vocab] (Matrix.lookup)
+        matrices.append(Matrix(EMBEDDING, dims["hidden"], dims["vocab"], lookup=True))
+    return ModelMatrices(tuple(matrices), dims["layers"], tied)
 
 
 def plan_from_config(config: Mapping[str, Any], scheme: MixedPrecision | WeightOnlyConfig) -> BitPlan:

@@ -17,14 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepipe.errors import InputError
 from edgepipe.quantize.calibrate import weight_matmuls
 from edgepipe.quantize.configs import FP32, Format, MixedPrecision, WeightOnlyConfig, as_scheme
 
-__all__ = ["BitPlan", "Matrix", "ModelMatrices", "PlannedMatrix", "matrices_from_onnx", "plan_from_onnx", "table_block"]
+__all__ = [
+    "EMBEDDING", "BitPlan", "Matrix", "ModelMatrices", "PlannedMatrix", "lookup_tables", "matrices_from_onnx", "plan_from_onnx", "table_block",
+]
 
 LAYER_RE = re.compile(r"layers\.(\d+)\.")
 LM_HEAD = "lm_head"  # the table matrix: onnxruntime-genai's builder names it lm_head.MatMul.weight (builders/base.py make_lm_head)
+EMBEDDING = "model.embed_tokens.weight"  # an untied input embedding, as the builder names it (builders/base.py make_embedding)
 
 
 def layer_of(name: str) -> int | None:
@@ -34,11 +39,18 @@ def layer_of(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class Matrix:
-    """A weight MatMul of the export: its initializer's name and shape [K, N]."""
+    """A weight MatMul of the export: its initializer's name and shape [K, N].
+
+    ``lookup``: an untied input embedding instead, which the export reads row by row with a Gather
+    (stored [vocab, hidden]). It is listed transposed, K = hidden and N = vocab, as the lm_head
+    table is: then its blocks run along each row, as GatherBlockQuantized reads them, and every
+    format counts its bytes as for a matrix.
+    """
 
     name: str
     K: int
     N: int
+    lookup: bool = False
 
     @property
     def layer(self) -> int | None:
@@ -46,7 +58,18 @@ class Matrix:
 
     @property
     def is_table(self) -> bool:
-        return LM_HEAD in self.name
+        """The lm_head matrix (a tied model's input embedding too)."""
+        return LM_HEAD in self.name and not self.lookup
+
+    @property
+    def vocab_table(self) -> bool:
+        """A [hidden, vocab] table (the lm_head or an untied input embedding): it takes the profile's
+        table config (``embedding_bits``), in blocks that divide the hidden size."""
+        return self.is_table or self.lookup
+
+    def oriented(self, w: np.ndarray) -> np.ndarray:
+        """The stored initializer as this matrix's [K, N] (an input embedding's transpose)."""
+        return w.T if self.lookup else w
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,15 @@ def table_block(hidden: int, block: int) -> int:
     return next((b for b in (block, 128, 64, 32, 16) if hidden % b == 0), block)
 
 
+def fitted_table_config(m: Matrix, cfg: WeightOnlyConfig | None) -> WeightOnlyConfig | None:
+    """``cfg`` as a table stores it: blocks that divide the hidden size (:func:`table_block`). An input
+    embedding whose rows no block divides stays fp32 (None): only GatherBlockQuantized reads it."""
+    if cfg is None or not m.vocab_table:
+        return cfg
+    cfg = cfg.with_block(table_block(m.K, cfg.block_size))
+    return None if m.lookup and m.K % cfg.block_size else cfg
+
+
 @dataclass(frozen=True)
 class BitPlan:
     """Per matrix (sorted by name), the config that quantizes it; ``tied`` as in :class:`ModelMatrices`.
@@ -98,10 +130,8 @@ class BitPlan:
     def build(cls, scheme: MixedPrecision, model: ModelMatrices) -> BitPlan:
         entries = []
         for m in model.matrices:
-            cfg = scheme.config_for(m.name, m.layer, model.num_layers, m.is_table)
-            if cfg is not None and m.is_table:
-                cfg = cfg.with_block(table_block(m.K, cfg.block_size))
-            entries.append(PlannedMatrix(m, cfg))
+            cfg = scheme.config_for(m.name, m.layer, model.num_layers, m.vocab_table)
+            entries.append(PlannedMatrix(m, fitted_table_config(m, cfg)))
         return cls(tuple(entries), model.num_layers, model.tied, scheme)
 
     def __iter__(self) -> Iterator[PlannedMatrix]:
@@ -145,6 +175,11 @@ class BitPlan:
         """The lm_head matrix (a tied model's embedding table too)."""
         return next((e for e in self.entries if e.matrix.is_table), None)
 
+    @property
+    def embedding(self) -> PlannedMatrix | None:
+        """An untied model's input embedding (its own table, read by a Gather)."""
+        return next((e for e in self.entries if e.matrix.lookup), None)
+
     def shared_table(self) -> PlannedMatrix | None:
         """The quantized table GatherBlockQuantized reads for a tied model, if it can (whole blocks per row)."""
         table = self.table
@@ -170,8 +205,9 @@ class BitPlan:
         return frozenset(e.matrix.name for e in self.entries if e.config is not None and e.config.needs_hessian)
 
     def counts(self) -> dict[str, int]:
-        """Matrices per bit width, as the manifest's ``matmuls``."""
-        bits = Counter(e.format.bits for e in self.entries)
+        """Matrices per bit width, as the manifest's ``matmuls`` (an input embedding is no MatMul: its
+        format is the manifest's ``embedding``)."""
+        bits = Counter(e.format.bits for e in self.entries if not e.matrix.lookup)
         return {"int4": bits[4], "int8": bits[8], "fp32": bits[32]}
 
     def summary(self) -> dict[str, Any]:
@@ -203,6 +239,19 @@ def gathered_tables(model: Any) -> dict[str, Any]:
     return out
 
 
+def lookup_tables(model: Any) -> dict[str, Any]:
+    """Weight name -> the Gather that looks the token ids up in it directly: an untied input
+    embedding, a 2-D initializer [vocab, hidden] indexed by the ``input_ids`` input (not a position
+    table, which other indices read)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    return {
+        node.input[0]: node for node in graph.node
+        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2 and node.input[1] == "input_ids"
+        and not any(a.name == "axis" and a.i != 0 for a in node.attribute)
+    }
+
+
 def num_layers(model: Any) -> int:
     """Transformer layers = those with weight matrices: onnxruntime-genai's builder names the final
     norm "layers.<N>", which would make "last" one past the real last layer."""
@@ -217,7 +266,8 @@ def matrices_from_onnx(model: Any) -> ModelMatrices:
     matrices = tuple(Matrix(n, int(inits[n].dims[0]), int(inits[n].dims[1])) for n in names)
     tables = gathered_tables(model)
     tied = any(m.is_table and m.name in tables for m in matrices)
-    return ModelMatrices(matrices, num_layers(model), tied)
+    lookups = tuple(Matrix(n, int(inits[n].dims[1]), int(inits[n].dims[0]), lookup=True) for n in lookup_tables(model))
+    return ModelMatrices(matrices + lookups, num_layers(model), tied)
 
 
 def plan_from_onnx(model: Any, scheme: MixedPrecision | WeightOnlyConfig) -> BitPlan:

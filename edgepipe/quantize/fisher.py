@@ -18,6 +18,13 @@ ONNX matrix is matched to the checkpoint's ``nn.Linear`` (and GPT-2 ``Conv1D``) 
 (qkv, gate_up) and the tied table need no per-architecture name table. A matrix that matches
 nothing has no Fisher statistics, and the caller falls back to the relative output error for the
 whole model (mixing the two scales would rank nonsense).
+
+An untied input embedding E [vocab, hidden] is a matrix too: a token's one-hot row times E, so its
+Fisher diagonal is E[onehot_v g_h^2] with g the gradient at the embedding's output, i.e. the
+squared gradient of the rows the calibration tokens read (a token never read weighs nothing: one
+lookup reads one row, so how often a row is read is what its error costs). It is kept under the
+``nn.Embedding``'s name in the orientation of its export matrix, [hidden, vocab] (a over the hidden
+size, b the token frequencies), and indexed by its rows like a linear's output columns.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ def fisher_statistics(
     model.requires_grad_(False)
     weights = _linear_weights(model)
     linears = {n: m for n, m in model.named_modules() if n in weights}
+    lookup = _untied_embedding(model, weights)
+    if lookup is not None:
+        weights[lookup[0]] = lookup[1].weight.detach()  # [vocab, hidden]: rows as a linear's output columns
     exact = num_parameters <= EXACT_MAX_PARAMETERS
     acc: dict[str, list[Any]] = {
         n: [torch.zeros(w.shape[1], dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64),
@@ -86,6 +96,8 @@ def fisher_statistics(
             logp = torch.log_softmax(logits, dim=-1)
             labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)  # y ~ p: the true Fisher
             logp.gather(1, labels).sum().backward()
+            if lookup is not None:
+                _embedding_grads(acc[lookup[0]], ids[0], emb.grad[0])
             tokens += ids.shape[1]
             if progress:
                 progress(f"sensitivity: gradients of window {i + 1}")
@@ -109,6 +121,26 @@ def _linear_weights(model: Any) -> dict[str, Any]:
         elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
             out[name] = mod.weight.detach().T
     return out
+
+
+def _untied_embedding(model: Any, linears: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(name, module) of the input embedding when no linear shares its weight (an untied model)."""
+    emb = model.get_input_embeddings()
+    if emb is None or any(w.data_ptr() == emb.weight.data_ptr() for w in linears.values()):
+        return None
+    return next(n for n, m in model.named_modules() if m is emb), emb
+
+
+def _embedding_grads(slot: list[Any], ids: Any, grad: Any) -> None:
+    """One window's Fisher of the input embedding from the gradient at its output ``grad`` [T, hidden]:
+    a += g^2 per hidden channel, b += how often each row was read, F[h, v] += g^2 of the tokens v."""
+    import torch
+
+    g2 = grad.detach().double().square()
+    slot[0] += g2.sum(0)
+    slot[1] += torch.bincount(ids, minlength=slot[1].shape[0]).double()
+    if slot[2] is not None:
+        slot[2].index_add_(1, ids, g2.T.float())
 
 
 def _pieces(windows: Iterable[np.ndarray], *, big: bool) -> Iterator[np.ndarray]:

@@ -2,7 +2,8 @@
 
 Every MatMul with a constant weight becomes ``MatMulNBits``, and a tied embedding / lm_head table
 becomes one quantized tensor shared by ``GatherBlockQuantized`` (the lookup) and ``MatMulNBits``
-(the head), so the largest matrix of a small LLM is not left in fp32. Weights are read one
+(the head), so the largest matrix of a small LLM is not left in fp32. An untied input embedding
+gets a quantized table of its own, read by ``GatherBlockQuantized`` the same way. Weights are read one
 initializer at a time from the fp32 export's external data and written to the artifact's as soon
 as they are quantized.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.quantize.bitplan import BitPlan, gathered_tables, matrices_from_onnx
+from edgepipe.quantize.bitplan import BitPlan, gathered_tables, lookup_tables, matrices_from_onnx
 from edgepipe.quantize.blockwise import QuantizedBlocks
 from edgepipe.quantize.configs import MixedPrecision, WeightOnlyConfig, as_scheme
 from edgepipe.quantize.handlers import WeightStats, quantize_weight
@@ -122,7 +123,7 @@ def quantize(
     rewrite = _Rewrite(model, src_dir, plan, _StreamedData(dst_dir / DATA_FILE))
     try:
         rewrite.matmuls(importance, progress, weight_cache)
-        embedding = rewrite.share_table()
+        embedding = rewrite.own_tables(importance, weight_cache) or rewrite.share_table()
         rewrite.save(dst_dir)
     finally:
         rewrite.data.close()
@@ -202,6 +203,22 @@ class _Rewrite:
             "MatMulNBits", inputs, list(node.output), name=(node.name or base) + "_Q", domain=MS_DOMAIN,
             K=qb.K, N=qb.N, bits=qb.bits, block_size=qb.block_size, accuracy_level=cfg.accuracy_level,
         )
+
+    def own_tables(self, importance: Mapping[str, np.ndarray], cache: WeightCache | None = None) -> str | None:
+        """Untied input embedding: Gather(E) ==> GatherBlockQuantized of E's own quantized table, E
+        quantized as its plan entry's [hidden, vocab] (blocks along each row). None if there is none
+        or the plan leaves it fp32."""
+        label = None
+        for wname, gather in lookup_tables(self.model).items():
+            entry = self.plan[wname] if wname in self.plan else None
+            if entry is None or entry.config is None:
+                continue
+            w = entry.matrix.oriented(self.load(wname))
+            self._write(wname, quantize_weight(entry.config, np.ascontiguousarray(w), WeightStats(importance, wname), cache=cache))
+            self._gather_block_quantized(wname, self.quantized[wname], gather)
+            self.drop.add(wname)
+            label = f"{entry.format.label} (own table; lm_head separate)"
+        return label
 
     def share_table(self) -> str:
         """Tied embedding: Transpose(W) -> Gather  ==>  Reshape(W's quantized data) -> GatherBlockQuantized."""

@@ -102,12 +102,15 @@ def measure_sensitivity(
     import onnx
     from onnx import numpy_helper
 
+    from edgepipe.quantize.bitplan import matrices_from_onnx
+
     model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
+    matrices = {m.name: m for m in matrices_from_onnx(model).matrices}
     losses: dict[str, dict[str, float]] = {}
     todo = [n for n, cfgs in options.items() if len(cfgs) > 1]
     for i, name in enumerate(todo):
-        w = numpy_helper.to_array(inits[name], base_dir=str(model_dir))
+        w = matrices[name].oriented(numpy_helper.to_array(inits[name], base_dir=str(model_dir)))
         if fisher is None:
             losses[name] = matrix_losses(w, (importance or {}).get(name), options[name])
         else:
