@@ -72,7 +72,7 @@ class CpuBackend:
         tok = fp32.model_dir / "tokenizer.json"
         calib_windows = token_windows(tok, calib, calib_window_count(info.num_parameters), "calibration")
         eval_windows = token_windows(tok, evalt, EVAL_WINDOWS, "eval")
-        calib_key = key_of({"t": calib.text})
+        calib_key = key_of({"t": calib.text, "windows": len(calib_windows)})  # the count depends on the model
         alloc = run_allocation(fp32, tgt.quantization, info, calib_windows, calib_key, ctx)
         if alloc is not None:  # sensitivity + allocation: what a size budget adds to the build
             timings["allocate_s"] = round(time.time() - t0, 2)
