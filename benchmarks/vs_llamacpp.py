@@ -211,6 +211,9 @@ def llama_quality(
                 log=log,
             )
         out = log.read_text()
+        if "Mean    KLD" not in out:
+            res[q] = running_means(out)
+            continue
         ratio = _grab(r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*" + _NUM, out)
         res[q] = {
             "perplexity": _grab(r"Mean PPL\(Q\)\s*:\s*" + _NUM, out),
@@ -223,6 +226,26 @@ def llama_quality(
             ),
         }
     return res
+
+
+_CHUNK_ROW = re.compile(
+    r"^\s*(\d+)\s+" + _NUM + r"\s+±\s+\S+\s+" + _NUM + r"\s+±\s+\S+\s+" + _NUM + r"\s+±\s+\S+\s+\S+\s+±\s+\S+\s+%\s+" + _NUM + r"\s+±",
+    re.MULTILINE,
+)
+
+
+def running_means(out: str) -> dict[str, Any]:
+    """The last chunk's running means of a ``--kl-divergence`` log that ends without llama-perplexity's
+    summary (seen with Q4_0 of the trained Austen model: the tool exits 0 after the last-but-one
+    chunk): mean KL, same top-1 and the PPL change, marked with how many chunks they cover."""
+    rows = _CHUNK_ROW.findall(out)
+    if not rows:
+        return {"perplexity": None, "ppl_increase_pct": None, "kl_divergence": None, "top1_agreement": None}
+    chunk, ppl, ln_ratio, kl, same = rows[-1]
+    return {
+        "perplexity": float(ppl), "ppl_increase_pct": float(100.0 * np.expm1(float(ln_ratio))), "kl_divergence": float(kl),
+        "top1_agreement": float(same) / 100.0, "chunks": int(chunk), "from_running_means": True,
+    }
 
 
 def read_kld_base(path: Path) -> tuple[int, np.ndarray, np.ndarray]:

@@ -228,3 +228,18 @@ def test_tables_name_the_cpu_and_its_flags():
     lines = vs_llamacpp.machine_lines({"machine": facts, "llamacpp": {"llama_cpp": "b1", "isa": ["AVX", "AVX2"]}})
     assert lines[0].startswith(f"CPU: {facts['cpu_model']}") and " ".join(facts["cpu_flags"]) in lines[0]
     assert lines[1] == "llama.cpp b1 built with: AVX AVX2"
+
+
+def test_running_means_of_a_log_without_its_summary():
+    """llama-perplexity --kl-divergence sometimes exits 0 without its summary: the last chunk's running
+    means stand in, marked as such (an unparsable log gives None, never a number)."""
+    log = """kl_divergence: computing over 45 chunks, n_ctx=512, batch_size=512, n_seq=1
+chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p
+   1     254.8171 ±   34.8921       0.00191 ±    0.00132       0.00048 ±    0.00004     0.287 ±  0.033 %    97.647 ±  0.951 %
+  44     314.6260 ±    9.0838       0.00138 ±    0.00033       0.00049 ±    0.00001     0.292 ±  0.018 %    97.701 ±  0.142 %
+"""
+    got = vs_llamacpp.running_means(log)
+    assert got["chunks"] == 44 and got["from_running_means"] is True
+    assert got["kl_divergence"] == 0.00049 and got["perplexity"] == 314.626
+    assert abs(got["top1_agreement"] - 0.97701) < 1e-9 and abs(got["ppl_increase_pct"] - 0.138095) < 1e-4
+    assert vs_llamacpp.running_means("no rows here")["kl_divergence"] is None
