@@ -20,7 +20,7 @@ CALIB_WINDOWS = 8  # windows of EVAL_WINDOW tokens a large model calibrates on
 # A small model calibrates on three times as many: SmolLM2-135M at Q4_0's size, 24 windows of
 # Emma instead of 8 lower its KL from 0.0667 to 0.0629 (GPTQ's Hessians and the Fisher pass both
 # see more text; benchmarks/RESULTS.md). Both passes cost parameters x tokens, so a 2.5B model
-# keeps 8 (its Fisher pass and calibration are already most of the allocation's 333 s).
+# keeps 8 (Granite-2B's Fisher pass took 100 s on 8 windows, GPTQ's calibration more).
 SMALL_MODEL_CALIB_WINDOWS = 24
 SMALL_MODEL_PARAMETERS = 600_000_000
 MIN_EVAL_TOKENS = 64
