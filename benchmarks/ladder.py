@@ -94,7 +94,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib", type=Path, help="calibration text for the edgepipe builds")
     p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
     args = p.parse_args(argv)
-    args.random_llama = False
+    args.random = None
     return args
 
 

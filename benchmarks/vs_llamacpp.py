@@ -1,6 +1,6 @@
 """edgepipe vs llama.cpp on the same weights, on this machine, in one run.
 
-    python benchmarks/vs_llamacpp.py [--model HF_FOLDER|austen | --random-llama] [--threads 2[,1]] [--eval FILE]
+    python benchmarks/vs_llamacpp.py [--model HF_FOLDER|austen | --random SHAPE | --random-llama] [--threads 2[,1]] [--eval FILE]
                                      [--calib FILE] [--match-sizes [--sized-only]]
                                      [--reps 3] [--no-speed] [--no-quality] [--no-edgepipe] [--no-passive] [--speed-f32]
                                      [--speed-quants Q8_0,Q4_0,Q4_K_M] [--no-int8] [--int4-target NAME|rtn]
@@ -32,7 +32,9 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
      against llama.cpp's f32 reference).
    * edgepipe's own figures from the artifact manifest (``metrics.accuracy``: first 8 windows of
      512 tokens, every position scored, vs the fp32 export) are reported alongside.
-5. Speed, interleaved A B A B for ``--reps`` rounds with the same thread count: llama-bench
+5. Speed, interleaved A B A B for ``--reps`` rounds with the same thread count (each edgepipe artifact
+   right after its llama.cpp quant: ``int8`` after Q8_0, ``int4`` and ``int4@Q4_0`` after Q4_0,
+   ``int4@Q4_K_M`` after Q4_K_M, so that equal-size pairs are timed side by side): llama-bench
    ``-p 128,512 -n 128 -r 1`` per round, and for edgepipe a fresh process that times a 128- and a
    512-token prefill from an empty cache and 128 single-token decode steps (warm-up first, like
    llama-bench) on the path ``generate()`` takes: the KV stepper (preallocated cache, IO binding)
@@ -54,7 +56,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -68,9 +69,11 @@ import numpy as np
 
 if __package__:  # imported as benchmarks.vs_llamacpp (the tests)
     from .llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    from .random_models import SHAPES, random_model_dir
     from .train_austen import austen_model
 else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.path[0]
     from llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    from random_models import SHAPES, random_model_dir
     from train_austen import austen_model
 
 QUANTS = ("Q8_0", "Q5_K_M", "Q4_0", "Q4_K_M")
@@ -82,6 +85,8 @@ BUDGET_FORMATS = tuple(f"int4/b{b}/{s}" for b in (32, 64, 128) for s in ("sym", 
 EDGEPIPE_TARGETS = {"x86-avx512": "int8", "raspberrypi5": "int4"}
 # which llama.cpp quant each edgepipe artifact is compared with
 PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4@Q4_0", "Q4_0"), ("int4@Q4_K_M", "Q4_K_M"))
+# the edgepipe artifacts timed right after each llama.cpp quant in the interleaved loop (each label once)
+TIMED_NEXT_TO = {"Q8_0": ("int8",), "Q4_0": ("int4", "int4@Q4_0"), "Q4_K_M": ("int4@Q4_K_M",)}
 CTX = 512
 PP = (128, 512)
 TG = 128
@@ -270,61 +275,6 @@ def read_kld_base(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
     return n_ctx, tokens.astype(np.int64), lp
 
 
-# ------------------------------------------------------------------------- random-init Llama
-
-# issue 6's comparison model: hidden 2048, 10 layers, 16/4 heads, intermediate 8192. Its vocab there
-# is 32000, but the only tokenizer we have offline (the default model's) emits ids up to 49151 and
-# llama.cpp's converter rejects a tokenizer larger than the embedding, so the vocab is 49152 here;
-# the embedding is tied (as SmolLM2's), which keeps the count near 739M (709M).
-RANDOM_LLAMA = {
-    "hidden_size": 2048,
-    "num_hidden_layers": 10,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "intermediate_size": 8192,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 4096,
-    "rope_theta": 10000.0,
-}
-RANDOM_SEED = 0
-
-
-def random_llama_dir(progress: Progress) -> Path:
-    """A seeded random-init Llama of the shape above (bf16 safetensors, cached), with the default
-    model's tokenizer files. Random weights make perplexity meaningless, but KL / top-1 agreement
-    against each engine's own full-precision export still compare the quantizers."""
-    from edgepipe.models import cache_root, default_model_dir
-
-    tok_src = default_model_dir(progress)
-    out = cache_root() / "models" / f"random-llama-2048x10-seed{RANDOM_SEED}"
-    if (out / ".complete").is_file():
-        return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    progress(f"creating the random-init Llama in {out}")
-    src_cfg = json.loads((tok_src / "config.json").read_text())
-    cfg = LlamaConfig(
-        vocab_size=src_cfg["vocab_size"],
-        bos_token_id=src_cfg.get("bos_token_id"),
-        eos_token_id=src_cfg.get("eos_token_id"),
-        pad_token_id=src_cfg.get("pad_token_id"),
-        **RANDOM_LLAMA,
-    )
-    torch.manual_seed(RANDOM_SEED)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for f in tok_src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, tmp / f.name)
-    (tmp / ".complete").write_text("")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
 # ------------------------------------------------------------------------------------- edgepipe
 
 
@@ -336,15 +286,24 @@ def CausalLM_has_slice(art: Path) -> bool:
     return any(i.name == "logits_start" for i in m.graph.input)
 
 
-def rtn_profile(work: Path) -> Path:
-    """``x86-avx2`` (int4, block 32, asymmetric, 8-bit embedding) with plain round-to-nearest instead
-    of imatrix: on a random-init model calibration statistics mean nothing, and skipping them saves
-    most of the quantize stage on a large model. Speed does not depend on the rounding."""
+def rtn_profile(work: Path, target: str = "x86-avx2") -> Path:
+    """``target`` (a shipped profile's name; ``x86-avx2``: int4 block 32 asymmetric, 8-bit embedding) with
+    plain round-to-nearest instead of imatrix / GPTQ and without its size budget, so every matrix gets the
+    profile's own ``bits`` / ``block_size`` (``raspberrypi5``: int4 b32 asym, the tied table int4 too). On a
+    random-init model calibration statistics and sensitivities mean nothing, and skipping them saves most
+    of the build on a large model. Speed does not depend on the rounding."""
+    import yaml
+
     from edgepipe.targets import targets_dir
 
-    text = (targets_dir() / "x86-avx2.yaml").read_text()
-    text = text.replace("name: x86-avx2", "name: x86-avx2-rtn").replace("algorithm: imatrix", "algorithm: rtn")
-    out = work / "x86-avx2-rtn.yaml"
+    doc = yaml.safe_load((targets_dir() / f"{target}.yaml").read_text())
+    doc["name"] = f"{target}-rtn"
+    q = doc["quantization"]
+    for key in ("bits_per_weight", "max_mb", "formats", "sensitivity", "eight_bit_ops", "eight_bit_layers"):
+        q.pop(key, None)
+    q["algorithm"] = "rtn"
+    text = yaml.safe_dump(doc, sort_keys=False)
+    out = work / f"{target}-rtn.yaml"
     if not out.is_file() or out.read_text() != text:
         out.write_text(text)
     return out
@@ -402,7 +361,7 @@ def edgepipe_artifacts(
     rebuild: bool = False,
     targets: dict[str, str] | None = None,
     reuse_any: bool = False,
-    allow_random_weights: bool = False,  # the random-init Llama: untrained on purpose
+    allow_random_weights: bool = False,  # a random-init model (--random): untrained on purpose
     texts: dict[str, Path] | None = None,  # calib / eval_file for edgepipe.build (default: packaged)
 ) -> dict[str, Path]:
     import edgepipe
@@ -942,9 +901,17 @@ def _parser() -> argparse.ArgumentParser:
         help=f"also build the int4 target with --max-mb at each of {', '.join(SIZE_MATCHED)}'s file sizes",
     )
     p.add_argument(
+        "--random",
+        choices=sorted(SHAPES),
+        help="instead of --model: a random-init model of this shape (benchmarks/random_models.py, created and cached; "
+        "builds pass --allow-untrained), e.g. qwen2.5-0.5b: Qwen2.5-0.5B's config",
+    )
+    p.add_argument(
         "--random-llama",
-        action="store_true",
-        help="instead of --model: issue 6's random-init Llama (hidden 2048, 10 layers, 709M params, created and cached)",
+        action="store_const",
+        dest="random",
+        const="llama-709m",
+        help="the same as --random llama-709m: issue 6's random-init Llama (hidden 2048, 10 layers, 709M params)",
     )
     p.add_argument(
         "--speed-quants",
@@ -956,14 +923,16 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="LABEL=DIR",
-        help="time this prebuilt edgepipe folder as int4 or int8 instead of building one (repeatable)",
+        help="time this prebuilt edgepipe folder as LABEL (int8, int4, int4@Q4_0 or int4@Q4_K_M: the last two are "
+        "timed next to the quant whose size they match) instead of building one (repeatable)",
     )
     p.add_argument("--no-int8", action="store_true", help="build and compare the int4 artifact only")
     p.add_argument("--sized-only", action="store_true", help="with --match-sizes: build only the size-matched artifacts")
     p.add_argument(
         "--int4-target",
-        help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random-llama "
-        "'rtn': x86-avx2 with round-to-nearest, see rtn_profile)",
+        help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random "
+        "'rtn': x86-avx2 with round-to-nearest; 'rtn:NAME': profile NAME with round-to-nearest and no size "
+        "budget, see rtn_profile)",
     )
     p.add_argument(
         "--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)"
@@ -1005,18 +974,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.speed_quants = [q.strip() for q in args.speed_quants.split(",") if q.strip()]
     if set(args.speed_quants) - set(QUANTS):
         p.error(f"--speed-quants takes some of {','.join(QUANTS)}")
-    if args.random_llama and args.model:
-        p.error("--random-llama and --model exclude each other")
+    if args.random and args.model:
+        p.error("--random / --random-llama and --model exclude each other")
     args.threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    labels = {e for e, _ in PAIRS}
+    for a in args.artifact:
+        if "=" not in a or a.split("=", 1)[0] not in labels:
+            p.error(f"--artifact takes LABEL=DIR with LABEL one of {', '.join(sorted(labels))}: {a!r}")
     return args
 
 
 def _edgepipe_targets(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """Profile (name or .yaml path) -> label of each edgepipe artifact to build."""
-    int4_target = args.int4_target or ("rtn" if args.random_llama else "raspberrypi5")
+    int4_target = args.int4_target or ("rtn" if args.random else "raspberrypi5")
     ep_targets = {} if args.no_int8 else {"x86-avx512": "int8"}
-    if int4_target == "rtn":
-        int4_target = str(rtn_profile(work))
+    if int4_target == "rtn" or int4_target.startswith("rtn:"):
+        int4_target = str(rtn_profile(work, int4_target[4:] or "x86-avx2"))
     ep_targets[int4_target] = "int4"
     return ep_targets
 
@@ -1061,7 +1034,7 @@ def _artifacts(
         arts.update(
             edgepipe_artifacts(
                 model_dir, work, say, rebuild=args.rebuild, targets=ep_targets, reuse_any=args.reuse,
-                allow_random_weights=args.random_llama, texts=texts,
+                allow_random_weights=bool(args.random), texts=texts,
             )
         )
     if args.match_sizes:
@@ -1081,7 +1054,7 @@ def _model_and_texts(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Pa
         model_dir = austen_model(progress=say)
         eval_file, calib = args.eval_file or model_dir / "heldout.txt", args.calib or model_dir / "calib.txt"
     else:
-        model_dir = random_llama_dir(say) if args.random_llama else Path(args.model) if args.model else default_model_dir(say)
+        model_dir = random_model_dir(args.random, say) if args.random else Path(args.model) if args.model else default_model_dir(say)
         eval_file, calib = args.eval_file or packaged_eval, args.calib
     texts = {"calib": calib.resolve()} if calib else {}
     if args.eval_file or args.model == "austen":
@@ -1160,14 +1133,14 @@ Timed = Callable[[], dict[str, float]]
 def _speed_order(
     args: argparse.Namespace, lc: Paths, ggufs: dict[str, Path], arts: dict[str, Path], T: int
 ) -> list[tuple[str, Timed]]:
-    """A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterpart."""
+    """A B A B: each llama.cpp quant (spin-wait and passive OpenMP) next to its edgepipe counterparts
+    (:data:`TIMED_NEXT_TO`: the size-matched artifacts next to the quant whose size they match)."""
     order: list[tuple[str, Timed]] = []
     variants = T > 1 and not args.no_passive
-    pairs = [("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
-    pairs = [(e, lq) for e, lq in pairs if lq in args.speed_quants] + ([(None, "f32")] if args.speed_f32 else [])
-    for e, lq in pairs:
+    quants = [q for q in TIMED_NEXT_TO if q in args.speed_quants] + (["f32"] if args.speed_f32 else [])
+    for lq in quants:
         order.append((lq, lambda g=ggufs[lq], T=T: llama_speed(lc, g, T)))
-        if e and e in arts:
+        for e in (e for e in TIMED_NEXT_TO.get(lq, ()) if e in arts):
             order.append((e, lambda a=arts[e], T=T: edgepipe_speed(a, T)))
             if variants:
                 order.append((f"{e} {NOSPIN}", lambda a=arts[e], T=T: edgepipe_speed(a, T, spinning=False)))

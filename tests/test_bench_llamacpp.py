@@ -243,3 +243,56 @@ chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence 
     assert got["kl_divergence"] == 0.00049 and got["perplexity"] == 314.626
     assert abs(got["top1_agreement"] - 0.97701) < 1e-9 and abs(got["ppl_increase_pct"] - 0.138095) < 1e-4
     assert vs_llamacpp.running_means("no rows here")["kl_divergence"] is None
+
+
+def test_size_matched_artifacts_are_timed_next_to_their_quant(tmp_path):
+    """An ``--artifact int4@Q4_0=DIR`` is timed in the interleaved loop right after Q4_0 (each label once),
+    so equal-size pairs get speed ratios; an unknown label is a usage error, not a silently untimed folder."""
+    argv = ["--artifact", f"int4@Q4_0={tmp_path}", "--artifact", f"int4={tmp_path}", "--artifact", f"int8={tmp_path}"]
+    args = vs_llamacpp._parse_args(argv)
+    arts = {a.split("=")[0]: tmp_path for a in args.artifact}
+    ggufs = {q: tmp_path / f"{q}.gguf" for q in vs_llamacpp.QUANTS}
+    names = [n for n, _ in vs_llamacpp._speed_order(args, None, ggufs, arts, 2)]
+    assert names == [
+        "Q8_0", "int8", "int8 (no spinning)", "Q8_0 (OMP passive)",
+        "Q4_0", "int4", "int4 (no spinning)", "int4@Q4_0", "int4@Q4_0 (no spinning)", "Q4_0 (OMP passive)",
+        "Q4_K_M", "Q4_K_M (OMP passive)",
+    ]
+    one = vs_llamacpp._parse_args([*argv, "--speed-quants", "Q4_0", "--no-passive"])
+    assert [n for n, _ in vs_llamacpp._speed_order(one, None, ggufs, arts, 2)] == ["Q4_0", "int4", "int4@Q4_0"]
+    with pytest.raises(SystemExit):
+        vs_llamacpp._parse_args(["--artifact", f"int4@Q5={tmp_path}"])
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "raspberrypi5"])
+def test_rtn_profile_is_the_target_without_calibration_or_size_budget(tmp_path, target):
+    """``--int4-target rtn:NAME``: the shipped profile with round-to-nearest and one format for every matrix
+    (its own bits / block size; the Pi's table stays int4), loadable as a target."""
+    import edgepipe
+
+    shipped = edgepipe.load_target(target).to_dict()
+    got = edgepipe.load_target(str(vs_llamacpp.rtn_profile(tmp_path, target))).to_dict()
+    q, q0 = got["quantization"], shipped["quantization"]
+    assert got["name"] == f"{target}-rtn" and q["algorithm"] == "rtn"
+    assert q["bits_per_weight"] is None and q["max_mb"] is None and not q["formats"] and not q["eight_bit_ops"]
+    for key in ("bits", "block_size", "symmetric", "embedding_bits", "accuracy_level"):
+        assert q[key] == q0[key], key
+    assert got["budgets"] == shipped["budgets"] and got["cpu"] == shipped["cpu"]
+
+
+def test_random_shapes_have_their_sources_parameter_counts():
+    """The random models' shapes give their sources' published counts: Qwen2.5-0.5B 494M (0.36B outside
+    the tied table), Llama-3.2-1B 1.24B; issue 6's Llama 709M. Built on the meta device: no memory, no time."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from benchmarks.random_models import SHAPES
+
+    expect = {"qwen2.5-0.5b": (494_032_768, 151936), "llama3.2-1b": (1_235_814_400, 128256), "llama-709m": (708_880_384, 49152)}
+    assert set(expect) == set(SHAPES)
+    for name, (cls, shape, source) in SHAPES.items():
+        cfg = getattr(transformers, cls)(**{**shape, "vocab_size": shape["vocab_size"] or 49152})
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        assert (n, cfg.vocab_size) == expect[name], (name, n)
+        assert source
