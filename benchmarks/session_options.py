@@ -11,7 +11,8 @@ ships), measured in the same run.
 
 Variants (``--list`` prints them): the session's CPU memory arena and memory pattern, prepacking
 (``session.disable_prepacking``), initializers on the device allocator instead of the arena,
-intra-op spinning, the thread pool's dynamic block size, the thread count, and prefill chunks (``CausalLM(prefill_chunk=N)``).
+intra-op spinning, the thread pool's dynamic block size, the thread count, prefill chunks (``CausalLM(prefill_chunk=N)``),
+and environment variables onnxruntime reads (``gqa-flash-off``: GroupQueryAttention without its flash kernel).
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "chunk-64": {"chunk": 64},
     "chunk-128": {"chunk": 128},
     "chunk-256": {"chunk": 256},
+    # GroupQueryAttention's fp32 path: onnxruntime 1.31 runs a tiled online-softmax (flash) kernel for every
+    # call with more than one key; this environment variable (read when the session is made) brings back the
+    # older one (QK^T GEMM, softmax, then a second GEMM with V, the probabilities held whole)
+    "gqa-flash-off": {"env": {"ORT_GQA_DISABLE_FLASH_ATTENTION": "1"}},
 }
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
+art, threads, v = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+os.environ.update(v.get("env", {}))   # before onnxruntime is loaded
 import numpy as np
 import edgepipe.runtime.model as M
 from edgepipe.runtime.facts import peak_rss_mb
-art, threads, v = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 shipped = M.session_options
 def variant(threads=0, *, spinning=True):
     so = shipped(threads, spinning=spinning)
@@ -99,6 +105,8 @@ def resolve(name: str) -> dict[str, Any]:
     for part in name.split("+"):
         v = VARIANTS[part]
         merged = {**merged, **v, "config": {**merged.get("config", {}), **v.get("config", {})}}
+        if "env" in v or "env" in merged:
+            merged["env"] = {**merged.get("env", {}), **v.get("env", {})}
     return merged
 
 

@@ -57,5 +57,7 @@ def test_session_option_variants_merge_and_unknown_names_are_refused(capsys):
     assert merged["chunk"] == 128 and merged["mem_pattern"] is False
     assert merged["config"] == {"session.disable_prepacking": "1"} and merged["tg"] == session_options.SLOW_TG
     assert session_options.resolve("default") == {"config": {}}
+    both = session_options.resolve("gqa-flash-off+chunk-256")
+    assert both["env"] == {"ORT_GQA_DISABLE_FLASH_ATTENTION": "1"} and both["chunk"] == 256
     assert session_options.main(["--artifact", "x", "--variants", "default,nope"]) == 2
     assert "nope" in capsys.readouterr().err
