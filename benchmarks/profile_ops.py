@@ -116,6 +116,11 @@ def _lm(art: Path, threads: int, profile_prefix: str | None = None) -> Any:
     return lm
 
 
+def runs_per_prefill(tokens: int, chunk: int) -> int:
+    """Session runs of one prefill of ``tokens``: the runtime feeds ``chunk`` tokens per run (0: all at once)."""
+    return 1 if chunk <= 0 else -(-tokens // chunk)
+
+
 def ort_profile(art: Path, kind: str, args: argparse.Namespace, tmp: Path) -> list[str]:
     """Part (a) for one artifact and workload: markdown lines."""
     plain = _lm(art, args.threads)
@@ -126,14 +131,17 @@ def ort_profile(art: Path, kind: str, args: argparse.Namespace, tmp: Path) -> li
     lm = _lm(art, args.threads, str(tmp / f"ort-{art.name}-{kind}"))
     walls = run(lm)
     path = lm.session.end_profiling()
-    first = 1 + WARMUP if kind == "decode" else 1
+    # a prefill is one session run per chunk of the runtime's prefill_chunk tokens: skip the warm-up
+    # prefill's runs and give every figure per prefill (per decode step: one run each)
+    per_unit = 1 if kind == "decode" else runs_per_prefill(args.prefill, lm.prefill_chunk)
+    first = 1 + WARMUP if kind == "decode" else per_unit
     b = ort_breakdown(load_ort_profile(path), first_run=first)
-    n = b.runs
+    n = max(b.runs // per_unit, 1)
     wall_us = 1e6 * sum(walls)
     host = wall_us - b.run_us
     per = "step" if kind == "decode" else f"{args.prefill}-token prefill"
     lines = [
-        f"**{art.name}, {kind}** ({n} runs; wall per {per}: profiled {wall_us / n:.0f} µs, unprofiled "
+        f"**{art.name}, {kind}** ({n} × {per}, {b.runs} session runs; wall per {per}: profiled {wall_us / n:.0f} µs, unprofiled "
         f"{1e6 * sum(plain_walls) / len(plain_walls):.0f} µs in the same process)",
         "",
         f"| of the profiled wall | µs per {per} | share |",

@@ -161,6 +161,18 @@ def test_tok_s_of_a_recorded_run():
     assert tok_s("nothing") == "?"
 
 
+
+def test_a_prefill_is_one_session_run_per_chunk():
+    """The profile's prefill figures are per prefill: the runtime feeds a prompt in runs of
+    ``DEFAULT_PREFILL_CHUNK`` tokens, so a 512-token prefill is 4 session runs (the warm-up's too)."""
+    from benchmarks.profile_ops import runs_per_prefill
+    from edgepipe.runtime.model import DEFAULT_PREFILL_CHUNK
+
+    assert runs_per_prefill(512, 128) == 4 and runs_per_prefill(500, 128) == 4 and runs_per_prefill(129, 128) == 2
+    assert runs_per_prefill(512, 0) == 1 and runs_per_prefill(512, 512) == 1
+    assert runs_per_prefill(512, DEFAULT_PREFILL_CHUNK) == -(-512 // DEFAULT_PREFILL_CHUNK)
+
+
 IN_ASM = """\
 ----------------
 IN: 
