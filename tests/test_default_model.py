@@ -62,16 +62,16 @@ def test_default_model_build(default_build):
     assert q["allocation"]["budget"]["bits_per_weight"] == 6.12 and q["allocation"]["proxy"] == "fisher", q["allocation"]
     # issue 12: at no larger size than llama.cpp Q4_K_M (105.45 MB), KL no worse than the hand-fitted
     # 57-matrix list's 0.0439 (and below Q4_K_M's 0.0461), with the allocation computed at build time
-    # (0.0399 measured with 24 calibration windows)
+    # (0.0392 measured with 24 calibration windows and the Pi profile's six formats)
     assert met["artifact_bytes"] <= 105_454_048 and acc["kl_divergence"] <= 0.042, (met["artifact_bytes"], acc)
     assert "## Budgets" in (out / "report.md").read_text()
 
 
 def test_default_model_at_q4_0_size(default_build, tmp_path):
-    """Issue 12: at llama.cpp Q4_0's file size (91.7 MB), KL 0.0629 measured with 24 calibration windows
-    (0.0667 with 8; Q4_0: 0.264). The issue's goal, 0.060, is not met (benchmarks/RESULTS.md); this
-    bound guards what is. The export and the sensitivity stage come from the stage cache the first
-    build filled."""
+    """Issue 12: at llama.cpp Q4_0's file size (91.7 MB), KL at most 0.060 (Q4_0: 0.264). Measured 0.0575
+    with 24 calibration windows and int4 blocks 16-128 + int8 blocks 64/128 to choose from (0.0629
+    with int4/b32 + int8/b64 only; benchmarks/RESULTS.md). The export and the sensitivity stage come
+    from the stage cache the first build filled."""
     out, proc = default_build
     assert proc.returncode in (0, 3)
     small = tmp_path / "q4_0-size"
@@ -81,7 +81,7 @@ def test_default_model_at_q4_0_size(default_build, tmp_path):
     )
     assert run.returncode in (0, 3), run.stderr[-3000:]
     met = json.loads((small / "manifest.json").read_text())["metrics"]
-    assert met["artifact_bytes"] <= 91_700_000 and met["accuracy"]["kl_divergence"] <= 0.066, (met["artifact_bytes"], met["accuracy"])
+    assert met["artifact_bytes"] <= 91_700_000 and met["accuracy"]["kl_divergence"] <= 0.060, (met["artifact_bytes"], met["accuracy"])
 
 
 def test_default_model_knows_paris(default_build):

@@ -85,8 +85,8 @@ def test_quantized_graph(zoo, arch, target):
     # the Pi profiles' size budget (6.12 bits/weight) is allocated per matrix: part of the body goes to
     # 8 bits, the rest and the int4 table stay at the profile's bits
     assert sum(b == bits for b in got.values()) >= 3, "some of the model should be at the profile's bits"
-    eight_block = cfg.eight_bit_block_size or cfg.block_size
-    assert all(attr(n, "block_size") == (eight_block if attr(n, "bits") == 8 else cfg.block_size) for n in nbits if n is not heads[0])
+    blocks = {w.input[1]: plan[w.input[1]].format.block_size for w in fp_weights}  # the allocation's formats
+    assert {w: attr(by_weight[f"{w.removesuffix('.weight')}.weight_Q{b}"], "block_size") for w, b in planned.items()} == blocks
     assert all(attr(n, "accuracy_level") == cfg.accuracy_level for n in nbits)
     counts = Counter(got.values())
     assert res.manifest.to_dict()["quantization"]["matmuls"] == {"int4": counts[4], "int8": counts[8], "fp32": 0}
