@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.quantize import Gptq, Imatrix, MixedPrecision, Rtn, plan_from_onnx, quantize, scheme_from_target
-from edgepipe.quantize.blockwise import pack, quantize_matrix, unpack
+from edgepipe.quantize.blockwise import pack, quantize_matrix, rtn_squared_error, unpack
 from edgepipe.quantize.gptq import gptq_matrix
 
 
@@ -124,6 +124,20 @@ def test_gptq_weights_are_the_4_bit_matrices(tmp_path):
     assert got == {"model.layers.0.attn.qkv_proj.MatMul.weight", "model.layers.1.attn.qkv_proj.MatMul.weight",
                    "model.layers.2.attn.down_proj.MatMul.weight"}
     assert plan_from_onnx(tmp_path / "model.onnx", Rtn(bits=4, block_size=32)).hessian_weights() == set()
+
+
+@pytest.mark.parametrize(
+    ("bits", "block", "symmetric", "K"), [(4, 32, False, 576), (4, 128, False, 160), (4, 16, True, 100), (8, 64, False, 576), (8, 128, True, 300)]
+)
+def test_the_allocator_s_squared_error_is_the_packed_round_trip_s(bits, block, symmetric, K):
+    """rtn_squared_error (the sensitivity pass, no packing) equals quantize -> dequantize exactly,
+    padded blocks included, with an outlier in one block."""
+    rng = np.random.default_rng(K + bits)
+    w = (rng.standard_normal((K, 48)) * 0.05).astype(np.float32)
+    w[3, 5] = 0.9
+    packed = np.square(w - quantize_matrix(w, bits=bits, block_size=block, symmetric=symmetric, algorithm="rtn").dequantize())
+    lean = rtn_squared_error(np.ascontiguousarray(w.T), bits, block, symmetric)
+    assert lean.shape == (48, K) and np.array_equal(lean.T, packed)
 
 
 def test_padding_when_k_is_not_a_block_multiple():

@@ -207,6 +207,34 @@ def _err(w: np.ndarray, imp: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: int
     return (imp * r * r).sum(-1)
 
 
+def rtn_squared_error(wt: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """Round-to-nearest's squared error per weight of ``wt`` [N, K] (a weight's transpose: blocks run
+    along rows), the arithmetic of ``quantize_matrix(..., algorithm="rtn")`` then ``dequantize``
+    without packing, in place in one scratch array. Why: the size allocator scores every matrix in
+    every allowed format, and the packed round trip (pack, unpack, a strided transpose, float64
+    temporaries) made that pass several minutes per format on Granite-2B's matrices."""
+    N, K = wt.shape
+    nb = -(-K // block_size)
+    qmax = (1 << bits) - 1
+    if K % block_size:
+        w = np.zeros((N, nb * block_size), dtype=np.float32)
+        w[:, :K] = wt
+    else:
+        w = np.asarray(wt, dtype=np.float32)
+    w = w.reshape(N, nb, block_size)
+    scale, zp = _rtn(w, bits, symmetric)
+    inv = np.where(scale != 0, 1.0 / np.where(scale == 0, 1, scale), 0)
+    d = np.multiply(w, inv[..., None])
+    np.rint(d, out=d)
+    d += zp[..., None]
+    np.clip(d, 0, qmax, out=d)
+    d -= zp[..., None]
+    d *= scale[..., None]
+    np.subtract(w, d, out=d)
+    np.square(d, out=d)
+    return d.reshape(N, -1)[:, :K]
+
+
 def quantize_matrix(
     weight: np.ndarray,
     *,

@@ -68,23 +68,25 @@ def matrix_losses(
     """The proxy for one weight ``w`` [K, N] in each of ``configs`` (None: fp32, no loss): with
     ``outputs`` (the Fisher factor b of each output column), 0.5 a^T dW^2 b; without, the relative
     output error."""
-    from edgepipe.quantize.blockwise import quantize_matrix
+    from edgepipe.quantize.blockwise import rtn_squared_error
 
     w = np.asarray(w, dtype=np.float32)
+    wt = np.ascontiguousarray(w.T)  # [N, K]: the blocks' layout, transposed once for every format
     a = np.ones(w.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
     b = np.ones(w.shape[1]) if outputs is None else np.asarray(outputs, dtype=np.float64)
     signal = 2.0 if outputs is not None else float(a @ np.square(w, dtype=np.float64).sum(1)) or 1.0
+    ft = None if fisher is None else np.ascontiguousarray(fisher.T, dtype=np.float32)
+    a32 = a.astype(np.float32)
     out = {}
     for cfg in configs:
         if cfg is None:
             out["fp32"] = 0.0
             continue
-        qb = quantize_matrix(w, bits=cfg.bits, block_size=cfg.block_size, symmetric=cfg.symmetric, algorithm="rtn")
-        dw2 = np.square(w - qb.dequantize(), dtype=np.float64)
-        if fisher is not None:
-            out[cfg.format.label] = float(np.sum(dw2 * fisher)) / signal
+        dw2 = rtn_squared_error(wt, cfg.bits, cfg.block_size, cfg.symmetric)  # [N, K]
+        if ft is not None:
+            out[cfg.format.label] = float(np.sum(dw2 * ft, dtype=np.float64)) / signal
             continue
-        out[cfg.format.label] = float(a @ (dw2 @ b)) / signal
+        out[cfg.format.label] = float(b @ (dw2 @ a32).astype(np.float64)) / signal
     return out
 
 
