@@ -65,8 +65,12 @@ def unpack(p: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
+    """The integers of ``w`` (as float32) for per-block ``scale`` / ``zp``, in one new array."""
     inv = np.where(scale != 0, 1.0 / np.where(scale == 0, 1, scale), 0)
-    return np.clip(np.rint(w * inv[..., None]) + zp[..., None], 0, qmax)
+    q = np.multiply(w, inv[..., None])
+    np.rint(q, out=q)
+    q += zp[..., None]
+    return np.clip(q, 0, qmax, out=q)
 
 
 def _rtn(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -223,11 +227,7 @@ def rtn_squared_error(wt: np.ndarray, bits: int, block_size: int, symmetric: boo
         w = np.asarray(wt, dtype=np.float32)
     w = w.reshape(N, nb, block_size)
     scale, zp = _rtn(w, bits, symmetric)
-    inv = np.where(scale != 0, 1.0 / np.where(scale == 0, 1, scale), 0)
-    d = np.multiply(w, inv[..., None])
-    np.rint(d, out=d)
-    d += zp[..., None]
-    np.clip(d, 0, qmax, out=d)
+    d = _quantize(w, scale, zp, qmax)
     d -= zp[..., None]
     d *= scale[..., None]
     np.subtract(w, d, out=d)
