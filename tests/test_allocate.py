@@ -61,8 +61,8 @@ def test_any_depth_meets_the_same_budget_in_bytes(layers):
 
 
 def test_untied_tables_choose_their_formats():
-    """A tied table keeps embedding_bits (the proxy sees its head's use only); an untied lm_head and input
-    embedding each choose among every allowed format, as any matrix does."""
+    """A tied table keeps embedding_bits (the proxy overprices its upgrade: allocate.options_for); an
+    untied lm_head and input embedding each choose among every allowed format, as any matrix does."""
     untied = plan_from_config(dict(TINY, num_hidden_layers=6, tie_word_embeddings=False), scheme_from_target(PI))
     options = options_for(untied, allowed_formats(PI), PI)
     labels = {n: {c.format.label for c in options[n]} for n in ("lm_head.MatMul.weight", "model.embed_tokens.weight")}

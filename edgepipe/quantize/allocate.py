@@ -90,10 +90,11 @@ def options_for(plan: BitPlan, formats: Sequence[Format], q: Any, pinned: frozen
     out: dict[str, tuple[WeightOnlyConfig | None, ...]] = {}
     for e in plan:
         m = e.matrix
-        # a tied table keeps the profile's embedding_bits: the proxy sees only its head's use, not the
-        # lookup's, and predicts its loss worst (alone at int4 it cost SmolLM2 KL 0.022, a third of the
-        # rest together; benchmarks/RESULTS.md). An untied lm_head and input embedding are each seen
-        # whole (the embedding through the gradient at its output), so they choose as any matrix does,
+        # a tied table keeps the profile's embedding_bits (any allowed block): the proxy scores every
+        # matrix at round-to-nearest's error, and for this table the build's GPTQ does 5x better than
+        # that (SmolLM2's table alone at int4: KL 0.095 rounded, 0.018 with GPTQ), so freed it buys the
+        # 8-bit table too dearly (tried: KL 0.0439 instead of 0.0399 at 6.12 bits/weight;
+        # benchmarks/RESULTS.md). An untied lm_head and input embedding choose as any matrix does,
         # in blocks that divide the hidden size.
         fmts = [f for f in formats if not (plan.tied and m.is_table) or f.bits == e.format.bits]
         if m.name in pinned or not fmts:
