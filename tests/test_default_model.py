@@ -103,12 +103,16 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def test_default_model_decodes_several_tokens_per_step(default_build):
-    """Lookup and draft decoding on the default model, an answer that copies the prompt.
+    """Lookup and draft decoding on the default model, answers that copy the prompt.
 
     On the fp32 export (whose logits do not depend on how many tokens a step carries) both give
     plain greedy's tokens exactly, the int4 artifact drafting for it. On the int4 artifact
     onnxruntime's int8-activation kernels round one row differently from several: the texts
-    agree up to the first near-tie (top-2 logit margin below 0.5 there), if any."""
+    agree up to the first near-tie (top-2 logit margin below 0.5 there), if any.
+
+    Four passages, and the speed-up is asserted over all of them: a 135M model sometimes stops
+    copying after a sentence and comments instead (which passage it does that on moves with the
+    allocation and the host's kernels), and one such answer must not decide the test."""
     import numpy as np
     from conftest import find_export, packaged_text
 
@@ -123,21 +127,24 @@ def test_default_model_decodes_several_tokens_per_step(default_build):
     export = find_export(default_model_dir())
     assert export is not None
     fp32, int4 = CausalLM(export, threads=2), CausalLM(out, threads=2)
-    passage = " ".join(packaged_text("eval.txt").split()[200:290])
-    head = " ".join(passage.split()[:4])
-    text = f"<|im_start|>user\nCopy this text:\n{passage}<|im_end|>\n<|im_start|>assistant\nHere is the text:\n\n{head}"
-    ids = load_tokenizer(out).encode(text).ids
-    cfg = GenerationConfig(max_new_tokens=48)
-    plain = list(generate(fp32, ids, cfg))
-    for spec in ({"cfg": GenerationConfig(max_new_tokens=48, lookup=8)}, {"cfg": cfg, "draft": int4}):
-        stats = SpecStats()
-        assert list(generate(fp32, ids, spec["cfg"], draft=spec.get("draft"), stats=stats)) == plain
-        assert stats.accepted > 0 and stats.tokens > 1.3 * stats.steps, stats
-    plain_q = list(generate(int4, ids, cfg))
-    stats = SpecStats()
-    fast_q = list(generate(int4, ids, GenerationConfig(max_new_tokens=48, lookup=8), stats=stats))
-    assert stats.tokens >= 1.5 * stats.steps, stats  # the copy is verified several tokens at a time
-    i = _first_difference(plain_q, fast_q)
-    if i is not None:
-        top = np.sort(int4.logits(np.asarray(ids + plain_q[:i]))[-1])[-2:]
-        assert top[1] - top[0] < 0.5, (i, top)
+    words = packaged_text("eval.txt").split()
+    cfg, lookup = GenerationConfig(max_new_tokens=48), GenerationConfig(max_new_tokens=48, lookup=8)
+    totals = {"fp32": SpecStats(), "draft": SpecStats(), "int4": SpecStats()}
+    for start in (0, 200, 400, 600):
+        passage = " ".join(words[start : start + 90])
+        head = " ".join(passage.split()[:8])
+        text = f"<|im_start|>user\nCopy this text:\n{passage}<|im_end|>\n<|im_start|>assistant\nHere is the text:\n\n{head}"
+        ids = load_tokenizer(out).encode(text).ids
+        plain = list(generate(fp32, ids, cfg))
+        assert list(generate(fp32, ids, lookup, stats=totals["fp32"])) == plain, start
+        assert list(generate(fp32, ids, cfg, draft=int4, stats=totals["draft"])) == plain, start
+        plain_q = list(generate(int4, ids, cfg))
+        fast_q = list(generate(int4, ids, lookup, stats=totals["int4"]))
+        i = _first_difference(plain_q, fast_q)
+        if i is not None:
+            top = np.sort(int4.logits(np.asarray(ids + plain_q[:i]))[-1])[-2:]
+            assert top[1] - top[0] < 0.5, (start, i, top)
+    for name, stats in totals.items():
+        assert stats.accepted > 0 and stats.tokens > 1.3 * stats.steps, (name, stats)
+    # the copies are verified several tokens at a time
+    assert totals["int4"].tokens >= 1.5 * totals["int4"].steps, totals["int4"]
