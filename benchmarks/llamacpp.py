@@ -292,11 +292,12 @@ def _run(cmd: list[str], log, cwd: Path | None = None) -> None:
 
 
 def ensure_llamacpp(
-    progress: Progress | None = None, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2
+    progress: Progress | None = None, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2, isa: frozenset[str] | None = None
 ) -> Paths:
-    """Return the cached llama.cpp tools, downloading the sdist and building them first if needed."""
+    """Return the cached llama.cpp tools for ``isa`` (default: the host's instruction set),
+    downloading the sdist and building them first if needed."""
     say = progress or (lambda _m: None)
-    isa = host_isa()
+    isa = host_isa() if isa is None else isa
     found = cached_llamacpp(version, isa=isa)
     if found:
         return found

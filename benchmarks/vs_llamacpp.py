@@ -68,11 +68,13 @@ from typing import Any
 import numpy as np
 
 if __package__:  # imported as benchmarks.vs_llamacpp (the tests)
-    from .llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    from . import isa_mask
+    from .llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp, isa_flags
     from .random_models import SHAPES, random_model_dir
     from .train_austen import austen_model
 else:  # run as python benchmarks/vs_llamacpp.py: the script's folder is sys.path[0]
-    from llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp
+    import isa_mask  # type: ignore[no-redef]
+    from llamacpp import RELEVANT_CPU_FLAGS, Paths, build_info, cpu_flags, ensure_llamacpp, isa_flags
     from random_models import SHAPES, random_model_dir
     from train_austen import austen_model
 
@@ -528,8 +530,13 @@ print(json.dumps(out))
 """
 
 
+# the environment of every timed command: with --isa avx2, the CPUID mask's (benchmarks/isa_mask.py)
+SPEED_ENV: dict[str, str] | None = None
+
+
 def time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, float]:
-    """Run under /usr/bin/time -v; return stdout and the peak RSS in MB."""
+    """Run under /usr/bin/time -v (in :data:`SPEED_ENV` unless ``env`` is given); return stdout and the peak RSS in MB."""
+    env = SPEED_ENV if env is None else env
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         r = subprocess.run(
             ["/usr/bin/time", "-v", "-o", tf.name, *map(str, cmd)], capture_output=True, text=True, env=env
@@ -543,7 +550,7 @@ def time_v(cmd: list[Any], env: dict[str, str] | None = None) -> tuple[str, floa
 def llama_speed(lc: Paths, gguf: Path, threads: int, passive: bool = False) -> dict[str, float]:
     """llama-bench; ``passive``: OMP_WAIT_POLICY=passive, so that OpenMP threads sleep at barriers
     instead of spinning (spinning collapses when other processes share the cores)."""
-    env = dict(os.environ, OMP_WAIT_POLICY="passive") if passive else None
+    env = dict(SPEED_ENV or os.environ, OMP_WAIT_POLICY="passive") if passive else None
     out, rss = time_v(
         env=env,
         cmd=[
@@ -669,14 +676,14 @@ def read_bandwidth_gbs(work: Path, threads: int) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- report
 
 
-def machine_facts() -> dict[str, Any]:
-    facts: dict[str, Any] = {"cores": os.cpu_count(), "python": platform.python_version()}
+def machine_facts(isa: str = "host") -> dict[str, Any]:
+    facts: dict[str, Any] = {"cores": os.cpu_count(), "python": platform.python_version(), "isa": isa}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         facts["cpu_model"] = (re.search(r"Model name:\s*(.+)", lscpu) or [None, "?"])[1].strip()
     except OSError:
         facts["cpu_model"] = platform.processor()
-    host = cpu_flags()
+    host = isa_mask.masked_flags(cpu_flags(), isa)
     facts["cpu_flags"] = [f for f in RELEVANT_CPU_FLAGS if f in host]
     try:
         facts["ram_gb"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
@@ -860,8 +867,9 @@ def machine_lines(R: dict[str, Any]) -> list[str]:
     """The CPU the tables were measured on, its instruction-set flags and what llama.cpp was built with."""
     m, lc = R.get("machine") or {}, R.get("llamacpp") or {}
     isa = lc.get("isa")
+    masked = " as an AVX2-only CPU (CPUID masked: benchmarks/isa_mask.py; this host's caches and memory)" if m.get("isa") == "avx2" else ""
     return [
-        f"CPU: {m.get('cpu_model', '?')}, {m.get('cores', '?')} logical cores; flags: {' '.join(m.get('cpu_flags') or []) or '?'}",
+        f"CPU: {m.get('cpu_model', '?')}, {m.get('cores', '?')} logical cores{masked}; flags: {' '.join(m.get('cpu_flags') or []) or '?'}",
         f"llama.cpp {lc.get('llama_cpp', '?')} built with: {' '.join(isa) if isa else ' '.join(f for f in lc.get('cmake_flags', []) if 'GGML_' in f) or '?'}",
         "",
     ]
@@ -939,6 +947,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval", dest="eval_file", type=Path, help="eval text (default: edgepipe/data/eval.txt)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--isa",
+        choices=isa_mask.ISAS,
+        default="host",
+        help="avx2: time both tools as on an AVX2-only CPU (llama.cpp built for AVX2, every timed process under a "
+        "CPUID mask that hides AVX-512, AVX-VNNI and AMX; benchmarks/isa_mask.py)",
+    )
     p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
     p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
     p.add_argument(
@@ -1004,7 +1019,7 @@ def _run_facts(args: argparse.Namespace, lc: Paths, model_dir: Path, info: Any, 
         "eval_file": str(eval_file),
         "threads": args.threads,
         "reps": args.reps,
-        "machine": machine_facts(),
+        "machine": machine_facts(args.isa),
         "llamacpp": {
             "llama_cpp_python": lc.version,
             "llama_cpp": lc.commit,
@@ -1192,7 +1207,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     load_before = os.getloadavg()
-    lc = ensure_llamacpp(say)
+    if args.isa != "host":
+        global SPEED_ENV
+        say(f"timing as {args.isa}: numpy under the CPUID mask finds {isa_mask.check(args.isa)}")
+        SPEED_ENV = isa_mask.env_for(args.isa)
+    lc = ensure_llamacpp(say, isa=isa_flags(isa_mask.masked_flags(cpu_flags(), args.isa)))
     model_dir, eval_file, texts = _model_and_texts(args)
     info = edgepipe.inspect_model(model_dir)
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]
@@ -1216,7 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     R["load_before"], R["load_after"] = load_before, os.getloadavg()
     R["seconds"] = round(time.time() - t_start, 1)
 
-    out_json = args.json or work / "results.json"
+    out_json = args.json or work / ("results.json" if args.isa == "host" else f"results-{args.isa}.json")
     out_json.write_text(json.dumps(R, indent=2, default=str))
     text = summarize(R)
     print(text)

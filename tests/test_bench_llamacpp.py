@@ -296,3 +296,39 @@ def test_random_shapes_have_their_sources_parameter_counts():
         n = sum(p.numel() for p in model.parameters())
         assert (n, cfg.vocab_size) == expect[name], (name, n)
         assert source
+
+
+def test_an_avx512_host_masked_as_avx2_builds_and_reports_avx2():
+    """``--isa avx2``: llama.cpp's options are an AVX2-only EPYC's, and the tables say it was masked."""
+    from benchmarks import isa_mask
+
+    spr = llamacpp.cpu_flags(SAPPHIRE_RAPIDS)
+    assert llamacpp.isa_flags(isa_mask.masked_flags(spr, "avx2")) == llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
+    assert isa_mask.masked_flags(spr, "host") == spr
+    facts = vs_llamacpp.machine_facts("avx2")
+    assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in facts["cpu_flags"]), facts
+    assert "as an AVX2-only CPU (CPUID masked" in vs_llamacpp.machine_lines({"machine": facts})[0]
+
+
+@pytest.mark.skipif("cpuid_fault" not in llamacpp.cpu_flags(), reason="no CPUID faulting on this CPU / hypervisor")
+def test_the_cpuid_mask_hides_avx512_from_numpy_and_keeps_onnxruntime_s_numbers(tmp_path):
+    """Under the mask numpy finds AVX2 and no AVX-512 (the check the benchmark runs first), and an
+    onnxruntime MatMul run under it gives the unmasked run's numbers (other kernels, same maths)."""
+    from benchmarks import isa_mask
+
+    if not {"avx512f", "avx2"} <= llamacpp.cpu_flags():
+        pytest.skip("needs an AVX-512 host to hide AVX-512 from")
+    found = isa_mask.check("avx2")
+    assert found["AVX2"] and found["FMA3"] and not found["AVX512F"]
+    code = (
+        "import numpy as np, onnxruntime as ort, onnx; from onnx import helper as h, TensorProto as T; "
+        "w = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32); "
+        "g = h.make_graph([h.make_node('MatMul', ['x', 'w'], ['y'])], 'g', [h.make_tensor_value_info('x', T.FLOAT, [4, 64])], "
+        "[h.make_tensor_value_info('y', T.FLOAT, [4, 96])], [onnx.numpy_helper.from_array(w, 'w')]); "
+        "s = ort.InferenceSession(h.make_model(g, opset_imports=[h.make_opsetid('', 17)], ir_version=10).SerializeToString()); "
+        "x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32); "
+        "print(float(s.run(None, {'x': x})[0].astype(np.float64).sum()))"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=isa_mask.env_for(isa), check=True) for isa in isa_mask.ISAS]
+    host, avx2 = (float(r.stdout.strip()) for r in runs)
+    assert abs(host - avx2) < 1e-3 * max(1.0, abs(host))

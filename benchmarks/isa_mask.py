@@ -1,0 +1,159 @@
+"""Run a program as if the CPU had AVX2 but no AVX-512: CPUID masking on an AVX-512 host.
+
+Issue 16 asks for the speed figures on both x86 kinds, and the machines here are AVX-512 Xeons.
+onnxruntime's MLAS and numpy choose their kernels at run time from the ``cpuid`` instruction;
+llama.cpp is compiled for an instruction set (``benchmarks/llamacpp.py``). Linux can make
+``cpuid`` fault in user space (``arch_prctl(ARCH_SET_CPUID, 0)``, "CPUID faulting", flag
+``cpuid_fault``). A small preloaded library turns that on and answers each faulting ``cpuid`` with
+the real one minus AVX-512 (F, DQ, IFMA, CD, BW, VL, VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ, FP16,
+BF16), AVX-VNNI and AMX, which is what an AVX2-only EPYC (Zen 2/3) reports. A process then runs the
+same AVX2 kernels it would run on such a machine, on this host's caches and memory: a figure
+measured so says which *kernels* win on AVX2, not what an EPYC's memory system would give.
+
+The setting is per thread and inherited by threads created later, so it covers onnxruntime's and
+OpenMP's pools. glibc picks its string functions before the library loads (they may still use
+AVX-512; so do llama.cpp's, and both sides of a comparison get the same). Checked, not assumed:
+:func:`check` runs numpy under the mask and requires that it finds AVX2 and not AVX512F.
+
+    python benchmarks/isa_mask.py            # build the library and check it
+    LD_PRELOAD=$(python benchmarks/isa_mask.py --path) python -m edgepipe.runtime bench DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MASK_C = r"""
+#define _GNU_SOURCE
+#include <asm/prctl.h>
+#include <cpuid.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+static long set_cpuid(unsigned long on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on); }
+
+/* cpuid (0F A2) faulted: run it with faulting briefly off, hide the AVX-512 / AVX-VNNI / AMX bits */
+static void on_segv(int sig, siginfo_t *si, void *uc) {
+    greg_t *r = ((ucontext_t *)uc)->uc_mcontext.gregs;
+    const unsigned char *ip = (const unsigned char *)r[REG_RIP];
+    unsigned a, b, c, d, leaf = (unsigned)r[REG_RAX], sub = (unsigned)r[REG_RCX];
+    (void)sig; (void)si;
+    if (ip[0] != 0x0f || ip[1] != 0xa2) { signal(SIGSEGV, SIG_DFL); return; }  /* a real crash */
+    set_cpuid(1);
+    __cpuid_count(leaf, sub, a, b, c, d);
+    set_cpuid(0);
+    if (leaf == 7 && sub == 0) {
+        b &= ~(1u << 16 | 1u << 17 | 1u << 21 | 1u << 26 | 1u << 27 | 1u << 28 | 1u << 30 | 1u << 31);
+        c &= ~(1u << 1 | 1u << 6 | 1u << 11 | 1u << 12 | 1u << 14);
+        d &= ~(1u << 2 | 1u << 3 | 1u << 8 | 1u << 22 | 1u << 23 | 1u << 24 | 1u << 25);
+    } else if (leaf == 7 && sub == 1) {
+        a &= ~(1u << 4 | 1u << 5 | 1u << 21 | 1u << 23);
+    }
+    r[REG_RAX] = a; r[REG_RBX] = b; r[REG_RCX] = c; r[REG_RDX] = d;
+    r[REG_RIP] += 2;
+}
+
+__attribute__((constructor)) static void mask_init(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigaction(SIGSEGV, &sa, 0);
+    set_cpuid(0);
+}
+"""
+
+# /proc/cpuinfo flags the library hides (for the benchmark's printed machine facts and for
+# choosing llama.cpp's build options as an AVX2-only host would)
+HIDDEN_FLAGS = frozenset(
+    {
+        "avx512f", "avx512dq", "avx512ifma", "avx512cd", "avx512bw", "avx512vl", "avx512vbmi",
+        "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_fp16",
+        "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx512_vp2intersect",
+    }
+)  # fmt: skip
+
+ISAS = ("host", "avx2")
+
+
+class MaskUnavailable(RuntimeError):
+    """CPUID masking cannot work here (no CPUID faulting, not x86-64, or no C compiler)."""
+
+
+def masked_flags(flags: frozenset[str], isa: str) -> frozenset[str]:
+    """The cpuinfo flags a program sees under the mask for ``isa`` ("host": unchanged)."""
+    return flags if isa == "host" else flags - HIDDEN_FLAGS
+
+
+def library(cache: Path | None = None) -> Path:
+    """The compiled library (built once per source text into the cache)."""
+    from edgepipe.models import cache_root
+
+    root = Path(cache) if cache else cache_root() / "isa_mask"
+    so = root / f"avx2-{hashlib.sha256(MASK_C.encode()).hexdigest()[:12]}.so"
+    if so.is_file():
+        return so
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if "cpuid_fault" not in flags:
+        raise MaskUnavailable("this CPU / hypervisor has no CPUID faulting (flag cpuid_fault): AVX2 cannot be emulated here")
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "isa_mask.c"
+    src.write_text(MASK_C)
+    tmp = so.with_suffix(f".{os.getpid()}.tmp")
+    r = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], capture_output=True, text=True)
+    if r.returncode:
+        raise MaskUnavailable(f"compiling the CPUID mask failed: {r.stderr.strip()[-400:]}")
+    tmp.replace(so)
+    return so
+
+
+def env_for(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment that runs a child process with ``isa``'s instruction set (a copy of ``base``)."""
+    env = dict(os.environ if base is None else base)
+    if isa == "host":
+        return env
+    if isa != "avx2":
+        raise ValueError(f"isa must be one of {ISAS}: {isa!r}")
+    so = str(library())
+    env["LD_PRELOAD"] = ":".join(p for p in (so, env.get("LD_PRELOAD", "")) if p)
+    return env
+
+
+CHECK_CODE = (
+    "import json, numpy; f = numpy._core._multiarray_umath.__cpu_features__; "
+    "print(json.dumps({k: bool(f.get(k)) for k in ('AVX2', 'FMA3', 'AVX512F', 'AVX512_SKX')}))"
+)
+
+
+def check(isa: str = "avx2") -> dict[str, bool]:
+    """What numpy finds in a child process under the mask; raises if the mask did not take."""
+    out = subprocess.run([sys.executable, "-c", CHECK_CODE], capture_output=True, text=True, env=env_for(isa), check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if isa == "avx2" and (found["AVX512F"] or not found["AVX2"]):
+        raise MaskUnavailable(f"the CPUID mask did not take: numpy found {found}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", action="store_true", help="print only the library's path")
+    args = p.parse_args(argv)
+    if args.path:
+        print(library())
+        return 0
+    print(f"library: {library()}")
+    print(f"numpy under the mask finds: {check('avx2')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
