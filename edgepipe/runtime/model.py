@@ -88,6 +88,11 @@ def session_options(threads: int = 0, *, spinning: bool = True) -> ort.SessionOp
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spin only while a run is active. A model and its draft alternate runs, each on its own pool:
+    # left spinning after its run, the idle session's workers took the cores from the other one
+    # (fp32 SmolLM2 step 23 -> 45 ms after a draft step; draft decoding 0.8x plain instead of 1.5x,
+    # benchmarks/RESULTS.md). A lone session decodes and prefills as fast either way.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     so.intra_op_num_threads = intra_op_threads(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
