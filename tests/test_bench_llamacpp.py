@@ -282,12 +282,16 @@ def test_rtn_profile_is_the_target_without_calibration_or_size_budget(tmp_path, 
 
 def test_random_shapes_have_their_sources_parameter_counts():
     """The random models' shapes give their sources' published counts: Qwen2.5-0.5B 494M (0.36B outside
-    the tied table), Llama-3.2-1B 1.24B; issue 6's Llama 709M. Built on the meta device: no memory, no time."""
+    the tied table), Llama-3.2-1B 1.24B, Granite 3.x 2B 2.53B; issue 6's Llama 709M. Built on the meta device:
+    no memory, no time."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from benchmarks.random_models import SHAPES
 
-    expect = {"qwen2.5-0.5b": (494_032_768, 151936), "llama3.2-1b": (1_235_814_400, 128256), "llama-709m": (708_880_384, 49152)}
+    expect = {
+        "qwen2.5-0.5b": (494_032_768, 151936), "llama3.2-1b": (1_235_814_400, 128256), "llama-709m": (708_880_384, 49152),
+        "granite3-2b": (2_533_531_648, 49155),
+    }
     assert set(expect) == set(SHAPES)
     for name, (cls, shape, source) in SHAPES.items():
         cfg = getattr(transformers, cls)(**{**shape, "vocab_size": shape["vocab_size"] or 49152})
