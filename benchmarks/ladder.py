@@ -14,7 +14,7 @@ What it does:
    from ``llama-perplexity --kl-divergence`` against the f32 GGUF.
 3. Every edgepipe point scored on llama-perplexity's exact tokens and positions (the second half of
    each 512-token chunk), against edgepipe's own fp32 export
-   (:func:`vs_llamacpp.edgepipe_quality_matched`): both curves use one protocol. The search's own
+   (:func:`vs_edgepipe_side.edgepipe_quality_matched`): both curves use one protocol. The search's own
    figures (its validator: every position of 8 windows) are kept beside them in the JSON.
 4. ``ladder.png`` (size in MiB of the whole artifact folder / GGUF file vs mean KL, the chosen
    point circled, each llama.cpp quant a labelled square), ``ladder.json`` and ``ladder.md``.
@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__:
-    from .llamacpp import ensure_llamacpp
-    from .vs_llamacpp import QUANTS, _model_and_texts, convert_and_quantize, edgepipe_quality_matched, fp32_export_dir, llama_quality, say
-else:
-    from llamacpp import ensure_llamacpp
-    from vs_llamacpp import QUANTS, _model_and_texts, convert_and_quantize, edgepipe_quality_matched, fp32_export_dir, llama_quality, say
+if not __package__:  # run as python benchmarks/ladder.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.llamacpp import ensure_llamacpp
+from benchmarks.vs_common import say
+from benchmarks.vs_edgepipe_side import edgepipe_quality_matched, fp32_export_dir
+from benchmarks.vs_llama_side import QUANTS, convert_and_quantize, llama_quality
+from benchmarks.vs_llamacpp import _model_and_texts
 
 MIB = 2**20
 

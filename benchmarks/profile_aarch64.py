@@ -27,11 +27,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__:
-    from .profile_parse import fde_ranges, function_of
-else:
+if not __package__:  # run as python benchmarks/profile_aarch64.py: the repo root on sys.path, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.profile_parse import fde_ranges, function_of
+from benchmarks.profile_parse import fde_ranges, function_of
 
 GUEST = r"""
 import ctypes, json, sys, numpy as np

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-if not __package__:  # python benchmarks/profile_ops.py
+if not __package__:  # run as python benchmarks/profile_ops.py: the repo root on sys.path, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.llamacpp import cpu_flags, ensure_llamacpp  # noqa: E402
-from benchmarks.profile_parse import (  # noqa: E402
+from benchmarks.llamacpp import cpu_flags, ensure_llamacpp
+from benchmarks.profile_parse import (
     PerfRow,
     classify_asm,
     fde_ranges,

@@ -3,12 +3,13 @@
     python benchmarks/scale_granite2b.py [--target raspberrypi5] [--out DIR] [--keep-cache]
                                          [--cache DIR] [--interval 0.25] [--json OUT.json] [--until STAGE]
 
-1. Creates (once, cached under ``$EDGEPIPE_CACHE/bench/``) a random-initialised
-   ``GraniteForCausalLM`` of IBM Granite 3.x 2B's exact shape — hidden 2048, 40 layers, 32 heads /
-   8 KV heads, intermediate 8192, vocab 49155, tied embeddings, Granite's embedding / residual /
+1. Creates (once, cached under ``$EDGEPIPE_CACHE/models/``; about a minute and 5.5 GB of RAM) a
+   random-initialised ``GraniteForCausalLM`` of IBM Granite 3.x 2B's exact shape — hidden 2048, 40 layers,
+   32 heads / 8 KV heads, intermediate 8192, vocab 49155, tied embeddings, Granite's embedding / residual /
    attention multipliers and logits scaling — saved in bfloat16 as the real checkpoint is
-   (2.53 B parameters, 5.07 GB of safetensors). Hub weights cannot be downloaded here; the
-   tokenizer is the default model's (SmolLM2's 49152-token BPE: every id fits Granite's vocab).
+   (2.53 B parameters, 5.07 GB of safetensors): ``granite3-2b`` of ``benchmarks/random_models.py``.
+   Hub weights cannot be downloaded here; the tokenizer is the default model's (SmolLM2's 49152-token
+   BPE: every id fits Granite's vocab).
 2. Runs ``edgepipe build --model <it> --target <target> --out <out> --json`` as a subprocess with
    a **fresh stage cache** (nothing reused: the export runs), and samples the RSS of the build
    process and all its children (the builder's export process, the benchmark process) every
@@ -36,27 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as python benchmarks/scale_granite2b.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.random_models import random_model_dir
+
 GOAL_GB = 10.0
-# Granite 3.x 2B (ibm-granite/granite-3.3-2b-instruct config.json), vocab as the issue states it
-GRANITE_2B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=49155,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-    rope_theta=10_000_000.0,
-    rms_norm_eps=1e-5,
-    embedding_multiplier=12.0,
-    residual_multiplier=0.22,
-    attention_multiplier=0.015625,
-    logits_scaling=8.0,
-    bos_token_id=0,
-    eos_token_id=0,
-    pad_token_id=0,
-)
 # Stages, in order, by the first words of the build's progress lines
 STAGES = [
     ("inspect", ("model ",)),
@@ -72,33 +57,6 @@ STAGES = [
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def model_dir(root: Path) -> Path:
-    """The random Granite-2B folder, made once (about a minute and 5.5 GB of RAM)."""
-    from edgepipe.models import default_model_dir
-
-    out = root / "bench" / "granite-2b-random-v1"
-    if (out / ".complete").is_file():
-        return out
-    say(f"creating the random-init Granite 2B model in {out} (once)")
-    tok = default_model_dir(say)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    code = (
-        "import json,sys,torch\n"
-        "from transformers import GraniteConfig, GraniteForCausalLM\n"
-        "cfg = GraniteConfig(**json.loads(sys.argv[2]), dtype='bfloat16')\n"
-        "torch.manual_seed(0); torch.set_default_dtype(torch.bfloat16)\n"
-        "GraniteForCausalLM(cfg).save_pretrained(sys.argv[1], max_shard_size='2GB')\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(tmp), json.dumps(GRANITE_2B)], check=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tok / name, tmp / name)
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 class TreeRss:
@@ -218,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgepipe.models import cache_root
 
     root = cache_root()
-    model = model_dir(root)
+    model = random_model_dir("granite3-2b", say)
+    (root / "bench").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="scale-granite2b-", dir=root / "bench"))
     out = args.out or work / "artifact"
     try:

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__:  # imported as benchmarks.session_options
-    from .vs_llamacpp import time_v
-else:  # run as python benchmarks/session_options.py: the script's folder is sys.path[0]
-    from vs_llamacpp import time_v
+if not __package__:  # run as python benchmarks/session_options.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.vs_speed import time_v
 
 PP, TG, SLOW_TG = 512, 128, 16
 

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-# the same edgepipe timing code as vs_llamacpp.py
-if __package__:  # imported as benchmarks.vs_genai
-    from .vs_llamacpp import PP, TG, edgepipe_speed, time_v
-else:  # run as python benchmarks/vs_genai.py: the script's folder is sys.path[0]
-    from vs_llamacpp import PP, TG, edgepipe_speed, time_v
+if not __package__:  # run as python benchmarks/vs_genai.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the same edgepipe timing code as vs_llamacpp.py (benchmarks/vs_speed.py)
+from benchmarks.vs_speed import PP, TG, edgepipe_speed, time_v
 
 GENAI_SPEED_CODE = r"""
 import json, sys, time

@@ -89,6 +89,7 @@ def _llamacpp_root() -> Path | None:
 @pytest.mark.skipif(not (FULL_DIR / ".complete").is_file(), reason="the full Austen model is not trained (python benchmarks/train_austen.py)")
 def test_full_austen_beats_llamacpp_at_its_file_sizes(tmp_path, monkeypatch):
     from benchmarks import vs_llamacpp
+    from benchmarks.vs_edgepipe_side import SIZE_MATCHED
 
     facts = json.loads((FULL_DIR / "train.json").read_text())
     assert facts["parameters"] > 30e6 and facts["config"]["num_hidden_layers"] >= 8
@@ -102,7 +103,7 @@ def test_full_austen_beats_llamacpp_at_its_file_sizes(tmp_path, monkeypatch):
             "--sized-only", "--no-int8", "--no-speed", "--json", out]
     assert vs_llamacpp.main([str(a) for a in args]) == 0
     r = json.loads(out.read_text())
-    for quant in vs_llamacpp.SIZE_MATCHED:
+    for quant in SIZE_MATCHED:
         label = f"int4@{quant}"
         ours, theirs = r["edgepipe"]["quality_matched"][label], r["llama"]["quality"][quant]
         assert r["edgepipe"]["files"][label]["file_bytes"] <= r["llama"]["files"][quant]["file_bytes"], quant

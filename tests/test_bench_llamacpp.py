@@ -1,4 +1,4 @@
-"""benchmarks/vs_llamacpp.py: the parts whose errors would silently skew the comparison.
+"""benchmarks/vs_llamacpp.py (and its parts, benchmarks/vs_*.py): the parts whose errors would silently skew the comparison.
 
 * the reader of llama-perplexity's ``--kl-divergence-base`` file (fast, no llama.cpp needed);
 * with the cached llama.cpp build (``python benchmarks/llamacpp.py`` makes it; skipped otherwise,
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import llamacpp, vs_llamacpp  # noqa: E402
+from benchmarks import llamacpp, vs_edgepipe_side, vs_llama_side, vs_llamacpp, vs_report, vs_speed  # noqa: E402
 from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp  # noqa: E402
 
 # conftest points EDGEPIPE_CACHE at a temp dir: look for the build (and the converted default
@@ -119,10 +119,10 @@ def test_read_kld_base_round_trip(tmp_path):
     tokens = rng.integers(0, n_vocab, size=(n_chunk, n_ctx))
     logits = rng.normal(0, 3, size=(n_chunk, n_pos, n_vocab)).astype(np.float32)
     _write_kld_base(tmp_path / "base.bin", n_ctx, tokens, logits)
-    got_ctx, got_tokens, lp = vs_llamacpp.read_kld_base(tmp_path / "base.bin")
+    got_ctx, got_tokens, lp = vs_llama_side.read_kld_base(tmp_path / "base.bin")
     assert got_ctx == n_ctx
     np.testing.assert_array_equal(got_tokens, tokens)
-    want = vs_llamacpp._log_softmax(logits)
+    want = vs_edgepipe_side._log_softmax(logits)
     kept = want > want.max(-1, keepdims=True) - 15  # below 16 nats under the top, llama.cpp stores the floor
     np.testing.assert_allclose(lp[kept], want[kept], atol=2e-3)
     assert (lp[~kept] <= want.max(-1, keepdims=True).repeat(want.shape[-1], -1)[~kept] - 14).all()
@@ -131,7 +131,7 @@ def test_read_kld_base_round_trip(tmp_path):
 def test_read_kld_base_rejects_other_files(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"not a logits file")
     with pytest.raises(ValueError, match="not a llama-perplexity logits file"):
-        vs_llamacpp.read_kld_base(tmp_path / "x.bin")
+        vs_llama_side.read_kld_base(tmp_path / "x.bin")
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    got_ctx, tokens, lp = vs_llamacpp.read_kld_base(base)
+    got_ctx, tokens, lp = vs_llama_side.read_kld_base(base)
     assert got_ctx == n_ctx and tokens.shape == (3, n_ctx)
 
     from tokenizers import Tokenizer
@@ -213,7 +213,7 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
     np.testing.assert_array_equal(tokens.reshape(-1), np.asarray(ids[: 3 * n_ctx]))
     with torch.no_grad():
         logits = hf(torch.from_numpy(tokens)).logits.numpy()
-    want = vs_llamacpp._log_softmax(logits[:, n_ctx // 2 : n_ctx - 1])
+    want = vs_edgepipe_side._log_softmax(logits[:, n_ctx // 2 : n_ctx - 1])
     top = want > want.max(-1, keepdims=True) - 12  # llama.cpp floors log-probs 16 nats below the top
     # the stored values are rounded to 1/65535 of the kept range; the rest is float32 arithmetic
     # of two engines on large random activations
@@ -223,9 +223,9 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
 
 
 def test_tables_name_the_cpu_and_its_flags():
-    facts = vs_llamacpp.machine_facts()
+    facts = vs_report.machine_facts()
     assert facts["cpu_model"] and set(facts["cpu_flags"]) <= set(llamacpp.RELEVANT_CPU_FLAGS)
-    lines = vs_llamacpp.machine_lines({"machine": facts, "llamacpp": {"llama_cpp": "b1", "isa": ["AVX", "AVX2"]}})
+    lines = vs_report.machine_lines({"machine": facts, "llamacpp": {"llama_cpp": "b1", "isa": ["AVX", "AVX2"]}})
     assert lines[0].startswith(f"CPU: {facts['cpu_model']}") and " ".join(facts["cpu_flags"]) in lines[0]
     assert lines[1] == "llama.cpp b1 built with: AVX AVX2"
 
@@ -238,11 +238,11 @@ chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence 
    1     254.8171 ±   34.8921       0.00191 ±    0.00132       0.00048 ±    0.00004     0.287 ±  0.033 %    97.647 ±  0.951 %
   44     314.6260 ±    9.0838       0.00138 ±    0.00033       0.00049 ±    0.00001     0.292 ±  0.018 %    97.701 ±  0.142 %
 """
-    got = vs_llamacpp.running_means(log)
+    got = vs_llama_side.running_means(log)
     assert got["chunks"] == 44 and got["from_running_means"] is True
     assert got["kl_divergence"] == 0.00049 and got["perplexity"] == 314.626
     assert abs(got["top1_agreement"] - 0.97701) < 1e-9 and abs(got["ppl_increase_pct"] - 0.138095) < 1e-4
-    assert vs_llamacpp.running_means("no rows here")["kl_divergence"] is None
+    assert vs_llama_side.running_means("no rows here")["kl_divergence"] is None
 
 
 def test_size_matched_artifacts_are_timed_next_to_their_quant(tmp_path):
@@ -251,15 +251,15 @@ def test_size_matched_artifacts_are_timed_next_to_their_quant(tmp_path):
     argv = ["--artifact", f"int4@Q4_0={tmp_path}", "--artifact", f"int4={tmp_path}", "--artifact", f"int8={tmp_path}"]
     args = vs_llamacpp._parse_args(argv)
     arts = {a.split("=")[0]: tmp_path for a in args.artifact}
-    ggufs = {q: tmp_path / f"{q}.gguf" for q in vs_llamacpp.QUANTS}
-    names = [n for n, _ in vs_llamacpp._speed_order(args, None, ggufs, arts, 2)]
+    ggufs = {q: tmp_path / f"{q}.gguf" for q in vs_llama_side.QUANTS}
+    names = [n for n, _ in vs_speed._speed_order(args, None, ggufs, arts, 2)]
     assert names == [
         "Q8_0", "int8", "int8 (no spinning)", "Q8_0 (OMP passive)",
         "Q4_0", "int4", "int4 (no spinning)", "int4@Q4_0", "int4@Q4_0 (no spinning)", "Q4_0 (OMP passive)",
         "Q4_K_M", "Q4_K_M (OMP passive)",
     ]
     one = vs_llamacpp._parse_args([*argv, "--speed-quants", "Q4_0", "--no-passive"])
-    assert [n for n, _ in vs_llamacpp._speed_order(one, None, ggufs, arts, 2)] == ["Q4_0", "int4", "int4@Q4_0"]
+    assert [n for n, _ in vs_speed._speed_order(one, None, ggufs, arts, 2)] == ["Q4_0", "int4", "int4@Q4_0"]
     with pytest.raises(SystemExit):
         vs_llamacpp._parse_args(["--artifact", f"int4@Q5={tmp_path}"])
 
@@ -271,7 +271,7 @@ def test_rtn_profile_is_the_target_without_calibration_or_size_budget(tmp_path, 
     import edgepipe
 
     shipped = edgepipe.load_target(target).to_dict()
-    got = edgepipe.load_target(str(vs_llamacpp.rtn_profile(tmp_path, target))).to_dict()
+    got = edgepipe.load_target(str(vs_edgepipe_side.rtn_profile(tmp_path, target))).to_dict()
     q, q0 = got["quantization"], shipped["quantization"]
     assert got["name"] == f"{target}-rtn" and q["algorithm"] == "rtn"
     assert q["bits_per_weight"] is None and q["max_mb"] is None and not q["formats"] and not q["eight_bit_ops"]
@@ -282,12 +282,16 @@ def test_rtn_profile_is_the_target_without_calibration_or_size_budget(tmp_path, 
 
 def test_random_shapes_have_their_sources_parameter_counts():
     """The random models' shapes give their sources' published counts: Qwen2.5-0.5B 494M (0.36B outside
-    the tied table), Llama-3.2-1B 1.24B; issue 6's Llama 709M. Built on the meta device: no memory, no time."""
+    the tied table), Llama-3.2-1B 1.24B, Granite 3.x 2B 2.53B; issue 6's Llama 709M. Built on the meta device:
+    no memory, no time."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from benchmarks.random_models import SHAPES
 
-    expect = {"qwen2.5-0.5b": (494_032_768, 151936), "llama3.2-1b": (1_235_814_400, 128256), "llama-709m": (708_880_384, 49152)}
+    expect = {
+        "qwen2.5-0.5b": (494_032_768, 151936), "llama3.2-1b": (1_235_814_400, 128256), "llama-709m": (708_880_384, 49152),
+        "granite3-2b": (2_533_531_648, 49155),
+    }
     assert set(expect) == set(SHAPES)
     for name, (cls, shape, source) in SHAPES.items():
         cfg = getattr(transformers, cls)(**{**shape, "vocab_size": shape["vocab_size"] or 49152})
@@ -305,9 +309,9 @@ def test_an_avx512_host_masked_as_avx2_builds_and_reports_avx2():
     spr = llamacpp.cpu_flags(SAPPHIRE_RAPIDS)
     assert llamacpp.isa_flags(isa_mask.masked_flags(spr, "avx2")) == llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
     assert isa_mask.masked_flags(spr, "host") == spr
-    facts = vs_llamacpp.machine_facts("avx2")
+    facts = vs_report.machine_facts("avx2")
     assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in facts["cpu_flags"]), facts
-    assert "as an AVX2-only CPU (CPUID masked" in vs_llamacpp.machine_lines({"machine": facts})[0]
+    assert "as an AVX2-only CPU (CPUID masked" in vs_report.machine_lines({"machine": facts})[0]
 
 
 @pytest.mark.skipif("cpuid_fault" not in llamacpp.cpu_flags(), reason="no CPUID faulting on this CPU / hypervisor")
