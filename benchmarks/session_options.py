@@ -11,14 +11,17 @@ ships), measured in the same run.
 
 Variants (``--list`` prints them): the session's CPU memory arena and memory pattern, prepacking
 (``session.disable_prepacking``), initializers on the device allocator instead of the arena,
-intra-op spinning, the thread pool's dynamic block size, the thread count, prefill chunks (``CausalLM(prefill_chunk=N)``),
-and environment variables onnxruntime reads (``gqa-flash-off``: GroupQueryAttention without its flash kernel).
+intra-op spinning, the thread pool's dynamic block size and thread affinity, the thread count, MLAS's lookup-table
+MatMulNBits kernels, prefill chunks (``CausalLM(prefill_chunk=N)``), environment variables onnxruntime reads
+(``gqa-flash-off``: GroupQueryAttention without its flash kernel), and another onnxruntime version
+(``--onnxruntime DIR`` adds the variant ``other-ort``: ``pip install --target DIR onnxruntime==X --no-deps``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,6 +43,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "init-device-alloc": {"config": {"session.use_device_allocator_for_initializers": "1"}},
     "spin-off": {"spinning": False},
     "dynamic-block-4": {"config": {"session.dynamic_block_base": "4"}},
+    # MLAS's lookup-table (T-MAC style) MatMulNBits kernels, where it has them for the weights' format
+    "lut-gemm": {"config": {"mlas.use_lut_gemm": "1"}},
+    # the pool's second thread pinned to the second logical CPU (1-based ids; the caller's thread is the first worker)
+    "affinity": {"config": {"session.intra_op_thread_affinities": "2"}},
     # onnxruntime-genai's CPU sessions: an arena registered in the environment, shared by sessions
     "env-allocators": {"env_arena": True, "config": {"session.use_env_allocators": "1"}},
     "threads-1": {"threads": 1},
@@ -57,6 +64,7 @@ CHILD = r"""
 import json, os, sys, time
 art, threads, v = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 os.environ.update(v.get("env", {}))   # before onnxruntime is loaded
+sys.path[:0] = v.get("sys_path", [])  # --onnxruntime DIR: another onnxruntime, installed with pip --target DIR
 import numpy as np
 import edgepipe.runtime.model as M
 from edgepipe.runtime.facts import peak_rss_mb
@@ -94,6 +102,8 @@ for _ in range(tg):
     nxt = int(np.argmax(st.step(np.array([nxt]), last_only=True)[-1]))
 out["tg"] = tg / (time.perf_counter() - t0)
 out["vmhwm_mb"] = peak_rss_mb()
+import onnxruntime
+out["onnxruntime"] = onnxruntime.__version__
 print(json.dumps(out))
 """
 
@@ -137,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--onnxruntime", type=Path, help="variant 'other-ort': this folder's onnxruntime (pip install --target DIR onnxruntime==X --no-deps)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args(argv)
     if args.list:
         for name, v in VARIANTS.items():
             print(f"{name}: {json.dumps(v)}")
         return 0
+    if args.onnxruntime:
+        VARIANTS["other-ort"] = {"sys_path": [str(args.onnxruntime.resolve())]}
     names = [n for n in args.variants.split(",") if n]
     unknown = [p for n in names for p in n.split("+") if p not in VARIANTS]
     if unknown or not args.artifact:
@@ -156,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_variant(art, args.threads, name)
                 runs[name].append(res)
                 print(f"[{time.strftime('%H:%M:%S')}] {art.name} rep {rep + 1}/{args.reps} {name}: pp{PP} {res[f'pp{PP}']:.1f}, "
-                      f"decode {res['tg']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, load {res['load_s']:.2f} s", flush=True)
+                      f"decode {res['tg']:.1f}, peak RSS {res['peak_rss_mb']:.0f} MB, load {res['load_s']:.2f} s, "
+                      f"onnxruntime {res.get('onnxruntime')}, load average {os.getloadavg()[0]:.1f}", flush=True)
         report_json["artifacts"][str(art)] = {"runs": runs, "median": report(art, runs)}
     if args.json:
         args.json.write_text(json.dumps(report_json, indent=2))

@@ -7,14 +7,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.bandwidth import onnx_read_bytes
 from benchmarks.vs_common import Progress, say
 from benchmarks.vs_llama_side import CTX, read_kld_base
-from benchmarks.vs_speed import onnx_read_bytes
 
 SIZE_MATCHED = ("Q4_0", "Q4_K_M")  # --match-sizes: edgepipe --max-mb at these files' sizes
 # what the matched builds' allocator chooses between (see budget_profile): int4 in blocks of 32, 64 and 128,
@@ -36,21 +37,28 @@ def CausalLM_has_slice(art: Path) -> bool:
 def rtn_profile(work: Path, target: str = "x86-avx2") -> Path:
     """``target`` (a shipped profile's name; ``x86-avx2``: int4 block 32 asymmetric, 8-bit embedding) with
     plain round-to-nearest instead of imatrix / GPTQ and without its size budget, so every matrix gets the
-    profile's own ``bits`` / ``block_size`` (``raspberrypi5``: int4 b32 asym, the tied table int4 too). On a
-    random-init model calibration statistics and sensitivities mean nothing, and skipping them saves most
-    of the build on a large model. Speed does not depend on the rounding."""
+    profile's own ``bits`` / ``block_size`` (``raspberrypi5``: int4 b32 asym, the tied table int4 too), or
+    those of a ``:b128sym`` / ``:b64asym`` suffix. On a random-init model calibration statistics and
+    sensitivities mean nothing, and skipping them saves most of the build on a large model. Speed does not
+    depend on the rounding."""
     import yaml
 
     from edgepipe.targets import targets_dir
 
+    target, _, fmt = target.partition(":")
     doc = yaml.safe_load((targets_dir() / f"{target}.yaml").read_text())
-    doc["name"] = f"{target}-rtn"
+    doc["name"] = f"{target}-rtn" + (f"-{fmt}" if fmt else "")
     q = doc["quantization"]
+    if fmt:  # e.g. b128sym: every matrix and the table in blocks of 128 without zero points
+        m = re.fullmatch(r"b(\d+)(a?sym)", fmt)
+        if m is None:
+            raise SystemExit(f"error: --int4-target rtn:{target}:{fmt}: the suffix is b<block>sym or b<block>asym")
+        q["block_size"], q["symmetric"] = int(m[1]), m[2] == "sym"
     for key in ("bits_per_weight", "max_mb", "formats", "sensitivity", "eight_bit_ops", "eight_bit_layers"):
         q.pop(key, None)
     q["algorithm"] = "rtn"
     text = yaml.safe_dump(doc, sort_keys=False)
-    out = work / f"{target}-rtn.yaml"
+    out = work / f"{doc['name']}.yaml"
     if not out.is_file() or out.read_text() != text:
         out.write_text(text)
     return out

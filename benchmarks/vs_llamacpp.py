@@ -43,9 +43,10 @@ What it does (everything is cached under ``$EDGEPIPE_CACHE/vs_llamacpp/<model sh
    its OpenMP threads spin at barriers, which collapses when other processes share the cores;
    ratios are taken against the faster variant. Peak RSS of each process by ``/usr/bin/time -v``;
    edgepipe's own ``python -m edgepipe.runtime bench --json`` figure is reported too.
-6. This machine's read bandwidth (a small C program, OpenMP, the same thread count), and decode
+6. This machine's read bandwidth (``benchmarks/bandwidth.py``: OpenMP, the same thread count), and decode
    speed as a fraction of the bandwidth limit: bytes of weights read per generated token (all
-   tensors, minus an embedding table that is only gathered from, i.e. not tied to the output).
+   tensors, minus those a step reads one row of: an embedding table that is only gathered from,
+   i.e. not tied to the output, and GroupQueryAttention's rotary cos/sin tables).
 """
 
 
@@ -117,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int4-target",
         help="edgepipe profile (name or .yaml) for the int4 artifact (default raspberrypi5; with --random "
-        "'rtn': x86-avx2 with round-to-nearest; 'rtn:NAME': profile NAME with round-to-nearest and no size "
-        "budget, see rtn_profile)",
+        "'rtn': x86-avx2 with round-to-nearest; 'rtn:NAME[:b128sym]': profile NAME with round-to-nearest, no size "
+        "budget and optionally another int4 block size / symmetry for every matrix, see rtn_profile)",
     )
     p.add_argument(
         "--threads", default="2", help="thread count, or a comma list to measure several (e.g. 2,1)"

@@ -1,6 +1,6 @@
 """Speed for ``benchmarks/vs_llamacpp.py`` (and ``vs_genai.py`` / ``session_options.py``, which time edgepipe
 the same way): llama-bench and edgepipe's decode / prefill loop in fresh processes under ``/usr/bin/time -v``,
-interleaved A B A B; the bytes a decode step reads; this machine's read bandwidth."""
+interleaved A B A B, with this machine's read bandwidth (``benchmarks/bandwidth.py``) measured between rounds."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from benchmarks.bandwidth import METHOD as BW_METHOD
+from benchmarks.bandwidth import read_bandwidth_gbs
 from benchmarks.llamacpp import Paths
-from benchmarks.vs_common import grab, run, say
+from benchmarks.vs_common import grab, say
 
 SPEED_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")  # the ones with an edgepipe counterpart (vs_edgepipe_side.PAIRS)
 # the edgepipe artifacts timed right after each llama.cpp quant in the interleaved loop (each label once)
@@ -131,82 +131,6 @@ def edgepipe_runtime_bench(art: Path, threads: int) -> dict[str, Any]:
     return res
 
 
-def onnx_read_bytes(art: Path) -> dict[str, int]:
-    """Initializer bytes of an artifact, and those a decode step reads: tables used only as the data
-    input of a Gather / GatherBlockQuantized (one row per token) are left out."""
-    import onnx
-
-    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    sizes: dict[str, int] = {}
-    for t in m.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(np.prod(t.dims) * 4)
-    uses: dict[str, list[tuple[str, int]]] = {}
-    # an untied embedding's own quantized table reaches GatherBlockQuantized through a Reshape (a view)
-    views = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] in sizes}
-    for node in m.graph.node:
-        for i, name in enumerate(node.input):
-            if name in sizes and not (node.op_type == "Reshape" and i == 0):
-                uses.setdefault(name, []).append((node.op_type, i))
-            elif name in views:
-                uses.setdefault(views[name], []).append((node.op_type, i))
-    gathered = [n for n, u in uses.items() if u and all(op.startswith("Gather") and i == 0 for op, i in u)]
-    # a GatherBlockQuantized table's scales/zero points go with it
-    skip = set(gathered)
-    for node in m.graph.node:
-        if node.op_type == "GatherBlockQuantized":
-            for name in node.input[2:]:
-                if name in sizes and all(op == "GatherBlockQuantized" for op, _ in uses.get(name, [])):
-                    skip.add(name)
-    total = sum(sizes.values())
-    return {
-        "tensor_bytes": total,
-        "read_bytes_per_token": total - sum(sizes[n] for n in skip),
-        "gather_only": sorted(skip),
-    }
-
-
-# ------------------------------------------------------------------------------------ bandwidth
-
-BW_C = r"""
-#include <omp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-int main(int argc, char **argv) {
-    size_t n = (size_t)1 << 27;  /* 1 GiB of uint64 */
-    int reps = argc > 1 ? atoi(argv[1]) : 10;
-    uint64_t *a = aligned_alloc(64, n * sizeof(uint64_t));
-    #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) a[i] = i;
-    double best = 1e30; uint64_t sink = 0;
-    for (int r = 0; r < reps; r++) {
-        double t0 = omp_get_wtime(); uint64_t s = 0;
-        #pragma omp parallel for schedule(static) reduction(+:s)
-        for (size_t i = 0; i < n; i++) s += a[i];
-        double dt = omp_get_wtime() - t0; sink += s;
-        if (dt < best) best = dt;
-    }
-    printf("%.3f %llu %d\n", n * sizeof(uint64_t) / best / 1e9, (unsigned long long)(sink & 1), omp_get_max_threads());
-    return 0;
-}
-"""
-
-
-def read_bandwidth_gbs(work: Path, threads: int) -> dict[str, Any]:
-    exe = work / "bwread"
-    if not exe.is_file():
-        src = work / "bwread.c"
-        src.write_text(BW_C)
-        run(["gcc", "-O3", "-march=native", "-fopenmp", src, "-o", exe])
-    env = dict(os.environ, OMPNUM_THREADS=str(threads), OMP_PROC_BIND="close")
-    best = max(float(run([exe, 10], env=env).split()[0]) for _ in range(3))
-    return {
-        "read_gbs": best,
-        "threads": threads,
-        "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes",
-    }
-
 Timed = Callable[[], dict[str, float]]
 
 
@@ -258,7 +182,6 @@ def speed_results(
         "read_gbs": max(bw_runs),
         "runs_gbs": bw_runs,
         "threads": args.threads[0],
-        "method": "C/OpenMP sum over 1 GiB of uint64, best of 30 passes, highest of "
-        f"{len(bw_runs)} measurements spread over the run",
+        "method": f"{BW_METHOD} (benchmarks/bandwidth.py), highest of {len(bw_runs)} measurements spread over the run",
     }
     return speed, bandwidth

@@ -278,6 +278,10 @@ def test_rtn_profile_is_the_target_without_calibration_or_size_budget(tmp_path, 
     for key in ("bits", "block_size", "symmetric", "embedding_bits", "accuracy_level"):
         assert q[key] == q0[key], key
     assert got["budgets"] == shipped["budgets"] and got["cpu"] == shipped["cpu"]
+    for fmt, block, sym in (("b128sym", 128, True), ("b64asym", 64, False)):
+        other = edgepipe.load_target(str(vs_edgepipe_side.rtn_profile(tmp_path, f"{target}:{fmt}"))).to_dict()
+        assert other["name"] == f"{target}-rtn-{fmt}" and other["quantization"]["algorithm"] == "rtn"
+        assert (other["quantization"]["block_size"], other["quantization"]["symmetric"]) == (block, sym)
 
 
 def test_random_shapes_have_their_sources_parameter_counts():
