@@ -4,6 +4,7 @@ llama.cpp's own tools, each file's tensor bytes, and ``llama-perplexity``'s qual
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -80,7 +81,8 @@ def llama_quality(
     """``compute=False``: only the figures already in the work folder's logs (nothing is run)."""
     base = work / f"kld-base-c{CTX}.bin"
     stamp = work / f"kld-base-c{CTX}.json"
-    ev_key = {"eval": str(eval_file), "mtime": eval_file.stat().st_mtime_ns, "size": eval_file.stat().st_size}
+    # the text's content, not its path or mtime: every checkout has its own copy of the packaged text
+    ev_key = {"eval_sha256": hashlib.sha256(eval_file.read_bytes()).hexdigest()}
     res: dict[str, Any] = {}
     def ppl_cmd(model):
         """llama-perplexity on ``model`` with the shared context, batch, threads and base-logits file."""
