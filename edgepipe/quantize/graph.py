@@ -245,7 +245,7 @@ class _Rewrite:
         # The shape is a graph input too (its initializer the default), which keeps onnxruntime from
         # constant-folding the Reshape: folded, it is a heap copy of the whole table (27 MB on the
         # default model's int8 build, all resident); unfolded, a view of the mapped table whose pages
-        # are read only for the rows looked up (benchmarks/RESULTS.md, "Peak RSS of int8").
+        # are read only for the rows looked up (benchmarks/RESULTS.md, issue 16).
         self.model.graph.input.append(helper.make_tensor_value_info(shape_name, TensorProto.INT64, [2]))
         flat = f"{base}/Reshape/output_0"
         reshape = helper.make_node("Reshape", [f"{base}.weight_Q{qb.bits}", shape_name], [flat], name=f"{base}/Reshape")

@@ -4,7 +4,9 @@ onnxruntime maps the external data file (one mapping per initializer) and reads 
 while it prepacks the ``MatMulNBits`` weights into its own heap buffers. The mapped pages it read stay
 resident although most are never read again: the zero points and scales of the prepacked matrices,
 and the tied embedding table, of which a step reads one row per token. On the default model's int8
-build that is 48 MB of the peak RSS (benchmarks/RESULTS.md, "Peak RSS of int8").
+build that is 48 MB; giving them back after loading (the table not folded: edgepipe.quantize.graph)
+took its peak RSS from 308 to 278 MB, the peak now
+being the end of session creation (benchmarks/RESULTS.md, issue 16).
 
 :func:`release_file_pages` drops this process's pages of those mappings (``MADV_DONTNEED``: clean
 pages of a file mapping come back from the file on the next read, so nothing is lost; a mapping
