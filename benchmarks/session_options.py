@@ -12,7 +12,8 @@ ships), measured in the same run.
 Variants (``--list`` prints them): the session's CPU memory arena and memory pattern, prepacking
 (``session.disable_prepacking``), initializers on the device allocator instead of the arena,
 intra-op spinning, the thread pool's dynamic block size and thread affinity, the thread count, MLAS's lookup-table
-MatMulNBits kernels, prefill chunks (``CausalLM(prefill_chunk=N)``), environment variables onnxruntime reads
+MatMulNBits kernels, prefill chunks (``CausalLM(prefill_chunk=N)``), the weight pages kept after loading
+(``pages-kept``: ``CausalLM(release_pages=False)``), environment variables onnxruntime reads
 (``gqa-flash-off``: GroupQueryAttention without its flash kernel), and another onnxruntime version
 (``--onnxruntime DIR`` adds the variant ``other-ort``: ``pip install --target DIR onnxruntime==X --no-deps``).
 """
@@ -54,6 +55,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "chunk-64": {"chunk": 64},
     "chunk-128": {"chunk": 128},
     "chunk-256": {"chunk": 256},
+    # keep the mapped weight pages prepacking read (CausalLM(release_pages=False); edgepipe.runtime.pages)
+    "pages-kept": {"release_pages": False},
     # GroupQueryAttention's fp32 path: onnxruntime 1.31 runs a tiled online-softmax (flash) kernel for every
     # call with more than one key; this environment variable (read when the session is made) brings back the
     # older one (QK^T GEMM, softmax, then a second GEMM with V, the probabilities held whole)
@@ -86,6 +89,8 @@ M.session_options = variant
 kw = {"spinning": v["spinning"]} if "spinning" in v else {}
 if "chunk" in v:
     kw["prefill_chunk"] = v["chunk"]
+if "release_pages" in v:
+    kw["release_pages"] = v["release_pages"]
 t0 = time.perf_counter()
 lm = M.CausalLM(art, threads=v.get("threads", threads), **kw)
 load_s = time.perf_counter() - t0

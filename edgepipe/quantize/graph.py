@@ -237,11 +237,16 @@ class _Rewrite:
         return embedding
 
     def _gather_block_quantized(self, wname: str, qb: QuantizedBlocks, gather: Any) -> None:
-        from onnx import helper, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
         base = wname.removesuffix(".weight")
         shape_name = f"{base}.embedding_shape"
         self.new_inits[shape_name] = numpy_helper.from_array(np.array([qb.N, qb.K * qb.bits // 8], dtype=np.int64), shape_name)
+        # The shape is a graph input too (its initializer the default), which keeps onnxruntime from
+        # constant-folding the Reshape: folded, it is a heap copy of the whole table (27 MB on the
+        # default model's int8 build, all resident); unfolded, a view of the mapped table whose pages
+        # are read only for the rows looked up (benchmarks/RESULTS.md, issue 16).
+        self.model.graph.input.append(helper.make_tensor_value_info(shape_name, TensorProto.INT64, [2]))
         flat = f"{base}/Reshape/output_0"
         reshape = helper.make_node("Reshape", [f"{base}.weight_Q{qb.bits}", shape_name], [flat], name=f"{base}/Reshape")
         names = list(self._tensor_names(base, qb))

@@ -23,7 +23,8 @@ from edgepipe.stage import StageContext, run_cached
 class QuantizeConfig:
     # v3: Hessians accumulated in float32, piece by piece (edgepipe.export.segmented)
     # v5: the scale search in torch (float64 error expansion: rare ties resolve differently)
-    VERSION = 5
+    # v6: the tied table's Reshape shape is a graph input (no folded heap copy of the table)
+    VERSION = 6
 
     export_key: str
     scheme: MixedPrecision

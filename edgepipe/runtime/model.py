@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepipe.errors import ArtifactError
+from edgepipe.runtime.pages import release_file_pages
 from edgepipe.runtime.threads import intra_op_threads
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,13 @@ class CausalLM:
     multi_token_steps = True
 
     def __init__(
-        self, model_dir: Path | str, *, threads: int = 0, spinning: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        self,
+        model_dir: Path | str,
+        *,
+        threads: int = 0,
+        spinning: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        release_pages: bool = True,
     ):
         self.dir = Path(model_dir)
         self.prefill_chunk = int(prefill_chunk)  # a stepper feeds longer prompts in runs of this many (0: whole)
@@ -124,6 +131,10 @@ class CausalLM:
         except Exception as e:  # onnxruntime raises its own untyped errors
             msg = str(e).splitlines()[0][:300]
             raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from None
+        # give back the mapped weight pages prepacking read and no step reads again (edgepipe.runtime.pages;
+        # release_pages=False keeps them, for comparisons)
+        data = path.with_name(path.name + ".data")
+        self.released_bytes = release_file_pages(data) if release_pages and data.is_file() else 0
         self._input_names = {i.name for i in self.session.get_inputs()}
         out = self.session.get_outputs()
         self._output_names = [o.name for o in out]
