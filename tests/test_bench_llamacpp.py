@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,7 @@ def test_an_avx512_host_masked_as_avx2_builds_and_reports_avx2():
 
 
 @pytest.mark.skipif("cpuid_fault" not in llamacpp.cpu_flags(), reason="no CPUID faulting on this CPU / hypervisor")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the CPUID mask")
 def test_the_cpuid_mask_hides_avx512_from_numpy_and_keeps_onnxruntime_s_numbers(tmp_path):
     """Under the mask numpy finds AVX2 and no AVX-512 (the check the benchmark runs first), and an
     onnxruntime MatMul run under it gives the unmasked run's numbers (other kernels, same maths)."""
