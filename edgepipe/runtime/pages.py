@@ -5,8 +5,8 @@ while it prepacks the ``MatMulNBits`` weights into its own heap buffers. The map
 resident although most are never read again: the zero points and scales of the prepacked matrices,
 and the tied embedding table, of which a step reads one row per token. On the default model's int8
 build that is 48 MB; giving them back after loading (the table not folded: edgepipe.quantize.graph)
-took its peak RSS from 308 to 278 MB, the peak now
-being the end of session creation (benchmarks/RESULTS.md, issue 16).
+took its peak RSS from 308 to 283 MB, the peak now being the end of session creation
+(benchmarks/RESULTS.md, issue 16).
 
 :func:`release_file_pages` drops this process's pages of those mappings (``MADV_DONTNEED``: clean
 pages of a file mapping come back from the file on the next read, so nothing is lost; a mapping
