@@ -10,7 +10,7 @@ The sdist vendors llama.cpp under ``vendor/llama.cpp`` (sources, ``convert_hf_to
 
 The build is not "native": ``-DGGML_NATIVE=ON`` turns on the AMX kernels on Sapphire Rapids class
 CPUs, which crash on quantized models here. Instead each x86 instruction-set option is set ON or
-OFF from the host's ``/proc/cpuinfo`` flags (:func:`isa_flags`; AMX always off): a build pinned to
+OFF from the host's ``/proc/cpuinfo`` flags (:func:`benchmarks.isa.isa_flags`; AMX always off): a build pinned to
 AVX-512 died with SIGILL on an AVX2-only EPYC. The chosen set names the cache folder
 (``<version>-<isa>``) and is checked against the build's marker, so a build for another
 instruction set is never reused.
@@ -33,6 +33,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if not __package__:  # run as python benchmarks/llamacpp.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.isa import host_isa, isa_cmake_flags, isa_of_cmake_flags, isa_tag  # noqa: E402
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # the converter imports sentencepiece before it looks for a tokenizer.model (llama.cpp's
 # requirements-convert pins sentencepiece>=0.1.98,<0.3.0); kept out of the host environment
@@ -51,77 +55,6 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
 )
-# ggml's x86 options and the /proc/cpuinfo flags each needs (ggml's AVX512 compiles with
-# -mavx512f/cd/vl/dq/bw). AVX512_VBMI and AVX512_BF16 stay off: the quants compared (Q4_0, Q4_K_M,
-# Q8_0) do not use them, and an AVX-512 build stays the same on every AVX-512 VNNI host.
-ISA_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("SSE42", ("sse4_2",)),
-    ("AVX", ("avx",)),
-    ("AVX2", ("avx2",)),
-    ("BMI2", ("bmi2",)),
-    ("FMA", ("fma",)),
-    ("F16C", ("f16c",)),
-    ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
-    ("AVX512_VNNI", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni")),
-    ("AVX_VNNI", ("avx2", "avx_vnni")),
-)
-# ggml's defaults with GGML_NATIVE=OFF, for markers whose flags do not name an option
-ISA_DEFAULT_ON = frozenset({"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"})
-# the host flags vs_llamacpp prints with its tables
-RELEVANT_CPU_FLAGS = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
-                      "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (or in the text given)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def isa_flags(flags: frozenset[str] | set[str]) -> frozenset[str]:
-    """The ggml x86 options to build with on a CPU with these flags. AVX_VNNI only without
-    AVX512_VNNI (the AVX-512 kernels take precedence)."""
-    on = {name for name, needs in ISA_OPTIONS if set(needs) <= set(flags)}
-    if "AVX512_VNNI" in on:
-        on.discard("AVX_VNNI")
-    return frozenset(on)
-
-
-def isa_cmake_flags(isa: frozenset[str]) -> tuple[str, ...]:
-    """Every ISA option ON or OFF explicitly (with NATIVE off, ggml turns AVX2 and friends on by default)."""
-    return tuple(f"-DGGML_{name}={'ON' if name in isa else 'OFF'}" for name, _ in ISA_OPTIONS)
-
-
-def isa_of_cmake_flags(flags: list[str] | tuple[str, ...]) -> frozenset[str]:
-    """The ISA options a build's recorded cmake flags turned on (ggml's defaults for the others)."""
-    on = set(ISA_DEFAULT_ON)
-    for flag in flags:
-        name, _, value = flag.removeprefix("-DGGML_").partition("=")
-        if flag.startswith("-DGGML_") and name in dict(ISA_OPTIONS):
-            (on.add if value.upper() == "ON" else on.discard)(name)
-    return frozenset(on)
-
-
-def isa_tag(isa: frozenset[str]) -> str:
-    """A short name of the instruction set, for the cache folder."""
-    for name, tag in (("AVX512_VNNI", "avx512vnni"), ("AVX512", "avx512"), ("AVX_VNNI", "avxvnni"), ("AVX2", "avx2"), ("AVX", "avx")):
-        if name in isa:
-            return tag
-    return "generic"
-
-
-def host_isa() -> frozenset[str]:
-    return isa_flags(cpu_flags())
-
-
 Progress = Callable[[str], None]
 
 # llama.cpp's converter names a BPE pre-tokenizer by the hash of the token ids it gives for a test

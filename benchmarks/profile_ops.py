@@ -40,7 +40,8 @@ import numpy as np
 
 if not __package__:  # run as python benchmarks/profile_ops.py: the repo root on sys.path, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.llamacpp import cpu_flags, ensure_llamacpp
+from benchmarks.isa import cpu_flags
+from benchmarks.llamacpp import ensure_llamacpp
 from benchmarks.profile_parse import (
     PerfRow,
     classify_asm,

@@ -62,8 +62,9 @@ from typing import Any
 
 if not __package__:  # run as python benchmarks/vs_llamacpp.py: the repo root on sys.path, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import isa_mask, vs_speed
-from benchmarks.llamacpp import Paths, build_info, cpu_flags, ensure_llamacpp, isa_flags
+from benchmarks import isa, vs_speed
+from benchmarks.isa import cpu_flags, isa_flags
+from benchmarks.llamacpp import Paths, build_info, ensure_llamacpp
 from benchmarks.random_models import SHAPES, random_model_dir
 from benchmarks.train_austen import austen_model
 from benchmarks.vs_common import say
@@ -128,10 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
         "--isa",
-        choices=isa_mask.ISAS,
+        choices=isa.ISAS,
         default="host",
         help="avx2: time both tools as on an AVX2-only CPU (llama.cpp built for AVX2, every timed process under a "
-        "CPUID mask that hides AVX-512, AVX-VNNI and AMX; benchmarks/isa_mask.py)",
+        "CPUID mask that hides AVX-512, AVX-VNNI and AMX; benchmarks/isa.py)",
     )
     p.add_argument("--no-speed", action="store_true", help="quality and sizes only")
     p.add_argument("--no-edgepipe", action="store_true", help="llama.cpp only")
@@ -259,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     load_before = os.getloadavg()
     if args.isa != "host":
-        say(f"timing as {args.isa}: numpy under the CPUID mask finds {isa_mask.check(args.isa)}")
-        vs_speed.SPEED_ENV = isa_mask.env_for(args.isa)
-    lc = ensure_llamacpp(say, isa=isa_flags(isa_mask.masked_flags(cpu_flags(), args.isa)))
+        say(f"timing as {args.isa}: numpy under the CPUID mask finds {isa.check(args.isa)}")
+        vs_speed.SPEED_ENV = isa.env_for(args.isa)
+    lc = ensure_llamacpp(say, isa=isa_flags(isa.masked_flags(cpu_flags(), args.isa)))
     model_dir, eval_file, texts = _model_and_texts(args)
     info = edgepipe.inspect_model(model_dir)
     work = cache_root() / "vs_llamacpp" / info.sha256[:16]

@@ -10,8 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks import isa_mask
-from benchmarks.llamacpp import RELEVANT_CPU_FLAGS, cpu_flags
+from benchmarks.isa import RELEVANT_CPU_FLAGS, cpu_flags, masked_flags
 from benchmarks.vs_edgepipe_side import PAIRS
 from benchmarks.vs_llama_side import QUANTS
 from benchmarks.vs_speed import NOSPIN, PASSIVE, TG
@@ -24,7 +23,7 @@ def machine_facts(isa: str = "host") -> dict[str, Any]:
         facts["cpu_model"] = (re.search(r"Model name:\s*(.+)", lscpu) or [None, "?"])[1].strip()
     except OSError:
         facts["cpu_model"] = platform.processor()
-    host = isa_mask.masked_flags(cpu_flags(), isa)
+    host = masked_flags(cpu_flags(), isa)
     facts["cpu_flags"] = [f for f in RELEVANT_CPU_FLAGS if f in host]
     try:
         facts["ram_gb"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
@@ -208,7 +207,7 @@ def machine_lines(R: dict[str, Any]) -> list[str]:
     """The CPU the tables were measured on, its instruction-set flags and what llama.cpp was built with."""
     m, lc = R.get("machine") or {}, R.get("llamacpp") or {}
     isa = lc.get("isa")
-    masked = " as an AVX2-only CPU (CPUID masked: benchmarks/isa_mask.py; this host's caches and memory)" if m.get("isa") == "avx2" else ""
+    masked = " as an AVX2-only CPU (CPUID masked: benchmarks/isa.py; this host's caches and memory)" if m.get("isa") == "avx2" else ""
     return [
         f"CPU: {m.get('cpu_model', '?')}, {m.get('cores', '?')} logical cores{masked}; flags: {' '.join(m.get('cpu_flags') or []) or '?'}",
         f"llama.cpp {lc.get('llama_cpp', '?')} built with: {' '.join(isa) if isa else ' '.join(f for f in lc.get('cmake_flags', []) if 'GGML_' in f) or '?'}",

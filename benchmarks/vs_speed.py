@@ -64,7 +64,7 @@ print(json.dumps(out))
 """
 
 
-# the environment of every timed command: with --isa avx2, the CPUID mask's (benchmarks/isa_mask.py;
+# the environment of every timed command: with --isa avx2, the CPUID mask's (benchmarks/isa.py;
 # vs_llamacpp.main sets it)
 SPEED_ENV: dict[str, str] | None = None
 

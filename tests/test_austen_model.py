@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp, host_isa, isa_tag  # noqa: E402
+from benchmarks.isa import host_isa, isa_tag  # noqa: E402
+from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp  # noqa: E402
 from benchmarks.train_austen import FULL, HELDOUT, TINY, austen_model, default_data_dir  # noqa: E402
 
 # measured on this machine (2026-12-07, benchmarks/train_austen.py --tiny, calib.txt / heldout.txt):

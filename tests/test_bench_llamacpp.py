@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import llamacpp, vs_edgepipe_side, vs_llama_side, vs_llamacpp, vs_report, vs_speed  # noqa: E402
+from benchmarks import isa, llamacpp, vs_edgepipe_side, vs_llama_side, vs_llamacpp, vs_report, vs_speed  # noqa: E402
 from benchmarks.llamacpp import LLAMA_CPP_PYTHON_VERSION, cached_llamacpp  # noqa: E402
 
 # conftest points EDGEPIPE_CACHE at a temp dir: look for the build (and the converted default
@@ -58,26 +58,26 @@ PINNED_BEFORE = [  # what the build pinned before the flags came from the host
 
 
 def test_cmake_flags_follow_the_host_cpu():
-    avx2 = llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
+    avx2 = isa.isa_flags(isa.cpu_flags(EPYC_AVX2))
     assert avx2 == {"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"}
-    flags = llamacpp.isa_cmake_flags(avx2)
+    flags = isa.isa_cmake_flags(avx2)
     assert "-DGGML_AVX512=OFF" in flags and "-DGGML_AVX512_VNNI=OFF" in flags and "-DGGML_AVX2=ON" in flags
     assert not any("AMX" in f and f.endswith("=ON") for f in (*llamacpp.CMAKE_FLAGS, *flags))
-    spr = llamacpp.isa_flags(llamacpp.cpu_flags(SAPPHIRE_RAPIDS))
+    spr = isa.isa_flags(isa.cpu_flags(SAPPHIRE_RAPIDS))
     assert {"AVX512", "AVX512_VNNI"} <= spr and "AVX_VNNI" not in spr  # the AVX-512 kernels take precedence
-    assert "AVX_VNNI" in llamacpp.isa_flags(llamacpp.cpu_flags(ALDER_LAKE))
+    assert "AVX_VNNI" in isa.isa_flags(isa.cpu_flags(ALDER_LAKE))
     # the instruction set names the folder and is read back from a marker's flags, older markers too
-    assert llamacpp.isa_tag(avx2) == "avx2" and llamacpp.isa_tag(spr) == "avx512vnni"
-    assert llamacpp.isa_of_cmake_flags(llamacpp.isa_cmake_flags(avx2)) == avx2
-    assert llamacpp.isa_of_cmake_flags(PINNED_BEFORE) == spr
-    assert llamacpp.isa_flags(llamacpp.cpu_flags("processor: 0\n")) == frozenset()
+    assert isa.isa_tag(avx2) == "avx2" and isa.isa_tag(spr) == "avx512vnni"
+    assert isa.isa_of_cmake_flags(isa.isa_cmake_flags(avx2)) == avx2
+    assert isa.isa_of_cmake_flags(PINNED_BEFORE) == spr
+    assert isa.isa_flags(isa.cpu_flags("processor: 0\n")) == frozenset()
 
 
 def test_a_build_for_another_instruction_set_is_not_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))
     monkeypatch.delenv("EDGEPIPE_LLAMACPP", raising=False)
-    avx2 = llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
-    avx512 = llamacpp.isa_flags(llamacpp.cpu_flags(SAPPHIRE_RAPIDS))
+    avx2 = isa.isa_flags(isa.cpu_flags(EPYC_AVX2))
+    avx512 = isa.isa_flags(isa.cpu_flags(SAPPHIRE_RAPIDS))
     assert llamacpp.cache_dir(isa=avx2) != llamacpp.cache_dir(isa=avx512)
     # a complete-looking build made with the AVX-512 flags, in the folder of builds made before the ISA named it
     root = tmp_path / "llamacpp" / LLAMA_CPP_PYTHON_VERSION
@@ -225,7 +225,7 @@ def test_llamacpp_tokens_and_logprobs_match_edgepipe(tmp_path):
 
 def test_tables_name_the_cpu_and_its_flags():
     facts = vs_report.machine_facts()
-    assert facts["cpu_model"] and set(facts["cpu_flags"]) <= set(llamacpp.RELEVANT_CPU_FLAGS)
+    assert facts["cpu_model"] and set(facts["cpu_flags"]) <= set(isa.RELEVANT_CPU_FLAGS)
     lines = vs_report.machine_lines({"machine": facts, "llamacpp": {"llama_cpp": "b1", "isa": ["AVX", "AVX2"]}})
     assert lines[0].startswith(f"CPU: {facts['cpu_model']}") and " ".join(facts["cpu_flags"]) in lines[0]
     assert lines[1] == "llama.cpp b1 built with: AVX AVX2"
@@ -309,26 +309,22 @@ def test_random_shapes_have_their_sources_parameter_counts():
 
 def test_an_avx512_host_masked_as_avx2_builds_and_reports_avx2():
     """``--isa avx2``: llama.cpp's options are an AVX2-only EPYC's, and the tables say it was masked."""
-    from benchmarks import isa_mask
-
-    spr = llamacpp.cpu_flags(SAPPHIRE_RAPIDS)
-    assert llamacpp.isa_flags(isa_mask.masked_flags(spr, "avx2")) == llamacpp.isa_flags(llamacpp.cpu_flags(EPYC_AVX2))
-    assert isa_mask.masked_flags(spr, "host") == spr
+    spr = isa.cpu_flags(SAPPHIRE_RAPIDS)
+    assert isa.isa_flags(isa.masked_flags(spr, "avx2")) == isa.isa_flags(isa.cpu_flags(EPYC_AVX2))
+    assert isa.masked_flags(spr, "host") == spr
     facts = vs_report.machine_facts("avx2")
     assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in facts["cpu_flags"]), facts
     assert "as an AVX2-only CPU (CPUID masked" in vs_report.machine_lines({"machine": facts})[0]
 
 
-@pytest.mark.skipif("cpuid_fault" not in llamacpp.cpu_flags(), reason="no CPUID faulting on this CPU / hypervisor")
+@pytest.mark.skipif("cpuid_fault" not in isa.cpu_flags(), reason="no CPUID faulting on this CPU / hypervisor")
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the CPUID mask")
 def test_the_cpuid_mask_hides_avx512_from_numpy_and_keeps_onnxruntime_s_numbers(tmp_path):
     """Under the mask numpy finds AVX2 and no AVX-512 (the check the benchmark runs first), and an
     onnxruntime MatMul run under it gives the unmasked run's numbers (other kernels, same maths)."""
-    from benchmarks import isa_mask
-
-    if not {"avx512f", "avx2"} <= llamacpp.cpu_flags():
+    if not {"avx512f", "avx2"} <= isa.cpu_flags():
         pytest.skip("needs an AVX-512 host to hide AVX-512 from")
-    found = isa_mask.check("avx2")
+    found = isa.check("avx2")
     assert found["AVX2"] and found["FMA3"] and not found["AVX512F"]
     code = (
         "import numpy as np, onnxruntime as ort, onnx; from onnx import helper as h, TensorProto as T; "
@@ -339,6 +335,6 @@ def test_the_cpuid_mask_hides_avx512_from_numpy_and_keeps_onnxruntime_s_numbers(
         "x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32); "
         "print(float(s.run(None, {'x': x})[0].astype(np.float64).sum()))"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=isa_mask.env_for(isa), check=True) for isa in isa_mask.ISAS]
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=isa.env_for(kind), check=True) for kind in isa.ISAS]
     host, avx2 = (float(r.stdout.strip()) for r in runs)
     assert abs(host - avx2) < 1e-3 * max(1.0, abs(host))

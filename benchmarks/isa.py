@@ -1,22 +1,26 @@
-"""Run a program as if the CPU had AVX2 but no AVX-512: CPUID masking on an AVX-512 host.
+"""The x86 instruction set a benchmark runs with: the host's flags, llama.cpp's build options for
+them, and a mask that makes an AVX-512 host run as an AVX2-only CPU.
+
+llama.cpp is compiled for an instruction set (``benchmarks/llamacpp.py`` builds with the options
+:func:`isa_flags` gives for the host's ``/proc/cpuinfo`` flags). onnxruntime's MLAS and numpy choose
+their kernels at run time from the ``cpuid`` instruction.
 
 Issue 16 asks for the speed figures on both x86 kinds, and the machines here are AVX-512 Xeons.
-onnxruntime's MLAS and numpy choose their kernels at run time from the ``cpuid`` instruction;
-llama.cpp is compiled for an instruction set (``benchmarks/llamacpp.py``). Linux can make
-``cpuid`` fault in user space (``arch_prctl(ARCH_SET_CPUID, 0)``, "CPUID faulting", flag
-``cpuid_fault``). A small preloaded library turns that on and answers each faulting ``cpuid`` with
-the real one minus AVX-512 (F, DQ, IFMA, CD, BW, VL, VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ, FP16,
-BF16), AVX-VNNI and AMX, which is what an AVX2-only EPYC (Zen 2/3) reports. A process then runs the
-same AVX2 kernels it would run on such a machine, on this host's caches and memory: a figure
-measured so says which *kernels* win on AVX2, not what an EPYC's memory system would give.
+Linux can make ``cpuid`` fault in user space (``arch_prctl(ARCH_SET_CPUID, 0)``, "CPUID faulting",
+flag ``cpuid_fault``). A small preloaded library (:data:`MASK_C`) turns that on and answers each
+faulting ``cpuid`` with the real one minus AVX-512 (F, DQ, IFMA, CD, BW, VL, VBMI, VBMI2, VNNI,
+BITALG, VPOPCNTDQ, FP16, BF16), AVX-VNNI and AMX, which is what an AVX2-only EPYC (Zen 2/3) reports.
+A process then runs the same AVX2 kernels it would run on such a machine, on this host's caches and
+memory: a figure measured so says which *kernels* win on AVX2, not what an EPYC's memory system
+would give.
 
 The setting is per thread and inherited by threads created later, so it covers onnxruntime's and
 OpenMP's pools. glibc picks its string functions before the library loads (they may still use
 AVX-512; so do llama.cpp's, and both sides of a comparison get the same). Checked, not assumed:
 :func:`check` runs numpy under the mask and requires that it finds AVX2 and not AVX512F.
 
-    python benchmarks/isa_mask.py            # build the library and check it
-    LD_PRELOAD=$(python benchmarks/isa_mask.py --path) python -m edgepipe.runtime bench DIR
+    python benchmarks/isa.py            # build the mask library and check it
+    LD_PRELOAD=$(python benchmarks/isa.py --path) python -m edgepipe.runtime bench DIR
 """
 
 from __future__ import annotations
@@ -28,6 +32,77 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+# ggml's x86 options and the /proc/cpuinfo flags each needs (ggml's AVX512 compiles with
+# -mavx512f/cd/vl/dq/bw). AVX512_VBMI and AVX512_BF16 stay off: the quants compared (Q4_0, Q4_K_M,
+# Q8_0) do not use them, and an AVX-512 build stays the same on every AVX-512 VNNI host.
+ISA_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("SSE42", ("sse4_2",)),
+    ("AVX", ("avx",)),
+    ("AVX2", ("avx2",)),
+    ("BMI2", ("bmi2",)),
+    ("FMA", ("fma",)),
+    ("F16C", ("f16c",)),
+    ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("AVX512_VNNI", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni")),
+    ("AVX_VNNI", ("avx2", "avx_vnni")),
+)
+# ggml's defaults with GGML_NATIVE=OFF, for markers whose flags do not name an option
+ISA_DEFAULT_ON = frozenset({"SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"})
+# the host flags vs_llamacpp prints with its tables
+RELEVANT_CPU_FLAGS = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
+                      "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (or in the text given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def isa_flags(flags: frozenset[str] | set[str]) -> frozenset[str]:
+    """The ggml x86 options to build with on a CPU with these flags. AVX_VNNI only without
+    AVX512_VNNI (the AVX-512 kernels take precedence)."""
+    on = {name for name, needs in ISA_OPTIONS if set(needs) <= set(flags)}
+    if "AVX512_VNNI" in on:
+        on.discard("AVX_VNNI")
+    return frozenset(on)
+
+
+def isa_cmake_flags(isa: frozenset[str]) -> tuple[str, ...]:
+    """Every ISA option ON or OFF explicitly (with NATIVE off, ggml turns AVX2 and friends on by default)."""
+    return tuple(f"-DGGML_{name}={'ON' if name in isa else 'OFF'}" for name, _ in ISA_OPTIONS)
+
+
+def isa_of_cmake_flags(flags: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The ISA options a build's recorded cmake flags turned on (ggml's defaults for the others)."""
+    on = set(ISA_DEFAULT_ON)
+    for flag in flags:
+        name, _, value = flag.removeprefix("-DGGML_").partition("=")
+        if flag.startswith("-DGGML_") and name in dict(ISA_OPTIONS):
+            (on.add if value.upper() == "ON" else on.discard)(name)
+    return frozenset(on)
+
+
+def isa_tag(isa: frozenset[str]) -> str:
+    """A short name of the instruction set, for the cache folder."""
+    for name, tag in (("AVX512_VNNI", "avx512vnni"), ("AVX512", "avx512"), ("AVX_VNNI", "avxvnni"), ("AVX2", "avx2"), ("AVX", "avx")):
+        if name in isa:
+            return tag
+    return "generic"
+
+
+def host_isa() -> frozenset[str]:
+    return isa_flags(cpu_flags())
+
 
 MASK_C = r"""
 #define _GNU_SOURCE
@@ -102,8 +177,7 @@ def library(cache: Path | None = None) -> Path:
     so = root / f"avx2-{hashlib.sha256(MASK_C.encode()).hexdigest()[:12]}.so"
     if so.is_file():
         return so
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in cpu_flags():
         raise MaskUnavailable("this CPU / hypervisor has no CPUID faulting (flag cpuid_fault): AVX2 cannot be emulated here")
     root.mkdir(parents=True, exist_ok=True)
     src = root / "isa_mask.c"
