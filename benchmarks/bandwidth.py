@@ -20,12 +20,15 @@ but 256 MiB and more already read at the DRAM rate; see RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as python benchmarks/bandwidth.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.vs_common import compiled  # noqa: E402
 
 BUFFER_MIB = 1024  # 1 GiB: over twice the largest L3 this host reports
 METHOD = "C/OpenMP, best of 3 x 10 passes over 1 GiB of uint64, faster of a plain sum and a 4-accumulator vector loop"
@@ -95,15 +98,7 @@ int main(int argc, char **argv) {
 
 
 def _exe(work: Path) -> Path:
-    """The compiled program, named by its source's hash (an older program cached beside it is not reused)."""
-    tag = hashlib.sha256(BW_C.encode()).hexdigest()[:12]
-    exe = work / f"bwread-{tag}"
-    if not exe.is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        src = work / f"bwread-{tag}.c"
-        src.write_text(BW_C)
-        subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)], check=True, capture_output=True)
-    return exe
+    return compiled(BW_C, work, "bwread", ["-O3", "-march=native", "-fopenmp"], cc="gcc")
 
 
 def measure(work: Path, threads: int, mib: int = BUFFER_MIB, kernel: str = "vec4", reps: int = 10) -> float:

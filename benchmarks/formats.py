@@ -44,6 +44,7 @@ import numpy as np
 
 if not __package__:  # run as python benchmarks/formats.py: the repo root on sys.path, for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.random_models import SHAPES as RANDOM_SHAPES  # noqa: E402
 
 REFERENCE = "int4/b32/asym"
 FORMATS = [
@@ -67,12 +68,22 @@ class Shape:
         return [("qkv", h, self.qkv), ("o", h, h), ("gate", h, i), ("up", h, i), ("down", i, h)]
 
 
+def _shape_of(config: dict[str, Any]) -> Shape:
+    """A transformers config's projection sizes (one definition of the model: benchmarks/random_models.py)."""
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return Shape(
+        hidden=config["hidden_size"],
+        inter=config["intermediate_size"],
+        qkv=config["num_attention_heads"] * head + 2 * config["num_key_value_heads"] * head,
+        vocab=config["vocab_size"],
+        layers=config["num_hidden_layers"],
+    )
+
+
 SHAPES = {
     "smollm2": Shape(hidden=576, inter=1536, qkv=960, vocab=49152, layers=30),
-    # config.json of meta-llama/Llama-3.2-1B: 32 query / 8 KV heads of 64, tied 128256 x 2048 table
-    "llama3.2-1b": Shape(hidden=2048, inter=8192, qkv=2048 + 2 * 512, vocab=128256, layers=16),
-    # config.json of Qwen/Qwen2.5-0.5B: 14 query / 2 KV heads of 64, tied 151936 x 896 table
-    "qwen2.5-0.5b": Shape(hidden=896, inter=4864, qkv=896 + 2 * 128, vocab=151936, layers=24),
+    # Llama-3.2-1B's and Qwen2.5-0.5B's config.json, as random_models.SHAPES has them
+    **{name: _shape_of(RANDOM_SHAPES[name][1]) for name in ("llama3.2-1b", "qwen2.5-0.5b")},
 }
 SHAPE = SHAPES["smollm2"]
 MS = (1, 512)

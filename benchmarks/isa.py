@@ -26,12 +26,15 @@ AVX-512; so do llama.cpp's, and both sides of a comparison get the same). Checke
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+if not __package__:  # run as python benchmarks/isa.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.vs_common import compiled  # noqa: E402
 
 # ggml's x86 options and the /proc/cpuinfo flags each needs (ggml's AVX512 compiles with
 # -mavx512f/cd/vl/dq/bw). AVX512_VBMI and AVX512_BF16 stay off: the quants compared (Q4_0, Q4_K_M,
@@ -174,20 +177,12 @@ def library(cache: Path | None = None) -> Path:
     from edgepipe.models import cache_root
 
     root = Path(cache) if cache else cache_root() / "isa_mask"
-    so = root / f"avx2-{hashlib.sha256(MASK_C.encode()).hexdigest()[:12]}.so"
-    if so.is_file():
-        return so
     if "cpuid_fault" not in cpu_flags():
         raise MaskUnavailable("this CPU / hypervisor has no CPUID faulting (flag cpuid_fault): AVX2 cannot be emulated here")
-    root.mkdir(parents=True, exist_ok=True)
-    src = root / "isa_mask.c"
-    src.write_text(MASK_C)
-    tmp = so.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], capture_output=True, text=True)
-    if r.returncode:
-        raise MaskUnavailable(f"compiling the CPUID mask failed: {r.stderr.strip()[-400:]}")
-    tmp.replace(so)
-    return so
+    try:
+        return compiled(MASK_C, root, "avx2", ["-O2", "-shared", "-fPIC"], suffix=".so")
+    except (RuntimeError, OSError) as e:
+        raise MaskUnavailable(f"compiling the CPUID mask failed: {str(e)[-400:]}") from None
 
 
 def env_for(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,7 +1,10 @@
-"""What the parts of ``benchmarks/vs_llamacpp.py`` share: progress lines, commands run, figures out of tools' output."""
+"""What the parts of ``benchmarks/vs_llamacpp.py`` share: progress lines, commands run, figures out of tools'
+output, and the small C programs its yardsticks compile (``bandwidth.py``, ``isa.py``)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -38,3 +41,20 @@ def grab(pattern: str, text: str) -> float | None:
     """The number of ``pattern``'s first group in ``text``, or None where the output lacks it."""
     m = re.search(pattern, text)
     return float(m.group(1)) if m else None
+
+
+def compiled(source: str, where: Path, stem: str, flags: list[str], suffix: str = "", cc: str = "cc") -> Path:
+    """``source`` compiled with ``cc flags`` into ``where/<stem>-<source hash><suffix>``, once: a program
+    built from another version of the source is never reused, and a half-written one is never seen
+    (built under a temporary name, then renamed). A failed compile raises RuntimeError with its output."""
+    tag = hashlib.sha256(source.encode()).hexdigest()[:12]
+    out = where / f"{stem}-{tag}{suffix}"
+    if out.is_file():
+        return out
+    where.mkdir(parents=True, exist_ok=True)
+    src = where / f"{stem}-{tag}.c"
+    src.write_text(source)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    run([cc, *flags, "-o", tmp, src])
+    tmp.replace(out)
+    return out
