@@ -35,12 +35,12 @@ def CausalLM_has_slice(art: Path) -> bool:
 
 
 def rtn_profile(work: Path, target: str = "x86-avx2") -> Path:
-    """``target`` (a shipped profile's name; ``x86-avx2``: int4 block 32 asymmetric, 8-bit embedding) with
-    plain round-to-nearest instead of imatrix / GPTQ and without its size budget, so every matrix gets the
-    profile's own ``bits`` / ``block_size`` (``raspberrypi5``: int4 b32 asym, the tied table int4 too), or
-    those of a ``:b128sym`` / ``:b64asym`` suffix. On a random-init model calibration statistics and
-    sensitivities mean nothing, and skipping them saves most of the build on a large model. Speed does not
-    depend on the rounding."""
+    """``target`` (a shipped profile's name) with plain round-to-nearest instead of imatrix / GPTQ and
+    without its size budget, so every matrix gets the profile's own ``bits`` / ``block_size`` (``x86-avx2``
+    and ``raspberrypi5``: int4 b32 asym, the tied table int4 too; ``x86-avx2`` kept an int8 table until
+    2026-12-07), or those of a ``:b128sym`` / ``:b64asym`` suffix. On a random-init model calibration
+    statistics and sensitivities mean nothing, and skipping them saves most of the build on a large model.
+    Speed does not depend on the rounding."""
     import yaml
 
     from edgepipe.targets import targets_dir

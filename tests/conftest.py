@@ -246,7 +246,8 @@ def tiny_llama(zoo: TinyZoo) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_artifact(zoo: TinyZoo) -> Path:
-    """The tiny tied Llama built for x86-avx2 (int4 body, int8 tied embedding); budgets hold."""
+    """The tiny tied Llama built for x86-avx2 (GPTQ, formats chosen per matrix within 6.12 bits/weight, int4
+    tied embedding); budgets hold."""
     return zoo.artifact("llama", "x86-avx2")[0]
 
 

@@ -144,12 +144,12 @@ def test_build_bits_per_weight_and_an_unreachable_max_mb(zoo, tmp_path):
 
 
 def test_search_writes_the_pareto_points_plot_and_report(zoo, tmp_path):
-    res = cli("search", "--model", zoo.model("llama"), "--target", "x86-avx2", "--out", tmp_path / "s", "--budgets", "5.5,6.5,8", "--json")
+    res = cli("search", "--model", zoo.model("llama"), "--target", "x86-avx2", "--out", tmp_path / "s", "--budgets", "4.4,6.5,8", "--json")
     assert res.exit_code in (0, 3), res.stderr
     doc = json.loads(res.stdout)
     assert doc == json.loads((tmp_path / "s" / "pareto.json").read_text())
-    unreachable, small, large = doc["points"]  # x86-avx2 keeps an 8-bit table: 5.5 is out of this model's reach
-    assert unreachable["error"].startswith("size budget 5.5 bits/weight cannot be met: the smallest this model reaches")
+    unreachable, small, large = doc["points"]  # int4/b64 everywhere is 4.56 (hidden 64: no b128): 4.4 is out of reach
+    assert unreachable["error"].startswith("size budget 4.4 bits/weight cannot be met: the smallest this model reaches")
     assert small["artifact_bytes"] < large["artifact_bytes"] and small["kl_divergence"] >= large["kl_divergence"] * 0.5
     assert doc["chosen"] in (1, 2) and doc["pareto"]
     for p in doc["points"][1:]:
@@ -157,5 +157,5 @@ def test_search_writes_the_pareto_points_plot_and_report(zoo, tmp_path):
         verify_artifact(p["artifact"])
     assert (tmp_path / "s" / "pareto.png").stat().st_size > 1000
     assert "![size vs KL](pareto.png)" in (tmp_path / "s" / "report.md").read_text()
-    bad = cli("search", "--model", zoo.model("llama"), "--target", "x86-avx2", "--out", tmp_path / "t", "--budgets", "5.5,x")
+    bad = cli("search", "--model", zoo.model("llama"), "--target", "x86-avx2", "--out", tmp_path / "t", "--budgets", "4.4,x")
     assert bad.exit_code == 2

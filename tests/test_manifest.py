@@ -55,7 +55,7 @@ def test_target_and_quantization(built):
     assert (cfg["bits"], cfg["block_size"], cfg["symmetric"], cfg["algorithm"], cfg["embedding_bits"]) == (
         q.bits, q.block_size, q.symmetric, q.algorithm, q.embedding_bits
     )
-    assert m["quantization"]["algorithm_used"] == q.algorithm  # imatrix: calibration ran
+    assert m["quantization"]["algorithm_used"] == q.algorithm  # gptq: calibration ran
     assert m["calibration"]["windows"] > 0 and m["calibration"]["source"] == "edgepipe/data/calib.txt"
     assert m["eval"]["source"] == "edgepipe/data/eval.txt" and 1 <= m["eval"]["windows"] <= 16 and m["eval"]["window_tokens"] == 512
     assert m["eval"]["scored_from_position"] == 256

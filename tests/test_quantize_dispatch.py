@@ -188,8 +188,10 @@ def test_the_shipped_profiles_schemes():
     avx512 = scheme_from_target(load_target("x86-avx512").quantization)
     assert avx512 == MixedPrecision(default=Rtn(bits=8, block_size=32), table=Rtn(bits=8, block_size=32))
     assert not avx512.needs_calibration
-    avx2 = scheme_from_target(load_target("x86-avx2").quantization)
-    assert avx2.default == Imatrix(bits=4) and avx2.table == Rtn(bits=8) and avx2.needs_calibration and not avx2.needs_hessian
+    # x86-avx2: the Pi scheme (GPTQ, an int4 table) and a size budget over int4 / int8 formats chosen per matrix
+    avx2 = load_target("x86-avx2").quantization
+    assert scheme_from_target(avx2) == pi and avx2.embedding_bits == 4 and avx2.sensitivity == "fisher"
+    assert avx2.bits_per_weight == 6.12 and {f.split("/")[0] for f in avx2.formats} == {"int4", "int8"}
     # a profile that sets eight_bit_block_size on an all-8-bit body gives the body that block
     q8 = scheme_from_target(Quantization(bits=8, eight_bit_block_size=64, embedding_bits=8))
     assert q8.default == Rtn(bits=8, block_size=64) and q8.table == Rtn(bits=8, block_size=32) and q8.eight_bit is None
