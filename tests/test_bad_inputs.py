@@ -318,8 +318,8 @@ CASES = [
     Case("target-duplicate-key", lambda w: w.build(target=w.target_edit("  bits: 4", "  bits: 4\n  bits: 8")), 2, "duplicate or unhashable key 'bits'"),
     Case("target-huge-file", lambda w: w.build(target=w.target("# " + "x" * (2 << 20) + "\n" + GOOD_TARGET)), 2, "is over 1024 KB"),
     Case("target-huge-integer", lambda w: w.build(target=w.target_edit("cores: 4", "cores: " + "9" * 400)), 2, "must be an integer between"),
-    Case("target-negative-kl", lambda w: w.build(target=w.target_edit("max_kl_divergence: 0.25", "max_kl_divergence: -1")), 2, "must be a number between"),
-    Case("target-kl-string", lambda w: w.build(target=w.target_edit("max_kl_divergence: 0.25", "max_kl_divergence: low")), 2, "must be a number between"),
+    Case("target-negative-kl", lambda w: w.build(target=w.target_edit("max_kl_divergence: 0.10", "max_kl_divergence: -1")), 2, "must be a number between"),
+    Case("target-kl-string", lambda w: w.build(target=w.target_edit("max_kl_divergence: 0.10", "max_kl_divergence: low")), 2, "must be a number between"),
     # ---- issue 18: --out is the user's folder ----
     Case("out-dangling-symlink", lambda w: _dangling(w).build(), 2, "is a dangling symbolic link", out_exists=True),
     Case("out-symlink-to-folder", lambda w: (w.out.symlink_to(Path(w.file("real/x", "")).parent), w.build())[1], 2, "is a symbolic link", out_exists=True),
