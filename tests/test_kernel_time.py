@@ -97,6 +97,17 @@ def test_build_max_decode_time_records_the_predicted_times(zoo, tmp_path):
     assert alloc["budget"] == {"bits_per_weight": 6.12, "max_mb": None, "max_decode_time": 0.85}
     assert alloc["kernel_time"]["decode"] <= 0.85 and alloc["kernel_time"]["prefill"] > 0
     assert json.loads(res.stdout)["metrics"]["artifact_mb"] > 0
+    doc = json.loads(cli("search", "--model", model, "--target", profile, "--out", tmp_path / "s", "--budgets", "5.5,6.12",
+                         "--max-decode-time", "0.85", "--json").stdout)
+    assert all(p["kernel_time"]["decode"] <= 0.85 for p in doc["points"])
+    assert "| decode kernel time |" in (tmp_path / "s" / "report.md").read_text()
     bad = cli("build", "--model", model, "--target", "raspberrypi5", "--out", tmp_path / "b", "--max-decode-time", "0.9")
     assert bad.exit_code == 2 and "needs kernel_time" in bad.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "b").exists()
+
+
+def test_search_refuses_a_time_budget_without_kernel_times_before_building(tmp_path):
+    res = cli("search", "--target", "raspberrypi5", "--out", tmp_path / "s", "--budgets", "5.5,6", "--max-decode-time", "0.9")
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "needs kernel_time" in res.stderr
+    assert not (tmp_path / "s" / "points").exists()

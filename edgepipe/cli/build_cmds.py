@@ -89,14 +89,19 @@ def _budget_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--budgets", callback=_budget_list, help="Comma-separated bits per weight (default: four from the allowed formats, plus the profile's).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8); default: the packaged text.")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation text (UTF-8).")
+@click.option("--max-decode-time", type=click.FloatRange(0, min_open=True), help="A time budget for every point (see build --max-decode-time).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (pareto.json) on stdout.")
 @_guard
-def search(model: Path | None, target: str, out: Path, budgets: tuple[float, ...] | None, calib: Path | None, eval_file: Path | None, as_json: bool) -> None:
+def search(
+    model: Path | None, target: str, out: Path, budgets: tuple[float, ...] | None, calib: Path | None, eval_file: Path | None,
+    max_decode_time: float | None, as_json: bool,
+) -> None:  # fmt: skip
     """Build several size budgets from one export and calibration; write the size / quality trade-off. Exit 3: no point passes."""
     from edgepipe.search import search as do_search
 
     with _native_stdout_to_stderr(as_json):
-        res = do_search(model=model, target=target, out=out, budgets=budgets, calib=calib, eval_file=eval_file, progress=_progress(True))
+        res = do_search(model=model, target=target, out=out, budgets=budgets, calib=calib, eval_file=eval_file, progress=_progress(True),
+                        max_decode_time=max_decode_time)
     if as_json:
         _emit_json(json.loads((res.out / "pareto.json").read_text(encoding="utf-8")))
     else:
