@@ -49,6 +49,7 @@ def build(
     allow_random_weights: bool = False,
     bits_per_weight: float | None = None,
     max_mb: float | None = None,
+    max_decode_time: float | None = None,
 ) -> BuildResult:
     """Build a verified artifact for ``target`` into ``out``. Raises EdgepipeError on bad input.
 
@@ -56,12 +57,14 @@ def build(
     folder, the device spec), export, quantize, optimize, validate (accuracy, throughput, budgets),
     package (staged beside ``--out``, published atomically). A model whose fp32 reference is no
     better than a uniform guess is refused unless ``allow_random_weights`` (recorded in the manifest).
+    ``bits_per_weight`` / ``max_mb`` replace the profile's size budget; ``max_decode_time`` adds a
+    time budget within it (the profile's ``kernel_time``; :mod:`edgepipe.quantize.kernel_time`).
     """
     from edgepipe.backends import backend_for
     from edgepipe.cache import leases
     from edgepipe.package import check_out_dir
 
-    request = _request(target, out, model, calib, eval_file, device, allow_random_weights, bits_per_weight, max_mb)
+    request = _request(target, out, model, calib, eval_file, device, allow_random_weights, bits_per_weight, max_mb, max_decode_time)
     check_out_dir(request.out, (request.model, request.calib, request.eval_file))
     with leases():  # `cache prune` leaves every entry this build uses alone until it ends
         return backend_for(request.target).build(request, progress or silent)
@@ -78,6 +81,7 @@ def run_stages(
     allow_random_weights: bool = False,
     bits_per_weight: float | None = None,
     max_mb: float | None = None,
+    max_decode_time: float | None = None,
 ) -> None:
     """The stages of :func:`build` up to ``stop_after`` (``export``, ``sensitivity``, ``quantize`` or
     ``validate``; CPU targets), into the stage cache only: a later build of the same inputs finds them
@@ -87,7 +91,7 @@ def run_stages(
 
     if stop_after not in STAGES[:-1]:
         raise ValueError(f"stop_after is one of {STAGES[:-1]}, got {stop_after!r}")  # a bug, not user input
-    request = _request(target, Path("unused"), model, calib, eval_file, None, allow_random_weights, bits_per_weight, max_mb)
+    request = _request(target, Path("unused"), model, calib, eval_file, None, allow_random_weights, bits_per_weight, max_mb, max_decode_time)
     if request.target.runtime.execution_provider != "CPUExecutionProvider":
         raise ValueError("run_stages runs the CPU backend's stages")  # a bug: the matrix runs NPU cells whole
     with leases():
@@ -97,10 +101,11 @@ def run_stages(
 def _request(
     target: str | Target, out: Path | str, model: Path | str | None, calib: Path | str | None, eval_file: Path | str | None,
     device: str | None, allow_random_weights: bool, bits_per_weight: float | None, max_mb: float | None,
+    max_decode_time: float | None = None,
 ) -> BuildRequest:
     tgt = target if isinstance(target, Target) else load_target(target)
-    if bits_per_weight is not None or max_mb is not None:
-        tgt = with_budget(tgt, bits_per_weight, max_mb)
+    if bits_per_weight is not None or max_mb is not None or max_decode_time is not None:
+        tgt = with_budget(tgt, bits_per_weight, max_mb, max_decode_time)
     return BuildRequest(
         target=tgt,
         out=Path(out).absolute(),
@@ -112,17 +117,23 @@ def _request(
     )
 
 
-def with_budget(target: Target, bits_per_weight: float | None, max_mb: float | None) -> Target:
-    """``target`` with its size budget replaced (one of the two), checked as a profile's would be."""
+def with_budget(target: Target, bits_per_weight: float | None, max_mb: float | None, max_decode_time: float | None = None) -> Target:
+    """``target`` with its size budget replaced (one of the two) and/or its time budget set, checked as a
+    profile's would be."""
     import dataclasses
 
     from edgepipe.errors import InputError
     from edgepipe.targets import parse_target
 
-    if (bits_per_weight is None) == (max_mb is None):
-        raise InputError("give one size budget: --bits-per-weight or --max-mb")
+    if bits_per_weight is not None and max_mb is not None:
+        raise InputError("give one size budget: --bits-per-weight or --max-mb, not both")
+    if bits_per_weight is None and max_mb is None and max_decode_time is None:
+        raise InputError("give a budget: --bits-per-weight, --max-mb or --max-decode-time")
     data = target.to_dict()
     data.pop("alias_of", None)
-    data["quantization"].update(bits_per_weight=bits_per_weight, max_mb=max_mb)
+    if bits_per_weight is not None or max_mb is not None:
+        data["quantization"].update(bits_per_weight=bits_per_weight, max_mb=max_mb)
+    if max_decode_time is not None:
+        data["quantization"]["max_decode_time"] = max_decode_time
     checked = parse_target(data, source=f"{target.name} with a size budget")
     return dataclasses.replace(checked, alias_of=target.alias_of)

@@ -53,6 +53,7 @@ def point_row(budget: float, art: Path, res: Any) -> dict[str, Any]:
         "ppl_increase_pct": acc.get("ppl_increase_pct"), "kl_divergence": acc.get("kl_divergence"), "top1_agreement": acc.get("top1_agreement"),
         "prefill_tok_s": thr.get("prefill_tok_s"), "decode_tok_s": thr.get("decode_tok_s"),
         "verdict": m["verdict"], "failed_budgets": list(m["failed_budgets"]), "formats": alloc.get("formats"),
+        "kernel_time": alloc.get("kernel_time"),
     }
 
 
@@ -76,21 +77,27 @@ def pareto_front(points: Sequence[dict[str, Any]]) -> list[int]:
 def search(
     *, target: str, out: Path | str, model: Path | str | None = None, budgets: Sequence[float] | None = None,
     calib: Path | str | None = None, eval_file: Path | str | None = None, progress: Progress | None = None,
+    max_decode_time: float | None = None,
 ) -> SearchResult:
     """Build ``target`` at each of ``budgets`` (bits per weight; default: :func:`default_budgets`) into
-    ``out/points/``, then write ``out/pareto.json``, ``out/pareto.png`` and ``out/report.md``."""
+    ``out/points/``, then write ``out/pareto.json``, ``out/pareto.png`` and ``out/report.md``.
+    ``max_decode_time`` puts every point under that time budget too (:mod:`edgepipe.quantize.kernel_time`):
+    two searches, with and without, show what the speed costs this model."""
     from edgepipe.package.plots import PARETO, pareto_plot
-    from edgepipe.pipeline import build
+    from edgepipe.pipeline import build, with_budget
     from edgepipe.targets import load_target
 
     say = progress or silent
     tgt = load_target(target)
+    sizes = tuple(budgets or default_budgets(tgt.quantization))
+    if max_decode_time is not None:  # a profile without kernel times is refused here, not once per point
+        tgt = with_budget(tgt, sizes[0], None, max_decode_time)
     if tgt.runtime.execution_provider != "CPUExecutionProvider":
         raise InputError(f"search allocates CPU weight formats; {tgt.name} runs on {tgt.runtime.execution_provider}")
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict[str, Any]] = []
-    for b in budgets or default_budgets(tgt.quantization):
+    for b in sizes:
         say(f"search: building at {b:g} bits/weight")
         art = out / "points" / f"bpw-{b:g}"
         try:
@@ -115,18 +122,22 @@ def search_report(doc: dict[str, Any], figure: str | None) -> str:
         f"# Size budget search for {doc['target']} ({doc['model']})", "",
         f"Chosen: **{c['bits_per_weight']:g} bits/weight**, {c['artifact_mb']} MiB, KL {c['kl_divergence']:.5f}, verdict {c['verdict']} "
         f"(`edgepipe build --bits-per-weight {c['bits_per_weight']:g}` makes it).", "",
-        "| bits/weight | MiB | PPL +% | mean KL | top-1 | prefill tok/s | decode tok/s | verdict |", "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| bits/weight | MiB | PPL +% | mean KL | top-1 | prefill tok/s | decode tok/s | decode kernel time | verdict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, p in enumerate(doc["points"]):
         if "error" in p:
-            lines.append(f"| {p['bits_per_weight']:g} | — | — | — | — | — | — | {p['error']} |")
+            lines.append(f"| {p['bits_per_weight']:g} | — | — | — | — | — | — | — | {p['error']} |")
             continue
         mark = " (chosen)" if i == doc["chosen"] else (" (Pareto)" if i in doc["pareto"] else "")
+        kt = (p.get("kernel_time") or {}).get("decode")
         lines.append(
             f"| {p['bits_per_weight']:g}{mark} | {p['artifact_mb']} | {p['ppl_increase_pct']:.2f} | {p['kl_divergence']:.5f} | "
-            f"{p['top1_agreement']:.4f} | {p['prefill_tok_s']} | {p['decode_tok_s']} | {p['verdict']} |"
+            f"{p['top1_agreement']:.4f} | {p['prefill_tok_s']} | {p['decode_tok_s']} | {'—' if kt is None else f'{kt:.3f}'} | {p['verdict']} |"
         )
     lines.append("")
+    if any((p.get("kernel_time") or {}).get("decode") is not None for p in doc["points"]):
+        lines += ["Decode kernel time: predicted from the profile's `kernel_time`, as a fraction of its base format everywhere.", ""]
     if figure:
         lines += [f"![size vs KL]({figure})", ""]
     return "\n".join(lines)

@@ -30,10 +30,12 @@ from edgepipe.cli._common import (
 @click.option("--allow-untrained", is_flag=True, help="Build a random / untrained model on purpose (recorded in the manifest).")
 @click.option("--bits-per-weight", type=click.FloatRange(0, min_open=True), help="Size budget: mean stored bits per quantized weight (replaces the profile's).")
 @click.option("--max-mb", type=click.FloatRange(0, min_open=True), help="Size budget: the artifact in MiB (replaces the profile's).")
+@click.option("--max-decode-time", type=click.FloatRange(0, min_open=True),
+              help="Time budget within the size budget: predicted decode kernel time, a fraction of the base format's (profile kernel_time).")
 @_guard
 def build(
     model: Path | None, target: str, out: Path, calib: Path | None, eval_file: Path | None, device: str | None, as_json: bool,
-    sign_key: Path | None, allow_untrained: bool, bits_per_weight: float | None, max_mb: float | None,
+    sign_key: Path | None, allow_untrained: bool, bits_per_weight: float | None, max_mb: float | None, max_decode_time: float | None,
 ) -> None:  # fmt: skip
     """Export, quantize, validate and package a model. Exit 0: every budget holds; 3: built, a budget failed."""
     from edgepipe.pipeline import build as do_build
@@ -44,7 +46,8 @@ def build(
         load_private_key(sign_key)  # a bad key fails now, not after the build
     with _native_stdout_to_stderr(as_json):
         res = do_build(model=model, target=target, out=out, calib=calib, eval_file=eval_file, device=device, progress=_progress(True),
-                       allow_random_weights=allow_untrained, bits_per_weight=bits_per_weight, max_mb=max_mb)
+                       allow_random_weights=allow_untrained, bits_per_weight=bits_per_weight, max_mb=max_mb,
+                       max_decode_time=max_decode_time)
     if sign_key is not None:
         from edgepipe.package.signing import sign_artifact
 
@@ -86,14 +89,19 @@ def _budget_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--budgets", callback=_budget_list, help="Comma-separated bits per weight (default: four from the allowed formats, plus the profile's).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8); default: the packaged text.")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation text (UTF-8).")
+@click.option("--max-decode-time", type=click.FloatRange(0, min_open=True), help="A time budget for every point (see build --max-decode-time).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (pareto.json) on stdout.")
 @_guard
-def search(model: Path | None, target: str, out: Path, budgets: tuple[float, ...] | None, calib: Path | None, eval_file: Path | None, as_json: bool) -> None:
+def search(
+    model: Path | None, target: str, out: Path, budgets: tuple[float, ...] | None, calib: Path | None, eval_file: Path | None,
+    max_decode_time: float | None, as_json: bool,
+) -> None:  # fmt: skip
     """Build several size budgets from one export and calibration; write the size / quality trade-off. Exit 3: no point passes."""
     from edgepipe.search import search as do_search
 
     with _native_stdout_to_stderr(as_json):
-        res = do_search(model=model, target=target, out=out, budgets=budgets, calib=calib, eval_file=eval_file, progress=_progress(True))
+        res = do_search(model=model, target=target, out=out, budgets=budgets, calib=calib, eval_file=eval_file, progress=_progress(True),
+                        max_decode_time=max_decode_time)
     if as_json:
         _emit_json(json.loads((res.out / "pareto.json").read_text(encoding="utf-8")))
     else:

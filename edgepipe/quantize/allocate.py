@@ -41,24 +41,27 @@ def graph_bytes(num_layers: int) -> int:
 @dataclass(frozen=True)
 class Budget:
     """A size budget: ``bits_per_weight`` (mean stored bits over every quantized matrix, the table
-    included) or ``max_mb`` (the whole artifact, MiB, as the manifest's ``artifact_mb``)."""
+    included) or ``max_mb`` (the whole artifact, MiB, as the manifest's ``artifact_mb``); and
+    optionally a time budget within it, ``max_decode_time`` (:mod:`edgepipe.quantize.kernel_time`)."""
 
     bits_per_weight: float | None = None
     max_mb: float | None = None
+    max_decode_time: float | None = None
 
     def __post_init__(self) -> None:
         given = [v for v in (self.bits_per_weight, self.max_mb) if v is not None]
         if len(given) != 1:
             raise InputError("a size budget is bits per weight or a maximum size in MiB: give exactly one")
-        if not (math.isfinite(given[0]) and given[0] > 0):
-            raise InputError(f"a size budget must be a positive number, got {given[0]}")
+        for v in (given[0], self.max_decode_time):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise InputError(f"a size or time budget must be a positive number, got {v}")
 
     @classmethod
     def of(cls, q: Any) -> Budget | None:
         """The budget of a profile's ``quantization`` section, if it states one."""
         if q.bits_per_weight is None and q.max_mb is None:
             return None
-        return cls(q.bits_per_weight, q.max_mb)
+        return cls(q.bits_per_weight, q.max_mb, getattr(q, "max_decode_time", None))
 
     def matrix_bytes(self, parameters: int, other_bytes: int) -> int:
         """Bytes the quantized matrices may take: ``parameters`` weights in them, ``other_bytes`` the
@@ -69,10 +72,12 @@ class Budget:
 
     @property
     def label(self) -> str:
+        """The size budget in words (the time budget, if any, is named where it binds)."""
         return f"{self.bits_per_weight:g} bits/weight" if self.bits_per_weight is not None else f"{self.max_mb:g} MiB"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits_per_weight": self.bits_per_weight, "max_mb": self.max_mb}
+        size = {"bits_per_weight": self.bits_per_weight, "max_mb": self.max_mb}
+        return size if self.max_decode_time is None else {**size, "max_decode_time": self.max_decode_time}
 
 
 def option_bytes(plan: BitPlan, matrix: Matrix, config: WeightOnlyConfig | None) -> int:
@@ -126,13 +131,15 @@ def check_reachable(plan: BitPlan, options: Options, budget: Budget, budget_byte
 
 @dataclass(frozen=True)
 class Allocation:
-    """The allocated plan, the budget it was made for and the loss the proxy predicts for it."""
+    """The allocated plan, the budget it was made for and the loss the proxy predicts for it; with a
+    profile's ``kernel_time``, its predicted kernel time per phase as a fraction of the base format's."""
 
     plan: BitPlan
     budget: Budget
     budget_bytes: int
     predicted_loss: float
     proxy: str
+    kernel_time: Mapping[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's record: budget, bytes, predicted loss (every matrix's format is the quantization
@@ -141,6 +148,7 @@ class Allocation:
             "budget": self.budget.to_dict(), "budget_bytes": self.budget_bytes, "bytes": self.plan.bytes(),
             "bits_per_weight": round(8 * self.plan.bytes() / max(self.plan.parameters(), 1), 4),
             "predicted_loss": self.predicted_loss, "proxy": self.proxy, "formats": self.plan.summary()["formats"],
+            **({"kernel_time": dict(self.kernel_time)} if self.kernel_time else {}),
         }
 
 

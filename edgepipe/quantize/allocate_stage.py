@@ -9,6 +9,7 @@ unreachable budget from ``config.json`` alone, before any export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,6 +23,7 @@ from edgepipe.export.stage import ExportResult
 from edgepipe.quantize.allocate import Allocation, Budget, allocate, check_reachable, graph_bytes, options_for, plan_from_labels
 from edgepipe.quantize.bitplan import BitPlan
 from edgepipe.quantize.configs import allowed_formats, scheme_from_target
+from edgepipe.quantize.kernel_time import KernelTimes, allocate_within_time
 from edgepipe.quantize.sensitivity import Sensitivity
 from edgepipe.stage import StageContext, run_cached
 
@@ -43,12 +45,13 @@ class SensitivityConfig:
 
 @dataclass(frozen=True)
 class AllocateConfig:
-    VERSION = 1
+    VERSION = 2
 
     sensitivity_key: str
     plan: BitPlan  # the scheme's plan (pinned matrices included) the allocation edits
-    budget: Budget
+    budget: Budget  # its max_decode_time too
     budget_bytes: int
+    kernel_time: tuple[Any, ...] = ()  # the profile's rows (edgepipe.targets.schema.KernelTime)
 
 
 # what quantizing adds to model.onnx per matrix (MatMulNBits' attributes and its scale / zero-point
@@ -121,18 +124,25 @@ def run_allocation(
     sens_out = run_cached("sensitivity", scfg, measure, ctx)
     sens = Sensitivity.read(sens_out.dir / "sensitivity.json")
     budget_bytes = budget.matrix_bytes(plan.parameters(), exported_other_bytes(source.model_dir, plan))
-    acfg = AllocateConfig(sens_out.key, plan, budget, budget_bytes)
+    acfg = AllocateConfig(sens_out.key, plan, budget, budget_bytes, tuple(q.kernel_time))
+    times = KernelTimes.of(q)
 
     def choose(tmp: Path) -> dict[str, Any]:
-        alloc = allocate(plan, options, sens.losses, budget, budget_bytes, sens.proxy)
+        if budget.max_decode_time is not None and times is not None:
+            alloc = allocate_within_time(plan, options, sens.losses, budget, budget_bytes, sens.proxy, times, budget.max_decode_time)
+        else:
+            alloc = allocate(plan, options, sens.losses, budget, budget_bytes, sens.proxy)
+        predicted = {ph: round(t, 4) for ph in ("decode", "prefill") if times is not None and (t := times.plan_time(alloc.plan, ph)) is not None}
+        alloc = dataclasses.replace(alloc, kernel_time=predicted or None)
         (tmp / "allocation.json").write_text(json.dumps({**alloc.to_dict(), "matrices": alloc.plan.labels()}, indent=0, sort_keys=True), encoding="utf-8")
-        return {"bytes": alloc.plan.bytes(), "predicted_loss": alloc.predicted_loss}
+        return {"bytes": alloc.plan.bytes(), "predicted_loss": alloc.predicted_loss, **({"kernel_time": predicted} if predicted else {})}
 
     out = run_cached("allocate", acfg, choose, ctx)
     record = json.loads((out.dir / "allocation.json").read_text(encoding="utf-8"))
     allocated = plan_from_labels(plan, record["matrices"], q)
-    ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}")
-    return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"])
+    speed = "".join(f", {ph} kernel time {t:g} of {times.base}'s" for ph, t in record.get("kernel_time", {}).items()) if times else ""
+    ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}{speed}")
+    return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"], record.get("kernel_time"))
 
 
 def _measure(source: ExportResult, info: Any, options: Any, windows: list[np.ndarray], proxy: str, tmp: Path, ctx: StageContext) -> Sensitivity:

@@ -122,6 +122,7 @@ def parse_target(data: Any, source: str = "target") -> Target:
         if v is not None and v not in (16, 32, 64, 128, 256):
             raise TargetError(f"{source}.quantization.{key} is {v}; use 16, 32, 64, 128 or 256")
     _check_size_budget(q, source)
+    _check_kernel_time(q, source)
     qnn = target.runtime.execution_provider == "QNNExecutionProvider"
     if target.npu is not None and not qnn:
         raise TargetError(f"{source}: a profile with an npu section needs runtime.execution_provider: QNNExecutionProvider")
@@ -150,6 +151,36 @@ def _check_size_budget(q: Any, source: str) -> None:
             f"{where}.bits_per_weight {q.bits_per_weight} cannot be met: the smallest reachable is "
             f"{fmts[0].bits_per_weight:.3f} bits/weight ({fmts[0].label} everywhere)"
         )
+
+
+def _check_kernel_time(q: Any, source: str) -> None:
+    """A time budget needs a size budget to allocate within and a measured time for the base format and
+    every allowed one; times are positive and named once."""
+    from edgepipe.errors import InputError
+    from edgepipe.quantize.configs import Format, allowed_formats
+
+    where = f"{source}.quantization"
+    seen: set[str] = set()
+    for i, row in enumerate(q.kernel_time):
+        try:
+            label = Format.parse(row.format).label
+        except InputError as e:
+            raise TargetError(f"{where}.kernel_time[{i}].format: {e}") from None
+        if label in seen:
+            raise TargetError(f"{where}.kernel_time names {label} twice; keep one row per format")
+        seen.add(label)
+        if row.decode <= 0 or (row.prefill is not None and row.prefill <= 0):
+            raise TargetError(f"{where}.kernel_time[{i}] ({label}): times are positive ratios to the base format")
+    if q.max_decode_time is None:
+        return
+    if q.max_decode_time <= 0:
+        raise TargetError(f"{where}.max_decode_time must be a positive fraction of the base format's decode time")
+    if q.bits_per_weight is None and q.max_mb is None:
+        raise TargetError(f"{where}.max_decode_time needs a size budget (bits_per_weight or max_mb) to allocate within")
+    needed = [Format(q.bits, q.block_size, q.symmetric).label, *(f.label for f in allowed_formats(q))]
+    missing = [label for label in needed if label not in seen]
+    if missing:
+        raise TargetError(f"{where}.max_decode_time needs kernel_time for the base and every allowed format; add a row for {missing[0]}")
 
 
 def targets_dir() -> Path:

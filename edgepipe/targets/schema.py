@@ -24,6 +24,17 @@ class Cpu:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelTime:
+    """One format's ``MatMulNBits`` time per weight on the device, relative to the profile's base format
+    (``bits`` / ``block_size`` / ``symmetric``): ``decode`` at one row (a decode step), ``prefill`` at
+    512 rows. Measured there with ``benchmarks/formats.py``; :mod:`edgepipe.quantize.kernel_time`."""
+
+    format: str
+    decode: float
+    prefill: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Quantization:
     """How weights are stored. ``bits`` applies to every transformer MatMul except the
     layers named in ``eight_bit_layers``; the tied embedding / lm_head table has its own bits.
@@ -48,6 +59,8 @@ class Quantization:
     bits_per_weight: float | None = None  # size budget: mean stored bits per quantized weight
     max_mb: float | None = None  # size budget: the artifact in MiB (one of the two)
     sensitivity: Literal["fisher", "relative-output-error"] = "fisher"  # the allocator's proxy (edgepipe.quantize.sensitivity)
+    kernel_time: tuple[KernelTime, ...] = ()  # per format, measured on the device: what the allocation costs in time
+    max_decode_time: float | None = None  # time budget: decode kernel time as a fraction of the base format's everywhere
 
 
 @dataclasses.dataclass(frozen=True)
