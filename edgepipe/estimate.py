@@ -133,7 +133,7 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target, pre: P
     sized = artifact_size(config, num_parameters, target, pre)
     size = sized.total
     ctx = target.runtime.context_length
-    kv_bytes = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * ctx * 4
+    kv_bytes = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * ctx * (2 if target.runtime.kv_cache_dtype == "float16" else 4)
     # prefill transients: fp32 logits for the prompt plus a few hidden-size activations per token
     transient = PREFILL_TOKENS * vocab * 4 * 2 + PREFILL_TOKENS * hidden * 4 * 16
     peak_ram = size + kv_bytes + transient + RUNTIME_BASE_MB * 2**20

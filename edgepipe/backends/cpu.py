@@ -36,7 +36,7 @@ class CpuBackend:
         from edgepipe.export.preflight import preflight
         from edgepipe.export.stage import ExportConfig, run_export
         from edgepipe.models import resolve_model
-        from edgepipe.optimize.stage import OptimizeConfig, run_optimize
+        from edgepipe.optimize.stage import OptimizeConfig, passes_for, run_optimize
         from edgepipe.package import tool_versions
         from edgepipe.quantize import plan_from_onnx, scheme_from_target
         from edgepipe.quantize.allocate_stage import preflight_budget, run_allocation
@@ -86,7 +86,7 @@ class CpuBackend:
         timings["quantize_s"] = round(time.time() - t0, 2)
         quant_info = {**quant.info, "matrix_formats": plan.labels(), **({"allocation": alloc.to_dict()} if alloc else {})}
 
-        opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key), ctx)
+        opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes_for(tgt.runtime.kv_cache_dtype)), ctx)
         if stop_after == "quantize":
             return None
 

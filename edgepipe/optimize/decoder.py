@@ -5,8 +5,10 @@ write tensors' bytes). ``optimize_dir`` writes the result beside the source; the
 copied unread. A hard link would save the copy, but onnx refuses to load external data that has
 several links ("potential hardlink attack"), which breaks every later ``onnx.load`` of either folder.
 
-The passes keep the graph's default behaviour (every new input has an initializer default), so
-onnxruntime-genai and any caller that does not know about them get exactly the original outputs.
+The default passes keep the graph's default behaviour (every new input has an initializer default), so
+onnxruntime-genai and any caller that does not know about them get exactly the original outputs. The
+optional ``kv_cache_fp16`` changes the past/present dtype, which onnxruntime-genai and the runtime
+read from the graph.
 onnx-ir and onnxscript take seconds to import: the passes are imported when they run.
 """
 
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import onnx_ir as ir
+
     from edgepipe.optimize.manager import PassManager
 
 logger = logging.getLogger(__name__)
@@ -25,36 +30,49 @@ logger = logging.getLogger(__name__)
 # The CPU decoder's passes, in the order they run: {pass name: version}. Bump a pass's version when
 # its output changes: the build's stage cache keys on this. (logits_slice 2: written by onnx-ir.)
 PASSES = {"logits_slice": 2}
+# Passes a profile turns on (``runtime.kv_cache_dtype: float16`` -> kv_cache_fp16), run after PASSES.
+# Only a build that asks for one has it in its versions, so every other build keeps its cache key.
+OPTIONAL_PASSES = {"kv_cache_fp16": 1}
 
 
-def decoder_passes() -> PassManager:
-    """The pass manager for the CPU decoder: one pass per entry of ``PASSES``, in that order."""
+def pass_versions(kv_cache_dtype: str = "float32") -> dict[str, int]:
+    """{pass name: version} of the passes a build with this KV cache dtype runs, in order."""
+    extra = {"kv_cache_fp16": OPTIONAL_PASSES["kv_cache_fp16"]} if kv_cache_dtype == "float16" else {}
+    return {**PASSES, **extra}
+
+
+def decoder_passes(names: Iterable[str] = tuple(PASSES)) -> PassManager:
+    """The pass manager for the CPU decoder: one pass per name (of ``PASSES`` / ``OPTIONAL_PASSES``), in that order."""
+    from edgepipe.optimize.kv_cache_fp16 import KVCacheFp16Pass
     from edgepipe.optimize.logits_slice import LogitsSlicePass
     from edgepipe.optimize.manager import PassManager
 
-    return PassManager([LogitsSlicePass()])
+    known: dict[str, type[ir.passes.PassBase]] = {"logits_slice": LogitsSlicePass, "kv_cache_fp16": KVCacheFp16Pass}
+    return PassManager([known[n]() for n in names])
 
 
-def optimize_model(model: Any) -> dict[str, Any]:
-    """Run the decoder's passes on ``model`` (an onnx.ModelProto, changed in place only if a pass
+def optimize_model(model: Any, passes: Iterable[str] = tuple(PASSES)) -> dict[str, Any]:
+    """Run the decoder's ``passes`` on ``model`` (an onnx.ModelProto, changed in place only if a pass
     applied); return {pass name: what it did} for those that applied."""
     from edgepipe.optimize.manager import apply_to_proto
 
-    return dict(apply_to_proto(decoder_passes(), model).details)
+    return dict(apply_to_proto(decoder_passes(passes), model).details)
 
 
-def optimize_dir(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
-    """Optimize the decoder in ``src_dir`` into ``dst_dir``: ``model.onnx`` rewritten, every other
-    file (the external weights included) copied as is."""
+def optimize_dir(src_dir: Path, dst_dir: Path, versions: dict[str, int] | None = None) -> dict[str, Any]:
+    """Optimize the decoder in ``src_dir`` into ``dst_dir`` with the passes of ``versions`` ({name:
+    version}, default ``PASSES``): ``model.onnx`` rewritten, every other file (the external weights
+    included) copied as is."""
     import onnx
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src_dir / "model.onnx"), load_external_data=False)
-    done = optimize_model(model)
+    versions = dict(PASSES if versions is None else versions)
+    done = optimize_model(model, versions)
     for f in src_dir.iterdir():
         if f.is_file() and f.name != "model.onnx":
             shutil.copy2(f, dst_dir / f.name)
     # tensors keep their external_data entries: the rewritten graph points at the same data file
     onnx.save_model(model, str(dst_dir / "model.onnx"))
-    return {"passes": done, "versions": dict(PASSES)}
+    return {"passes": done, "versions": versions}

@@ -68,6 +68,12 @@ class RuntimeOptions:
     execution_provider: Literal["CPUExecutionProvider", "QNNExecutionProvider"] = "CPUExecutionProvider"
     threads: int = 0  # 0: one per physical core
     context_length: int = 2048
+    # The KV cache's element type. "float16" halves it (SmolLM2-135M: 94 -> 47 MB at 2048 positions)
+    # by running attention in float16 (optimize pass kv_cache_fp16; the rest stays float32; builder
+    # graphs only). onnxruntime 1.31's float16 GroupQueryAttention has no flash kernel: decode 0.33x on
+    # x86 at 512 positions (benchmarks/RESULTS.md); the aarch64 wheel has the same kernels, so no
+    # shipped profile turns it on.
+    kv_cache_dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
