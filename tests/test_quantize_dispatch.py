@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, TargetError
 from edgepipe.quantize import (
     Format,
     Gptq,
@@ -28,9 +28,10 @@ from edgepipe.quantize import (
     scheme_from_target,
 )
 from edgepipe.quantize.blockwise import QuantizedBlocks, quantize_matrix
+from edgepipe.quantize.configs import config_for_format
 from edgepipe.quantize.gptq import gptq_matrix
 from edgepipe.quantize.handlers import HANDLERS, WeightStats, quantize_weight
-from edgepipe.targets import Quantization, list_targets, load_target
+from edgepipe.targets import Quantization, list_targets, load_target, parse_target
 
 
 def same_blocks(a: QuantizedBlocks, b: QuantizedBlocks) -> bool:
@@ -175,8 +176,11 @@ def test_every_profile_becomes_a_scheme_and_the_manifest_record_rebuilds_it(name
     assert (record["bits"], record["block_size"], record["symmetric"], record["accuracy_level"], record["embedding_bits"]) == (
         q.bits, q.block_size, q.symmetric, q.accuracy_level, q.embedding_bits
     )
-    assert record["algorithm"] == (q.algorithm if 4 in (q.bits, q.embedding_bits) else "rtn")
-    assert scheme.needs_calibration == (q.algorithm in ("imatrix", "gptq") and 4 in (q.bits, q.embedding_bits))
+    four = 4 in (q.bits, q.embedding_bits)
+    assert record["algorithm"] == (q.algorithm if four else q.eight_bit_algorithm)
+    assert record["eight_bit_algorithm"] == q.eight_bit_algorithm
+    calibrated = ("imatrix", "gptq")
+    assert scheme.needs_calibration == ((q.algorithm in calibrated and four) or q.eight_bit_algorithm in calibrated)
 
 
 def test_the_shipped_profiles_schemes():
@@ -195,6 +199,27 @@ def test_the_shipped_profiles_schemes():
     # a profile that sets eight_bit_block_size on an all-8-bit body gives the body that block
     q8 = scheme_from_target(Quantization(bits=8, eight_bit_block_size=64, embedding_bits=8))
     assert q8.default == Rtn(bits=8, block_size=64) and q8.table == Rtn(bits=8, block_size=32) and q8.eight_bit is None
+
+
+def test_eight_bit_algorithm_quantizes_every_8_bit_matrix_and_defaults_to_rounding():
+    """A profile's ``eight_bit_algorithm`` reaches the 8-bit body, table and pinned matrices and the formats
+    an allocator picks (config_for_format); without it 8-bit matrices are rounded to nearest."""
+    q8 = Quantization(bits=8, block_size=64, algorithm="gptq", eight_bit_algorithm="gptq", embedding_bits=8)
+    s8 = scheme_from_target(q8)
+    assert s8.default == Gptq(bits=8, block_size=64) and s8.table == s8.default and s8.needs_hessian
+    assert config_for_format(Format(8, 128, True), q8) == Gptq(bits=8, block_size=128, symmetric=True)
+    pi = Quantization(bits=4, algorithm="gptq", eight_bit_ops=("down_proj",), eight_bit_block_size=64)
+    assert scheme_from_target(pi).eight_bit == Rtn(bits=8, block_size=64)
+    assert config_for_format(Format(8, 64), pi) == Rtn(bits=8, block_size=64)
+    assert config_for_format(Format(4, 64), pi) == Gptq(bits=4, block_size=64)
+    assert scheme_from_target(dataclasses.replace(pi, eight_bit_algorithm="mse")).eight_bit == Mse(bits=8, block_size=64)
+    # in a profile file: read like `algorithm`, an unknown name refused in one line
+    data = load_target("x86-avx512").to_dict()
+    data["quantization"]["eight_bit_algorithm"] = "gptq"
+    assert scheme_from_target(parse_target(data).quantization).default == Gptq(bits=8, block_size=32)
+    data["quantization"]["eight_bit_algorithm"] = "awq"
+    with pytest.raises(TargetError, match="eight_bit_algorithm"):
+        parse_target(data)
 
 
 def test_mixed_precision_assigns_each_matrix_its_config():

@@ -226,9 +226,15 @@ class MixedPrecision:
 
     @property
     def algorithm(self) -> str:
-        """The algorithm of the 4-bit matrices (8-bit ones are rounded to nearest in the profiles)."""
+        """The algorithm of the 4-bit matrices (an all-8-bit scheme: its body's)."""
         four = [c for c in (self.default, self.table) if c is not None and c.bits == 4]
         return (four or list(self.configs) or [Rtn()])[0].algorithm
+
+    @property
+    def eight_bit_algorithm(self) -> str:
+        """The algorithm of the 8-bit matrices (a profile's ``eight_bit_algorithm``)."""
+        eight = [c for c in (self.eight_bit, self.default, self.table) if c is not None and c.bits == 8]
+        return (eight or [Rtn()])[0].algorithm
 
     def config_for(self, name: str, layer: int | None, num_layers: int, is_table: bool) -> WeightOnlyConfig | None:
         """The config of one matrix (None: fp32), before the table's block is fitted to the hidden size."""
@@ -281,6 +287,7 @@ class MixedPrecision:
             "eight_bit_layers": list(self.eight_bit_layers),
             "eight_bit_ops": list(self.eight_bit_ops),
             "eight_bit_block_size": self.eight_bit.block_size if self.eight_bit else None,
+            "eight_bit_algorithm": self.eight_bit_algorithm,
             # an 8-bit config without rules is a size allocator's choice: the formats it chose between
             "formats": [c.format.label for c in (self.default, self.eight_bit) if c is not None]
             if self.eight_bit and not (self.eight_bit_layers or self.eight_bit_ops) else [],
@@ -299,15 +306,13 @@ def as_scheme(config: WeightOnlyConfig | MixedPrecision) -> MixedPrecision:
 def scheme_from_target(q: Any) -> MixedPrecision:
     """The scheme of a target profile's ``quantization`` section (:class:`edgepipe.targets.Quantization`).
 
-    The profile's ``algorithm`` quantizes the 4-bit matrices; 8-bit ones are rounded to nearest
-    (their blocks gain nothing from a search), in blocks of ``eight_bit_block_size`` -- an 8-bit
-    block needs no fine scales: at 64 each weight costs 8.6 instead of 9.25 bits.
+    The profile's ``algorithm`` quantizes the 4-bit matrices; 8-bit ones are quantized by
+    ``eight_bit_algorithm`` (rounded to nearest unless it says otherwise: beside 4-bit matrices their
+    error is small either way), in blocks of ``eight_bit_block_size`` -- an 8-bit block needs no fine
+    scales: at 64 each weight costs 8.6 instead of 9.25 bits.
     """
-    try:
-        four_bit = ALGORITHMS[q.algorithm]
-    except KeyError:
-        raise InputError(f"unknown quantization algorithm {q.algorithm!r}; use one of {', '.join(ALGORITHMS)}") from None
-    eight = Rtn(bits=8, block_size=q.eight_bit_block_size or q.block_size, symmetric=q.symmetric, accuracy_level=q.accuracy_level)
+    four_bit, eight_bit = _algorithm(q.algorithm), _algorithm(q.eight_bit_algorithm)
+    eight = eight_bit(bits=8, block_size=q.eight_bit_block_size or q.block_size, symmetric=q.symmetric, accuracy_level=q.accuracy_level)
 
     def at(bits: int, block_size: int) -> WeightOnlyConfig | None:
         if bits == 32:
@@ -327,19 +332,21 @@ def scheme_from_target(q: Any) -> MixedPrecision:
     )
 
 
+def _algorithm(name: str) -> type[WeightOnlyConfig]:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise InputError(f"unknown quantization algorithm {name!r}; use one of {', '.join(ALGORITHMS)}") from None
+
+
 def config_for_format(fmt: Format, q: Any) -> WeightOnlyConfig | None:
     """The config that stores a matrix in ``fmt`` under a profile's ``quantization`` section ``q``: 4-bit
-    matrices with the profile's algorithm, 8-bit ones rounded to nearest (as :func:`scheme_from_target`
-    does), fp32 as None. What the size allocator turns its chosen formats into."""
+    matrices with the profile's ``algorithm``, 8-bit ones with its ``eight_bit_algorithm`` (as
+    :func:`scheme_from_target` does), fp32 as None. What the size allocator turns its chosen formats into."""
     if fmt.bits == 32:
         return None
-    if fmt.bits == 8:
-        return Rtn(bits=8, block_size=fmt.block_size, symmetric=fmt.symmetric, accuracy_level=q.accuracy_level)
-    try:
-        four_bit = ALGORITHMS[q.algorithm]
-    except KeyError:
-        raise InputError(f"unknown quantization algorithm {q.algorithm!r}; use one of {', '.join(ALGORITHMS)}") from None
-    return four_bit(bits=4, block_size=fmt.block_size, symmetric=fmt.symmetric, accuracy_level=q.accuracy_level)
+    algorithm = _algorithm(q.algorithm if fmt.bits == 4 else q.eight_bit_algorithm)
+    return algorithm(bits=fmt.bits, block_size=fmt.block_size, symmetric=fmt.symmetric, accuracy_level=q.accuracy_level)
 
 
 def allowed_formats(q: Any) -> tuple[Format, ...]:

@@ -55,6 +55,7 @@ class Quantization:
     eight_bit_layers: tuple[str, ...] = ()  # whole layers: "first", "last", "3", "0-3"
     eight_bit_ops: tuple[str, ...] = ()  # "down_proj" everywhere, or "down_proj@0-3,26-29" in those layers
     eight_bit_block_size: int | None = None  # block of the 8-bit matrices (default: block_size)
+    eight_bit_algorithm: Literal["rtn", "mse", "imatrix", "gptq"] = "rtn"  # how 8-bit matrices are quantized
     formats: tuple[str, ...] = ()  # what the allocator may choose: "int4/b32/asym", "int8/b64/asym" (default: bits and 8-bit blocks above)
     bits_per_weight: float | None = None  # size budget: mean stored bits per quantized weight
     max_mb: float | None = None  # size budget: the artifact in MiB (one of the two)
