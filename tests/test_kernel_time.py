@@ -96,6 +96,7 @@ def test_build_max_decode_time_records_the_predicted_times(zoo, tmp_path):
     alloc = verify_artifact(tmp_path / "a").to_dict()["quantization"]["allocation"]
     assert alloc["budget"] == {"bits_per_weight": 6.12, "max_mb": None, "max_decode_time": 0.85}
     assert alloc["kernel_time"]["decode"] <= 0.85 and alloc["kernel_time"]["prefill"] > 0
+    assert "time budget: decode ≤ 0.85" in (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
     assert json.loads(res.stdout)["metrics"]["artifact_mb"] > 0
     doc = json.loads(cli("search", "--model", model, "--target", profile, "--out", tmp_path / "s", "--budgets", "5.5,6.12",
                          "--max-decode-time", "0.85", "--json").stdout)

@@ -32,6 +32,13 @@ def formats_section(q: dict[str, Any], figure: str | None) -> list[str]:
             f"Allocated for a size budget of {budget}: {alloc['bytes']} of {alloc['budget_bytes']} bytes of matrices "
             f"({alloc['bits_per_weight']} bits/weight), predicted loss {_fmt(alloc['predicted_loss'], 5)} ({alloc['proxy']})."
         )
+        kt = alloc.get("kernel_time")
+        if kt:
+            limit = b.get("max_decode_time")
+            lines.append(
+                "Predicted kernel time, as a fraction of the profile's base format everywhere (its `kernel_time`): "
+                + ", ".join(f"{phase} {t:g}" for phase, t in kt.items()) + (f"; time budget: decode ≤ {limit:g}." if limit is not None else ".")
+            )
         lines.append("")
     counts: dict[str, int] = {}
     for label in q.get("matrix_formats", {}).values():

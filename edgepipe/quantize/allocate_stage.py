@@ -141,7 +141,8 @@ def run_allocation(
     record = json.loads((out.dir / "allocation.json").read_text(encoding="utf-8"))
     allocated = plan_from_labels(plan, record["matrices"], q)
     speed = "".join(f", {ph} kernel time {t:g} of {times.base}'s" for ph, t in record.get("kernel_time", {}).items()) if times else ""
-    ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}{speed}")
+    within = f" within decode time {budget.max_decode_time:g}" if budget.max_decode_time is not None else ""
+    ctx.progress(f"allocation: {record['bits_per_weight']} bits/weight, {record['bytes'] / 2**20:.2f} MiB of matrices for {budget.label}{within}{speed}")
     return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"], record.get("kernel_time"))
 
 
