@@ -17,6 +17,7 @@ Needs ``ssh``, ``scp``, ``rsync`` and ``sshd``: ``bash .ci/ssh-deps.sh``.
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import os
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -289,14 +291,18 @@ def tiny_artifact(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def test_cache(monkeypatch) -> Path:
+def test_cache(monkeypatch) -> Iterator[Path]:
     """A host cache kept between test sessions for the runner's wheels and the test board (its venv):
     ``$EDGEPIPE_TEST_CACHE/ssh`` or ``$TMPDIR/edgepipe-ssh-test``; never ``~/.cache/edgepipe``."""
     keep = os.environ.get("EDGEPIPE_TEST_CACHE")
     root = Path(keep) / "ssh" if keep else Path(tempfile.gettempdir()) / "edgepipe-ssh-test"
     root.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("EDGEPIPE_CACHE", str(root))
-    return root
+    # the board folder is shared by every test session on this machine: two suites at once would
+    # deploy over each other's `current` (seen with parallel worktrees), so they take turns
+    with open(root / "board-in-use.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root
 
 
 def _check_result(res: dict, artifact: Path) -> None:
