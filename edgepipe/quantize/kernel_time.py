@@ -28,7 +28,7 @@ from typing import Any
 from edgepipe.errors import TargetError
 from edgepipe.quantize.allocate import Allocation, Budget, allocate
 from edgepipe.quantize.bitplan import BitPlan, Matrix
-from edgepipe.quantize.configs import Format, WeightOnlyConfig
+from edgepipe.quantize.configs import FP32, Format, WeightOnlyConfig
 
 __all__ = ["KernelTimes", "allocate_within_time"]
 
@@ -68,24 +68,19 @@ class KernelTimes:
         table = self.decode if phase == "decode" else self.prefill
         return m.K * m.N * table.get(config.format.label, float("nan"))
 
+    def reference_time(self, plan: BitPlan, phase: str = "decode") -> float:
+        """The kernel time of every priced matrix of ``plan`` in the base format: what fractions are of."""
+        table = self.decode if phase == "decode" else self.prefill
+        return sum(e.matrix.K * e.matrix.N * table.get(self.base, float("nan")) for e in plan if not e.matrix.lookup and e.config is not None)
+
     def plan_time(self, plan: BitPlan, phase: str = "decode") -> float | None:
-        """The plan's kernel time as a fraction of every priced matrix in the base format; None when a
+        """The plan's kernel time as a fraction of :meth:`reference_time`; None when the base or a
         format of the plan has no time for ``phase``."""
         table = self.decode if phase == "decode" else self.prefill
-        if self.base not in table:
+        if self.base not in table or any(e.config.format.label not in table for e in plan if not e.matrix.lookup and e.config is not None):
             return None
-        total = ref = 0.0
-        for e in plan:
-            if e.matrix.lookup or e.config is None:
-                continue
-            if e.config.format.label not in table:
-                return None
-            total += self.matrix_time(e.matrix, e.config, phase)
-            ref += e.matrix.K * e.matrix.N * table[self.base]
-        return total / ref if ref else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, "decode": dict(self.decode), "prefill": dict(self.prefill)}
+        ref = self.reference_time(plan, phase)
+        return sum(self.matrix_time(e.matrix, e.config, phase) for e in plan) / ref if ref else None
 
 
 def allocate_within_time(
@@ -100,8 +95,8 @@ def allocate_within_time(
     missing = times.missing(sorted({c.format.label for cfgs in options.values() for c in cfgs if c is not None}))
     if missing:
         raise TargetError(f"max_decode_time needs the profile's kernel_time for every allowed format; add a row for {missing[0]}")
-    ref = sum(e.matrix.K * e.matrix.N * times.decode[times.base] for e in plan if not e.matrix.lookup and e.config is not None) or 1.0
-    seconds = {n: {_label(c): times.matrix_time(plan[n].matrix, c) / ref for c in cfgs} for n, cfgs in options.items()}
+    ref = times.reference_time(plan) or 1.0
+    seconds = {n: {(c.format if c is not None else FP32).label: times.matrix_time(plan[n].matrix, c) / ref for c in cfgs} for n, cfgs in options.items()}
     spread = {n: max(v.values()) - min(v.values()) for n, v in seconds.items()}
     loss_scale = sum(max(losses.get(n, {}).values(), default=0.0) for n in options) or 1.0
 
@@ -130,10 +125,6 @@ def allocate_within_time(
             lo = mid
     logger.info("decode-time budget %.3f met at %.3f (mu %.3g)", max_decode_time, times.plan_time(fastest.plan) or 0.0, hi)
     return _with_true_loss(fastest, losses)
-
-
-def _label(c: WeightOnlyConfig | None) -> str:
-    return c.format.label if c is not None else "fp32"
 
 
 def _with_true_loss(alloc: Allocation, losses: Mapping[str, Mapping[str, float]]) -> Allocation:
