@@ -156,7 +156,6 @@ def _check_size_budget(q: Any, source: str) -> None:
 def _check_kernel_time(q: Any, source: str) -> None:
     """A time budget needs a size budget to allocate within and a measured time for the base format and
     every allowed one; times are positive and named once."""
-    from edgepipe.errors import InputError
     from edgepipe.quantize.configs import Format, allowed_formats
 
     where = f"{source}.quantization"
