@@ -20,6 +20,7 @@ from edgepipe.targets import Target
 
 RUNTIME_BASE_MB = 90.0  # python + numpy + onnxruntime + tokenizers, measured on the host
 PREFILL_TOKENS = 256  # the bench's prompt length: its logits and activations are the transient peak
+KV_BYTES = {"float32": 4, "float16": 2, "int8": 1}  # bytes per cached element, by runtime.kv_cache_dtype (int8's scales: a few KB)
 
 
 def stage_ram_bytes(num_parameters: int, export_path: str = BUILDER) -> dict[str, int]:
@@ -133,7 +134,7 @@ def estimate(config: dict[str, Any], num_parameters: int, target: Target, pre: P
     sized = artifact_size(config, num_parameters, target, pre)
     size = sized.total
     ctx = target.runtime.context_length
-    kv_bytes = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * ctx * (2 if target.runtime.kv_cache_dtype == "float16" else 4)
+    kv_bytes = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * ctx * KV_BYTES[target.runtime.kv_cache_dtype]
     # prefill transients: fp32 logits for the prompt plus a few hidden-size activations per token
     transient = PREFILL_TOKENS * vocab * 4 * 2 + PREFILL_TOKENS * hidden * 4 * 16
     peak_ram = size + kv_bytes + transient + RUNTIME_BASE_MB * 2**20

@@ -36,7 +36,6 @@ class CpuBackend:
         from edgepipe.export.preflight import preflight
         from edgepipe.export.stage import ExportConfig, run_export
         from edgepipe.models import resolve_model
-        from edgepipe.optimize.stage import OptimizeConfig, passes_for, run_optimize
         from edgepipe.package import tool_versions
         from edgepipe.quantize import plan_from_onnx, scheme_from_target
         from edgepipe.quantize.allocate_stage import preflight_budget, run_allocation
@@ -86,7 +85,7 @@ class CpuBackend:
         timings["quantize_s"] = round(time.time() - t0, 2)
         quant_info = {**quant.info, "matrix_formats": plan.labels(), **({"allocation": alloc.to_dict()} if alloc else {})}
 
-        opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes_for(tgt.runtime.kv_cache_dtype)), ctx)
+        opt = _optimize(quant, tgt.runtime.kv_cache_dtype, calib_windows, calib_key, ctx)
         if stop_after == "quantize":
             return None
 
@@ -124,6 +123,20 @@ class CpuBackend:
             "throughput": "host CPU (not the target device): a relative figure, not the board's speed",
         }}
         return _package(request, base, metrics, opt.model_dir, acc.reference_npz, runner, ctx, timings, t_start)
+
+
+def _optimize(quant: Any, kv_cache_dtype: str, calib_windows: list[Any], calib_key: str, ctx: StageContext) -> Any:
+    """The optimize stage, after measuring the cache's ranges on the calibration text when its passes
+    need them (an int8 cache's scales: ``edgepipe.optimize.kv_ranges``)."""
+    from edgepipe.optimize.decoder import NEEDS_KV_RANGES
+    from edgepipe.optimize.kv_ranges import KVRangesConfig, run_kv_ranges
+    from edgepipe.optimize.stage import OptimizeConfig, passes_for, run_optimize
+
+    passes = passes_for(kv_cache_dtype)
+    if not any(p in NEEDS_KV_RANGES for p in passes):
+        return run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes), ctx)
+    ranges = run_kv_ranges(quant.model_dir, calib_windows, KVRangesConfig(quant.key, calib_key), ctx)
+    return run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes, ranges.key), ctx, ranges.path)
 
 
 def _device_runner(request: BuildRequest) -> Any:

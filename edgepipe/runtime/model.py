@@ -33,6 +33,7 @@ _LAST = np.array([-1], dtype=np.int64)
 # (benchmarks/session_options.py, int4 and int8 artifacts; 64 saves a little more, 256 less).
 DEFAULT_PREFILL_CHUNK = 128
 _ALL = np.array([0], dtype=np.int64)
+_KV_DTYPES: dict[str, type[np.generic]] = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,9 @@ class CausalLM:
         overridable = {i.name for i in self.session.get_overridable_initializers()}
         self.can_slice_logits = LOGITS_START in self._input_names | overridable
         dtypes = {i.name: i.type for i in self.session.get_inputs()}
-        self.kv_dtype = np.float16 if dtypes.get(self._past_names[0]) == "tensor(float16)" else np.float32
+        # the cache's element type as the graph declares it (edgepipe.optimize's kv_cache_fp16 / kv_cache_int8):
+        # the stepper's buffers and the empty cache are made of it
+        self.kv_dtype = _KV_DTYPES.get(dtypes.get(self._past_names[0], ""), np.float32)
         logits_out = next((o for o in out if o.name == "logits"), None)
         self.logits_dtype = np.float16 if logits_out is not None and logits_out.type == "tensor(float16)" else np.float32
         width = logits_out.shape[-1] if logits_out is not None and logits_out.shape else None

@@ -73,8 +73,9 @@ class RuntimeOptions:
     # by running attention in float16 (optimize pass kv_cache_fp16; the rest stays float32; builder
     # graphs only). onnxruntime 1.31's float16 GroupQueryAttention has no flash kernel: decode 0.33x on
     # x86 at 512 positions (benchmarks/RESULTS.md); the aarch64 wheel has the same kernels, so no
-    # shipped profile turns it on.
-    kv_cache_dtype: Literal["float32", "float16"] = "float32"
+    # shipped profile turns it on. "int8" quarters it (optimize pass kv_cache_int8: static per-channel
+    # scales calibrated on the calibration text, attention stays float32 in onnxruntime's flash kernel).
+    kv_cache_dtype: Literal["float32", "float16", "int8"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
