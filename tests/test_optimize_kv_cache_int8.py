@@ -122,6 +122,23 @@ def test_profile_setting_and_cache_keys():
     assert a != config_parts("optimize", OptimizeConfig("k", passes_for("int8"), "r2"))  # other ranges, other graph
 
 
+def test_profile_field_and_estimate(zoo):
+    import dataclasses
+
+    from edgepipe.estimate import estimate_model
+    from edgepipe.targets.loader import load_target
+
+    rpi5 = load_target("raspberrypi5")
+    assert rpi5.runtime.kv_cache_dtype == "float32"  # no shipped profile turns it on
+    sizes = {}
+    for dtype in ("float32", "float16", "int8"):
+        target = dataclasses.replace(rpi5, runtime=dataclasses.replace(rpi5.runtime, kv_cache_dtype=dtype))
+        assert target.to_dict()["runtime"]["kv_cache_dtype"] == dtype
+        sizes[dtype] = estimate_model(zoo.model("llama"), target)["kv_cache_mb"]
+    assert sizes["float32"] > 0 and sizes["int8"] == pytest.approx(sizes["float32"] / 4, abs=0.1)
+    assert sizes["float16"] == pytest.approx(sizes["float32"] / 2, abs=0.1)
+
+
 def test_tiny_llama_int8_cache_runs_and_stays_close(zoo, tmp_path):
     src = zoo.fp32("llama")
     ctx = StageContext(threads=1)
@@ -153,3 +170,57 @@ def test_tiny_llama_int8_cache_runs_and_stays_close(zoo, tmp_path):
     want = list(generate(ref, ids[:12].tolist(), greedy))
     assert len(text) == 16
     assert sum(a == b for a, b in zip(text, want, strict=True)) >= 12, (text, want)
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(zoo, tmp_path_factory):
+    """The tiny Llama built for raspberrypi5 with ``runtime.kv_cache_dtype: int8`` (every stage before
+    kv_ranges shared with the plain raspberrypi5 build), and that build."""
+    import dataclasses
+
+    from edgepipe.pipeline import build
+    from edgepipe.targets.loader import load_target
+
+    _, plain = zoo.artifact("llama", "raspberrypi5")
+    rpi5 = load_target("raspberrypi5")
+    target = dataclasses.replace(rpi5, runtime=dataclasses.replace(rpi5.runtime, kv_cache_dtype="int8"))
+    out = tmp_path_factory.mktemp("kv8") / "art"
+    res = build(target=target, out=out, model=zoo.model("llama"))
+    return out, res, plain
+
+
+@pytest.mark.slow  # two tiny builds: 7 min at load 14 (the fixture)
+def test_int8_cache_artifact_end_to_end(int8_artifact):
+    """run, lookup and draft decoding, bench and serve on an artifact whose cache is int8; its build's
+    validation against the fp32 export stays within a bound of the float32-cache artifact's."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+    from serve_support import ask_server
+
+    from edgepipe.cli import main
+    art, res, plain = int8_artifact
+    assert CausalLM(art, threads=1).kv_dtype == np.int8
+    m = res.manifest
+    assert m.provenance["optimize"]["passes"]["kv_cache_int8"]["dtype"] == "int8"
+    acc, ref_acc = m.metrics["accuracy"], plain.manifest.metrics["accuracy"]
+    assert acc["kl_divergence"] < ref_acc["kl_divergence"] + 0.01, (acc, ref_acc)
+    assert "kv_cache_int8" not in plain.manifest.provenance["optimize"]["passes"]
+    assert m.metrics["throughput"]["decode_tok_s"] > 0
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    prompt = "She was the youngest of the two daughters of a most"
+    greedy = cli("run", art, "--prompt", prompt, "--max-new-tokens", "24")
+    assert greedy.exit_code == 0 and greedy.output.strip(), greedy.output
+    for extra in (["--lookup"], ["--draft", art, "--draft-tokens", "2"]):  # the same tokens as plain greedy
+        res2 = cli("run", art, "--prompt", prompt, "--max-new-tokens", "24", *extra)
+        assert res2.exit_code == 0 and res2.output == greedy.output, (extra, res2.output)
+    bench = cli("bench", art, "--json")
+    assert bench.exit_code == 0, bench.output
+    assert json.loads(bench.output)["decode_tok_s"] > 0
+    got = ask_server([sys.executable, "-m", "edgepipe.runtime", "serve", str(art), "--port", "0"], prompt)
+    assert got["completion"] and got["chat_status"] == 200, got
+    assert got["completion"] in greedy.output, (got, greedy.output)
