@@ -9,7 +9,7 @@ token per step over the second half) and reports the int8 cache's KL against the
 those steps, for margin 1 (or the first given).
 
     python benchmarks/kv_int8_margin.py --quantized QDIR --reference FP32_DIR --ranges kv_ranges.npz \\
-        [--margins 0.8,0.9,1,1.25,1.5,2] [--decode 2] [--threads 2] [--json OUT]
+        [--margins 0.8,0.9,1,1.25,1.5,2] [--windows N] [--decode 2] [--threads 2] [--json OUT]
 
 QDIR is the quantize stage's folder (the decoder before the optimize passes; its cache float32),
 FP32_DIR the export stage's, the ranges the kv_ranges stage's npz (``~/.cache/edgepipe/<stage>/<key>``;
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, required=True)
     ap.add_argument("--ranges", type=Path, required=True)
     ap.add_argument("--margins", default="0.8,0.9,1,1.25,1.5,2")
+    ap.add_argument("--windows", type=int, default=0, help="score only the first N eval windows (0: all)")
     ap.add_argument("--decode", type=int, default=0, help="windows also run step by step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ranges = load_ranges(args.ranges)
     windows = token_windows(args.quantized / "tokenizer.json", read_text_file(None, "eval.txt", "eval"), EVAL_WINDOWS, "eval")
     score_from = len(windows[0]) // 2
+    windows = windows[: args.windows or None]
     with tempfile.TemporaryDirectory() as tmp:
         lms = {"f32cache": CausalLM(args.quantized, threads=args.threads, release_pages=False)}
         for m in margins:
