@@ -204,6 +204,7 @@ def test_int8_cache_artifact_end_to_end(int8_artifact):
     assert CausalLM(art, threads=1).kv_dtype == np.int8
     m = res.manifest
     assert m.provenance["optimize"]["passes"]["kv_cache_int8"]["dtype"] == "int8"
+    assert m.provenance["optimize"]["kv_ranges"]["windows"] > 0  # where the scales came from
     acc, ref_acc = m.metrics["accuracy"], plain.manifest.metrics["accuracy"]
     assert acc["kl_divergence"] < ref_acc["kl_divergence"] + 0.01, (acc, ref_acc)
     assert "kv_cache_int8" not in plain.manifest.provenance["optimize"]["passes"]

@@ -128,6 +128,8 @@ class CpuBackend:
 def _optimize(quant: Any, kv_cache_dtype: str, calib_windows: list[Any], calib_key: str, ctx: StageContext) -> Any:
     """The optimize stage, after measuring the cache's ranges on the calibration text when its passes
     need them (an int8 cache's scales: ``edgepipe.optimize.kv_ranges``)."""
+    import dataclasses
+
     from edgepipe.optimize.decoder import NEEDS_KV_RANGES
     from edgepipe.optimize.kv_ranges import KVRangesConfig, run_kv_ranges
     from edgepipe.optimize.stage import OptimizeConfig, passes_for, run_optimize
@@ -136,7 +138,9 @@ def _optimize(quant: Any, kv_cache_dtype: str, calib_windows: list[Any], calib_k
     if not any(p in NEEDS_KV_RANGES for p in passes):
         return run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes), ctx)
     ranges = run_kv_ranges(quant.model_dir, calib_windows, KVRangesConfig(quant.key, calib_key), ctx)
-    return run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes, ranges.key), ctx, ranges.path)
+    opt = run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes, ranges.key), ctx, ranges.path)
+    # the manifest's "optimize" section says where the int8 cache's scales came from
+    return dataclasses.replace(opt, info={**opt.info, "kv_ranges": {"key": ranges.key, **ranges.info}})
 
 
 def _device_runner(request: BuildRequest) -> Any:
