@@ -10,6 +10,9 @@ measured in the same run.
 
     python benchmarks/kv_cache.py --artifact fp32-kv=DIR --artifact fp16-kv=DIR [--contexts 512,2048] [--reps 3] [--threads 2]
 
+A context of 129 times decode right after a 1-token prompt (positions 1..129). (Before 2026-12-07 16:45
+UTC, a context under 512 timed its "pp512" on only ``context`` tokens.)
+
 ``--make-fp16 DIR OUT`` writes OUT: DIR's artifact with the ``kv_cache_fp16`` pass applied to its
 graph (every other file copied), for artifacts built without ``runtime.kv_cache_dtype: float16``.
 """
@@ -39,7 +42,7 @@ from edgepipe.runtime.model import CausalLM
 from edgepipe.runtime.facts import peak_rss_mb
 art, threads, ctx, pp, tg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 lm = CausalLM(art, threads=threads)
-ids = (np.arange(ctx, dtype=np.int64) * 7919 + 13) % max(lm.spec.vocab_size - 1, 1) + 1   # as device.bench
+ids = (np.arange(max(ctx, pp), dtype=np.int64) * 7919 + 13) % max(lm.spec.vocab_size - 1, 1) + 1   # as device.bench
 lm.stepper(pp).step(ids[:pp], last_only=True)   # warm-up
 t0 = time.perf_counter()
 lm.stepper(pp).step(ids[:pp], last_only=True)
