@@ -75,8 +75,9 @@ class RuntimeOptions:
     # x86 at 512 positions (benchmarks/RESULTS.md); the aarch64 wheel has the same kernels, so no
     # shipped profile turns it on. "int8" quarters it (optimize pass kv_cache_int8: static per-channel
     # scales calibrated on the calibration text, attention float32; builder graphs only): decode
-    # 1.2-1.5x faster and peak RSS -67 MB at 2048 positions on x86, but prefill 0.7-0.9x (onnxruntime's
-    # int8-cache attention is 2-3.6x slower over 128-token chunks); not turned on (benchmarks/RESULTS.md).
+    # 1.4-1.5x faster and peak RSS -67 MB at 2048 positions on x86, KL +0.0005, but prefill 0.72-0.83x at
+    # 512 tokens (onnxruntime's int8-cache attention is 2-3.6x slower for multi-token runs); no shipped
+    # profile turns it on (benchmarks/RESULTS.md).
     kv_cache_dtype: Literal["float32", "float16", "int8"] = "float32"
 
 
