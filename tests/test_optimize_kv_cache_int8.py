@@ -91,6 +91,19 @@ def test_pass_leaves_graphs_it_cannot_convert_alone():
     assert quantized.SerializeToString() == before
 
 
+def test_inputs_after_the_scales_keep_their_places():
+    """onnxruntime's schema has inputs after k/v_scale (q/k norm weights at 14, 15): they must not move."""
+    model = tiny_attention_graph(layers=1)
+    amax = presents(model)
+    gqa = model.graph.node[1]
+    gqa.input.extend(["", "", "", "", "", "cos_cache", "sin_cache"])  # inputs 9-13 empty, stand-ins at 14 and 15
+    ir_model = ir.serde.deserialize_model(model)
+    assert KVCacheInt8Pass(amax)(ir_model).modified
+    node = next(n for n in ir_model.graph if n.op_type == "GroupQueryAttention")
+    assert [v.name if v is not None else "" for v in node.inputs[12:]] == [
+        "present.0.key/scale", "present.0.value/scale", "cos_cache", "sin_cache"]
+
+
 def test_postcondition_rejects_a_bad_scale():
     model = ir.serde.deserialize_model(tiny_attention_graph(layers=1))
     scales = {k: scales_from_ranges(v) for k, v in presents(tiny_attention_graph(layers=1)).items()}

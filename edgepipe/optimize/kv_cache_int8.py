@@ -66,8 +66,8 @@ def _why_not(node: ir.Node, scales: Mapping[str, np.ndarray]) -> str | None:
         v = _value_at(node.inputs, i)
         if v is None or not v.is_graph_input() or v.dtype != ir.DataType.FLOAT:
             return "its past is not a float32 graph input"
-    if len(node.inputs) > _K_SCALE:
-        return "it has inputs beyond the scales' place"
+    if any(_value_at(node.inputs, i) is not None for i in (_K_SCALE, _V_SCALE)):
+        return "its scale inputs are already taken"
     kv_heads = node.attributes.get_int("kv_num_heads", 0)
     for i in _PRESENT:
         v = _value_at(node.outputs, i)
@@ -120,10 +120,10 @@ class KVCacheInt8Pass(ir.passes.InPlacePass):
     def _to_int8(self, graph: ir.Graph, node: ir.Node) -> None:
         k_out, v_out = (node.outputs[i] for i in _PRESENT)
         scale_values = [_initializer(graph, f"{v.name}/scale", self.scales[v.name or ""]) for v in (k_out, v_out)]
-        inputs = list(node.inputs) + [None] * (_K_SCALE - len(node.inputs))
-        node.resize_inputs(_V_SCALE + 1)
-        for i, value in enumerate([*inputs[:_K_SCALE], *scale_values]):
-            node.replace_input_with(i, value)
+        # inputs after the scales (Qwen3's q/k norm weights at 14, 15) keep their places
+        node.resize_inputs(max(len(node.inputs), _V_SCALE + 1))
+        node.replace_input_with(_K_SCALE, scale_values[0])
+        node.replace_input_with(_V_SCALE, scale_values[1])
         node.attributes["k_quant_type"] = ir.AttrString("k_quant_type", "PER_CHANNEL")
         node.attributes["v_quant_type"] = ir.AttrString("v_quant_type", "PER_CHANNEL")
         node.attributes["kv_cache_bit_width"] = ir.AttrInt64("kv_cache_bit_width", 8)
