@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ExternalTensor", "MappedWeights", "external_tensors"]
 
+MADV_RANDOM = 1
 MADV_DONTNEED = 4
 RELEASE_EVERY_S = 0.01
 
@@ -200,16 +201,21 @@ class MappedWeights:
         for name, value in self.values.items():
             options.add_initializer(name, value)
 
-    def release(self) -> None:
-        """Drop the mapping's resident pages (they come back from the page cache when read)."""
+    def _madvise(self, advice: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(self._address, len(self._map), MADV_DONTNEED)
+        libc.madvise(self._address, len(self._map), advice)
+
+    def release(self) -> None:
+        """Drop the mapping's resident pages (they come back from the page cache when read)."""
+        self._madvise(MADV_DONTNEED)
 
     @contextmanager
     def released_while(self) -> Iterator[None]:
         """Drop the mapping's pages every few milliseconds until the block ends (onnxruntime releases
-        the GIL while it makes a session), then once more."""
+        the GIL while it makes a session), then once more, and from then on read it at random (no
+        read-ahead: a looked-up table row faults in its own page, as edgepipe.runtime.pages does for
+        onnxruntime's mappings; prepacking itself reads in order, so not before)."""
         done = threading.Event()
 
         def loop() -> None:
@@ -224,3 +230,4 @@ class MappedWeights:
             done.set()
             thread.join()
             self.release()
+            self._madvise(MADV_RANDOM)
