@@ -27,13 +27,18 @@ import dataclasses
 import hashlib
 import json
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 import edgepipe
+
+if not __package__:  # run as python benchmarks/int4_search.py: the repo root on sys.path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.residual import residual_mean_squares
+from benchmarks.search_common import Scorer, artifact_bytes, log, profile_record, run_variant, scheme_of
 
 Q4_K_M = {
     "name": "llama.cpp Q4_K_M",
@@ -58,9 +63,6 @@ BASE = dict(
 # with "last" counted from a layer index one too high (the builder names the final norm layers.30)
 PROFILE_OPS = ("down_proj@0-3,27-29", "qkv_proj@0-1,29")
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def fp32_export() -> Path:
@@ -96,157 +98,6 @@ def importance(model_dir: Path, calib, work: Path) -> dict[str, np.ndarray]:
     np.savez(path, **{k: v.astype(np.float32) for k, v in imp.items()})
     return imp
 
-
-RESIDUAL_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
-
-
-def first_residual_norm(outputs, consumers: dict[str, list]) -> tuple[str, str] | None:
-    """The two inputs (residual, branch) of the first Skip*Norm reached breadth-first from ``outputs``."""
-    seen, frontier = set(), list(outputs)
-    while frontier:
-        nxt = []
-        for t in frontier:
-            for c in consumers.get(t, []):
-                if id(c) in seen:
-                    continue
-                seen.add(id(c))
-                if c.op_type in RESIDUAL_NORMS:
-                    return (c.input[0], c.input[1])
-                nxt.extend(o for o in c.output if o)
-        frontier = nxt
-    return None
-
-
-def residual_inputs(model) -> dict[str, tuple[str, str]]:
-    """Map weight name -> the two inputs (residual, branch) of the first Skip*Norm its output reaches.
-
-    Follows consumers breadth-first from each weight MatMul's output (through attention, the
-    activation function, the next projection); weights whose output reaches no such node are left out.
-    """
-    from edgepipe.quantize.calibrate import weight_matmuls
-
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    weights = set(weight_matmuls(model))
-    out: dict[str, tuple[str, str]] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights or node.input[1] in out:
-            continue
-        found = first_residual_norm(node.output, consumers)
-        if found:
-            out[node.input[1]] = found
-    return out
-
-
-def residual_mean_squares(
-    model_dir: Path, windows: Iterable[np.ndarray], *, threads: int = 0
-) -> dict[str, float]:
-    """Per weight: the mean square of the residual stream (residual + branch) its error is added to."""
-    import onnx
-    import onnxruntime as ort
-
-    from edgepipe.runtime.model import GENAI_CONFIG, DecoderSpec, session_options
-
-    model_path = Path(model_dir) / "model.onnx"
-    model = onnx.load(str(model_path), load_external_data=False)
-    joins = residual_inputs(model)
-    wanted = sorted({t for pair in joins.values() for t in pair})
-    existing = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = session_options(threads)
-    so.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(model_path.parent)
-    )
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    spec = DecoderSpec.from_genai_config(Path(model_dir) / GENAI_CONFIG)
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_size), dtype=np.float32)
-    past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    pairs = sorted(set(joins.values()))
-    sums = dict.fromkeys(pairs, 0.0)
-    count = 0
-    for ids in windows:
-        ids = np.asarray(ids, dtype=np.int64)[None, :]
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        feeds.update({name: empty for name in past})
-        vals = dict(zip(wanted, sess.run(wanted, feeds), strict=True))
-        for a, b in pairs:
-            # position 0 left out: its residual is an attention sink, orders of magnitude larger
-            r = (vals[a] + vals[b]).reshape(-1, vals[a].shape[-1])[1:].astype(np.float64)
-            sums[(a, b)] += float(np.square(r).mean(-1).sum())
-        count += ids.shape[1] - 1
-    if not count:
-        return {}
-    return {w: sums[pair] / count for w, pair in joins.items()}
-
-
-def artifact_bytes(d: Path) -> int:
-    return sum((d / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
-
-
-class Scorer:
-    def __init__(self, fp32: Path, eval_windows):
-        from edgepipe.runtime.model import CausalLM
-
-        self.windows = eval_windows
-        log("fp32 reference logits")
-        lm = CausalLM(fp32)
-        self.ref = [lm.logits(w) for w in eval_windows]
-
-    def __call__(self, model_dir: Path) -> dict:
-        from edgepipe.runtime.evaluate import score
-        from edgepipe.runtime.model import CausalLM
-
-        lm = CausalLM(model_dir)
-        it = iter(self.ref)
-        acc = score(
-            lm.logits, self.windows, reference_fn=lambda w: next(it), score_from=len(self.windows[0]) // 2
-        )
-        return acc.result()
-
-
-def profile_record(cfg_kw: dict) -> dict:
-    """A variant's keyword arguments as a full profile ``quantization`` section (lists, defaults filled)."""
-    from edgepipe.targets import Quantization
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(Quantization(**cfg_kw)).items()}
-
-
-def scheme_of(cfg_kw: dict):
-    """The quantize scheme of a variant: its keyword arguments are a profile's ``quantization`` fields."""
-    from edgepipe.quantize import scheme_from_target
-    from edgepipe.targets import Quantization
-
-    return scheme_from_target(Quantization(**cfg_kw))
-
-
-def run_variant(name: str, cfg_kw: dict, fp32: Path, imp, scorer: Scorer, work: Path, cache) -> dict:
-    from edgepipe.quantize import quantize
-
-    res_f = work / "results" / f"{name}.json"
-    if res_f.exists():
-        r = json.loads(res_f.read_text())
-        if r["config"] == profile_record(cfg_kw):
-            return r
-    out = work / "q" / name
-    t0 = time.time()
-    info = quantize(fp32, out, scheme_of(cfg_kw), importance=imp, weight_cache=cache)
-    tq = time.time() - t0
-    acc = scorer(out)
-    r = {
-        "name": name,
-        "config": profile_record(cfg_kw),
-        "bytes": artifact_bytes(out),
-        "matmuls": info["matmuls"],
-        "quantize_s": round(tq, 1),
-        **acc,
-    }
-    res_f.parent.mkdir(exist_ok=True)
-    res_f.write_text(json.dumps(r, indent=1))
-    return r
 
 
 def sensitivities(fp32: Path, imp, cfg_kw: dict, work: Path, cache) -> list[dict]:

@@ -9,7 +9,7 @@ calibration Hessian), and a Fisher allocation over int8 formats only, at or belo
 Every variant is quantized from edgepipe's fp32 export with :func:`edgepipe.quantize.quantize` and
 scored as ``edgepipe build`` scores it: the same calibration windows (24 of the packaged text for this
 model), the packaged eval text (13 windows x 512 tokens, second halves), exact KL against the fp32
-export (the helpers of ``int4_search.py``). The allocations are the build's own stages (sensitivity,
+export (the harness in ``search_common.py``). The allocations are the build's own stages (sensitivity,
 allocate; cached), with their 8-bit matrices re-made as GPTQ where the variant says so.
 
     python benchmarks/int8_search.py                    # every variant (table on stdout)
@@ -33,7 +33,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.int4_search import Scorer, artifact_bytes, log
+from benchmarks.search_common import Scorer, artifact_bytes, log
 
 Q8_0 = {"name": "llama.cpp Q8_0", "bytes": 144_810_976, "kl_divergence": 0.0037}  # the GGUF file vs_llamacpp.py makes
 Q8_0_BITS = 8.5

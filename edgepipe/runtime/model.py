@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import onnxruntime as ort
 from edgepipe.errors import ArtifactError
 from edgepipe.runtime.pages import release_file_pages
 from edgepipe.runtime.threads import intra_op_threads
+from edgepipe.runtime.weights import MappedWeights
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +127,24 @@ class CausalLM:
         path = self.dir / self.spec.filename
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; rebuild the artifact")
+        options = session_options(threads, spinning=spinning)
+        # the weights from the runtime's own mapping, its pages given back while onnxruntime prepacks
+        # (edgepipe.runtime.weights; release_pages=False leaves loading to onnxruntime, for comparisons)
+        weights = MappedWeights.open(path) if release_pages else None
+        if weights is not None:
+            weights.add_to(options)
         try:
-            self.session = ort.InferenceSession(
-                str(path), session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"]
-            )
+            with weights.released_while() if weights is not None else nullcontext():
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors
             msg = str(e).splitlines()[0][:300]
             raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from None
-        # give back the mapped weight pages prepacking read and no step reads again (edgepipe.runtime.pages;
-        # release_pages=False keeps them, for comparisons)
+        # the session reads the table (and any unpacked weight) in place: the mapping lives as long as it
+        self.session._edgepipe_weights = weights
+        # and the pages of what onnxruntime mapped itself (tensors the reader left to it)
         data = path.with_name(path.name + ".data")
-        self.released_bytes = release_file_pages(data) if release_pages and data.is_file() else 0
+        released = release_file_pages(data) if release_pages and data.is_file() else 0
+        self.released_bytes = released + (weights.mapped_bytes if weights is not None else 0)
         self._input_names = {i.name for i in self.session.get_inputs()}
         out = self.session.get_outputs()
         self._output_names = [o.name for o in out]

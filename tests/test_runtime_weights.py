@@ -1,0 +1,105 @@
+"""edgepipe.runtime.weights: the runtime maps the external weights itself and hands them to onnxruntime.
+
+The protobuf reader must agree with onnx's own reading on real artifacts, give up (leaving the file to
+onnxruntime) on anything it cannot follow, and never hand onnxruntime bytes outside the data file; a
+session made this way must compute what a session loading the file itself computes, and keep working
+after the CausalLM that made it is gone.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepipe.runtime.model import CausalLM
+from edgepipe.runtime.weights import MappedWeights, external_tensors
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+
+
+def _onnx_view(model_path) -> dict[str, tuple]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        kv = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        out[t.name] = (np.dtype(dtype), tuple(t.dims), kv["location"], int(kv.get("offset", 0)), int(kv["length"]))
+    return out
+
+
+@pytest.mark.parametrize("target", ["x86-avx512", "raspberrypi5"])
+def test_reader_agrees_with_onnx_on_built_artifacts(zoo, target):
+    art = zoo.artifact("llama", target)[0]
+    expected = _onnx_view(art / "model.onnx")
+    got = {t.name: (t.dtype, t.shape, t.location, t.offset, t.length) for t in external_tensors(art / "model.onnx")}
+    assert expected and got == expected
+
+
+def _tiny(tmp_path, *, inline: bool = False):
+    """y = x @ w (+ b inline): w external; the model saved as onnx saves external data."""
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100
+    b = np.ones(32, np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0 if not inline else 1024)
+    return path, w, b
+
+
+def test_small_tensors_stay_inline_and_are_left_to_onnxruntime(tmp_path):
+    path, w, _ = _tiny(tmp_path, inline=True)  # b (128 B) under the threshold: stored in model.onnx
+    tensors = external_tensors(path)
+    assert [t.name for t in tensors] == ["w"]
+    weights = MappedWeights.open(path)
+    assert weights is not None and set(weights.values) == {"w"}
+    assert np.array_equal(weights.values["w"].numpy(), w)
+
+
+def test_out_of_file_bytes_are_never_mapped(tmp_path):
+    path, _, _ = _tiny(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "offset":
+            entry.value = str(10**9)
+    onnx.save(model, str(path))
+    assert MappedWeights.open(path) is None  # onnxruntime then loads (and refuses) the file itself
+
+
+@pytest.mark.parametrize("garbage", [b"\x3a\xff\xff\xff\xff\x0f", b"\x0b\x00", b"\x3a\x05ab"])
+def test_unreadable_encodings_are_left_to_onnxruntime(tmp_path, garbage):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(garbage)
+    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError):
+        external_tensors(path)
+    assert MappedWeights.open(path) is None
+
+
+def test_session_outlives_its_model_object_and_matches_onnxruntimes_own_loading(zoo):
+    art = zoo.artifact("llama", "x86-avx512")[0]
+    prompt = zoo.eval_ids(24)
+    ref = CausalLM(art, threads=1, release_pages=False).logits(prompt)
+    lm = CausalLM(art, threads=1)
+    assert lm.session._edgepipe_weights is not None  # the weights came from the runtime's mapping
+    assert np.array_equal(lm.logits(prompt), ref)
+    session, feeds_from = lm.session, lm
+    feeds = {"input_ids": prompt[None].astype(np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64)}
+    feeds.update(zip(feeds_from._past_names, feeds_from.empty_cache(), strict=True))
+    del lm, feeds_from
+    gc.collect()
+    logits = session.run(["logits"], feeds)[0][0]
+    assert np.array_equal(logits[-1], ref[-1])
