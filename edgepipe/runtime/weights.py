@@ -11,7 +11,8 @@ process died at exit).
 
 Here the runtime maps the file itself, read-only, and passes each external tensor to onnxruntime as a
 user initializer over that mapping (``SessionOptions.add_initializer``: onnxruntime reads the buffer in
-place and never frees or unmaps it). The mapping stays put for the session's life, so a thread can drop
+place and never frees or unmaps it). The mapping stays put for the process's life (``MappedWeights.open``
+says why), so a thread can drop
 its resident pages every few milliseconds while the session is created: a dropped page of a read-only
 file mapping comes back from the page cache on its next read, unchanged, and nothing else ever lives at
 those addresses. The peak falls to the prepacked weights plus a few milliseconds' reads (int8 build of
@@ -46,6 +47,8 @@ __all__ = ["ExternalTensor", "MappedWeights", "external_tensors"]
 MADV_RANDOM = 1
 MADV_DONTNEED = 4
 RELEASE_EVERY_S = 0.01
+_OPEN: dict[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], MappedWeights] = {}
+_OPEN_LOCK = threading.Lock()
 
 # TensorProto.DataType -> numpy (onnx.proto); types numpy cannot hold (bfloat16, 4-bit, float8) are left to onnxruntime
 _DTYPES = {
@@ -160,6 +163,12 @@ def external_tensors(model_path: Path | str) -> list[ExternalTensor]:
     return out
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """Which file, in which version: a rebuilt file gets a mapping of its own."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class MappedWeights:
     """The external tensors of one model file, mapped read-only, as onnxruntime user initializers."""
 
@@ -181,16 +190,26 @@ class MappedWeights:
     @classmethod
     def open(cls, model_path: Path) -> MappedWeights | None:
         """The model's external weights mapped, or None (off Linux, no external data, tensors in
-        another file, or a file this reader cannot follow: onnxruntime then loads them itself)."""
+        another file, or a file this reader cannot follow: onnxruntime then loads them itself).
+
+        A mapping, once made, lives until the process exits and is shared by every later session of
+        the same two files: onnxruntime keeps raw pointers to user initializers in the options of each
+        session made with them, and ``session.get_session_options()`` hands those options on, so a
+        mapping closed with the session that asked for it could leave another reading freed memory.
+        What a dead session leaves resident is given back (``release``)."""
         if not sys.platform.startswith("linux"):
             return None
         try:
-            tensors = external_tensors(model_path)
             data = model_path.with_name(model_path.name + ".data")
-            tensors = [t for t in tensors if t.location == data.name]
-            if not tensors or not data.is_file():
-                return None
-            return cls(data, tensors)
+            key = (_identity(model_path), _identity(data))
+            with _OPEN_LOCK:
+                if key in _OPEN:
+                    return _OPEN[key]
+                tensors = [t for t in external_tensors(model_path) if t.location == data.name]
+                if not tensors:
+                    return None
+                _OPEN[key] = cls(data, tensors)
+                return _OPEN[key]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             logger.debug("weights of %s left to onnxruntime: %s", model_path, e)
             return None
