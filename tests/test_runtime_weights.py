@@ -111,3 +111,25 @@ def test_sessions_share_one_mapping_that_outlives_them(zoo, tmp_path):
     gc.collect()
     logits = session.run(["logits"], feeds)[0][0]
     assert np.array_equal(logits[-1], ref[-1])
+
+
+def test_a_replaced_file_gets_a_new_mapping_and_the_old_one_closes_once_unused(tmp_path):
+    from edgepipe.runtime import weights as module
+
+    path, w, _ = _tiny(tmp_path)
+    first = MappedWeights.open(path)
+    assert first is not None and MappedWeights.open(path) is first
+    data = path.with_name("model.onnx.data")
+    first.sessions = 1  # as if a session still read it
+    replaced = tmp_path / "new.data"
+    offset = next(t.offset for t in external_tensors(path) if t.name == "w")
+    old = data.read_bytes()
+    replaced.write_bytes(old[:offset] + (w * 2).tobytes() + old[offset + w.nbytes :])
+    replaced.replace(data)  # a rebuilt artifact: a new file under the old name
+    second = MappedWeights.open(path)
+    assert second is not None and second is not first
+    assert np.array_equal(second.values["w"].numpy(), w * 2)
+    assert any(v is first for v in module._OPEN.values())  # still in use: kept
+    first.sessions = 0
+    MappedWeights.open(path)
+    assert not any(v is first for v in module._OPEN.values())  # unused and stale: closed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,7 @@ class CausalLM:
         # the session reads the table (and any unpacked weight) in place from the mapping, which outlives
         # it (MappedWeights.open); what it leaves resident is given back when it goes
         if weights is not None:
-            weakref.finalize(self.session, weights.release)
+            weights.serve(self.session)
         # and the pages of what onnxruntime mapped itself (tensors the reader left to it)
         data = path.with_name(path.name + ".data")
         released = release_file_pages(data) if release_pages and data.is_file() else 0

@@ -31,6 +31,7 @@ import logging
 import mmap
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,6 +164,19 @@ def external_tensors(model_path: Path | str) -> list[ExternalTensor]:
     return out
 
 
+def _forget_stale() -> None:
+    """Close the mappings no live session uses whose data file was deleted or replaced (lock held)."""
+    for key, weights in list(_OPEN.items()):
+        if weights.sessions:
+            continue
+        try:
+            current = _identity(weights.path)
+        except OSError:
+            current = None
+        if current != key[1]:
+            del _OPEN[key]
+
+
 def _identity(path: Path) -> tuple[int, int, int, int]:
     """Which file, in which version: a rebuilt file gets a mapping of its own."""
     st = path.stat()
@@ -186,6 +200,7 @@ class MappedWeights:
             array = whole[t.offset : t.offset + t.length].view(t.dtype).reshape(t.shape)
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)
         self.mapped_bytes = sum(t.length for t in tensors)  # what the session reads from this mapping, not resident
+        self.sessions = 0  # live sessions made with these initializers (``serve``)
 
     @classmethod
     def open(cls, model_path: Path) -> MappedWeights | None:
@@ -196,13 +211,16 @@ class MappedWeights:
         the same two files: onnxruntime keeps raw pointers to user initializers in the options of each
         session made with them, and ``session.get_session_options()`` hands those options on, so a
         mapping closed with the session that asked for it could leave another reading freed memory.
-        What a dead session leaves resident is given back (``release``)."""
+        What a dead session leaves resident is given back (``release``); a mapping whose file is gone
+        or was replaced and that no live session uses is closed, so a long-lived process (a matrix
+        worker) does not keep deleted files' disk space."""
         if not sys.platform.startswith("linux"):
             return None
         try:
             data = model_path.with_name(model_path.name + ".data")
             key = (_identity(model_path), _identity(data))
             with _OPEN_LOCK:
+                _forget_stale()
                 if key in _OPEN:
                     return _OPEN[key]
                 tensors = [t for t in external_tensors(model_path) if t.location == data.name]
@@ -218,6 +236,17 @@ class MappedWeights:
         """Make every mapped tensor an initializer of sessions made with ``options``."""
         for name, value in self.values.items():
             options.add_initializer(name, value)
+
+    def serve(self, session: Any) -> None:
+        """Count ``session`` as reading this mapping until it is gone; then give back its pages."""
+        with _OPEN_LOCK:
+            self.sessions += 1
+        weakref.finalize(session, self._session_gone)
+
+    def _session_gone(self) -> None:
+        with _OPEN_LOCK:
+            self.sessions -= 1
+        self.release()
 
     def _madvise(self, advice: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
