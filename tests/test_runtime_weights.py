@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -89,17 +90,46 @@ def test_unreadable_encodings_are_left_to_onnxruntime(tmp_path, garbage):
     assert MappedWeights.open(path) is None
 
 
-def test_session_outlives_its_model_object_and_matches_onnxruntimes_own_loading(zoo):
+def test_sessions_share_one_mapping_that_outlives_them(zoo, tmp_path):
+    """A session made from another's options (``get_session_options()``, as a profiling session is)
+    holds onnxruntime's raw pointers to the user initializers: the mapping must outlive the session that
+    asked for it, and the numbers must be those of onnxruntime's own loading."""
     art = zoo.artifact("llama", "x86-avx512")[0]
     prompt = zoo.eval_ids(24)
     ref = CausalLM(art, threads=1, release_pages=False).logits(prompt)
     lm = CausalLM(art, threads=1)
-    assert lm.session._edgepipe_weights is not None  # the weights came from the runtime's mapping
+    weights = MappedWeights.open(art / "model.onnx")
+    assert weights is not None and MappedWeights.open(art / "model.onnx") is weights  # one mapping per file
     assert np.array_equal(lm.logits(prompt), ref)
-    session, feeds_from = lm.session, lm
+    options = lm.session.get_session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "prof")
+    session = ort.InferenceSession(str(art / "model.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": prompt[None].astype(np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64)}
-    feeds.update(zip(feeds_from._past_names, feeds_from.empty_cache(), strict=True))
-    del lm, feeds_from
+    feeds.update(zip(lm._past_names, lm.empty_cache(), strict=True))
+    del lm
     gc.collect()
     logits = session.run(["logits"], feeds)[0][0]
     assert np.array_equal(logits[-1], ref[-1])
+
+
+def test_a_replaced_file_gets_a_new_mapping_and_the_old_one_closes_once_unused(tmp_path):
+    from edgepipe.runtime import weights as module
+
+    path, w, _ = _tiny(tmp_path)
+    first = MappedWeights.open(path)
+    assert first is not None and MappedWeights.open(path) is first
+    data = path.with_name("model.onnx.data")
+    first.sessions = 1  # as if a session still read it
+    replaced = tmp_path / "new.data"
+    offset = next(t.offset for t in external_tensors(path) if t.name == "w")
+    old = data.read_bytes()
+    replaced.write_bytes(old[:offset] + (w * 2).tobytes() + old[offset + w.nbytes :])
+    replaced.replace(data)  # a rebuilt artifact: a new file under the old name
+    second = MappedWeights.open(path)
+    assert second is not None and second is not first
+    assert np.array_equal(second.values["w"].numpy(), w * 2)
+    assert any(v is first for v in module._OPEN.values())  # still in use: kept
+    first.sessions = 0
+    MappedWeights.open(path)
+    assert not any(v is first for v in module._OPEN.values())  # unused and stale: closed

@@ -139,8 +139,10 @@ class CausalLM:
         except Exception as e:  # onnxruntime raises its own untyped errors
             msg = str(e).splitlines()[0][:300]
             raise ArtifactError(f"onnxruntime cannot load {path}: {msg}") from None
-        # the session reads the table (and any unpacked weight) in place: the mapping lives as long as it
-        self.session._edgepipe_weights = weights
+        # the session reads the table (and any unpacked weight) in place from the mapping, which outlives
+        # it (MappedWeights.open); what it leaves resident is given back when it goes
+        if weights is not None:
+            weights.serve(self.session)
         # and the pages of what onnxruntime mapped itself (tensors the reader left to it)
         data = path.with_name(path.name + ".data")
         released = release_file_pages(data) if release_pages and data.is_file() else 0

@@ -11,7 +11,8 @@ process died at exit).
 
 Here the runtime maps the file itself, read-only, and passes each external tensor to onnxruntime as a
 user initializer over that mapping (``SessionOptions.add_initializer``: onnxruntime reads the buffer in
-place and never frees or unmaps it). The mapping stays put for the session's life, so a thread can drop
+place and never frees or unmaps it). The mapping stays put for the process's life (``MappedWeights.open``
+says why), so a thread can drop
 its resident pages every few milliseconds while the session is created: a dropped page of a read-only
 file mapping comes back from the page cache on its next read, unchanged, and nothing else ever lives at
 those addresses. The peak falls to the prepacked weights plus a few milliseconds' reads (int8 build of
@@ -30,6 +31,7 @@ import logging
 import mmap
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ __all__ = ["ExternalTensor", "MappedWeights", "external_tensors"]
 MADV_RANDOM = 1
 MADV_DONTNEED = 4
 RELEASE_EVERY_S = 0.01
+_OPEN: dict[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], MappedWeights] = {}
+_OPEN_LOCK = threading.Lock()
 
 # TensorProto.DataType -> numpy (onnx.proto); types numpy cannot hold (bfloat16, 4-bit, float8) are left to onnxruntime
 _DTYPES = {
@@ -160,6 +164,25 @@ def external_tensors(model_path: Path | str) -> list[ExternalTensor]:
     return out
 
 
+def _forget_stale() -> None:
+    """Close the mappings no live session uses whose data file was deleted or replaced (lock held)."""
+    for key, weights in list(_OPEN.items()):
+        if weights.sessions:
+            continue
+        try:
+            current = _identity(weights.path)
+        except OSError:
+            current = None
+        if current != key[1]:
+            del _OPEN[key]
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """Which file, in which version: a rebuilt file gets a mapping of its own."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class MappedWeights:
     """The external tensors of one model file, mapped read-only, as onnxruntime user initializers."""
 
@@ -177,20 +200,34 @@ class MappedWeights:
             array = whole[t.offset : t.offset + t.length].view(t.dtype).reshape(t.shape)
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)
         self.mapped_bytes = sum(t.length for t in tensors)  # what the session reads from this mapping, not resident
+        self.sessions = 0  # live sessions made with these initializers (``serve``)
 
     @classmethod
     def open(cls, model_path: Path) -> MappedWeights | None:
         """The model's external weights mapped, or None (off Linux, no external data, tensors in
-        another file, or a file this reader cannot follow: onnxruntime then loads them itself)."""
+        another file, or a file this reader cannot follow: onnxruntime then loads them itself).
+
+        A mapping, once made, lives until the process exits and is shared by every later session of
+        the same two files: onnxruntime keeps raw pointers to user initializers in the options of each
+        session made with them, and ``session.get_session_options()`` hands those options on, so a
+        mapping closed with the session that asked for it could leave another reading freed memory.
+        What a dead session leaves resident is given back (``release``); a mapping whose file is gone
+        or was replaced and that no live session uses is closed, so a long-lived process (a matrix
+        worker) does not keep deleted files' disk space."""
         if not sys.platform.startswith("linux"):
             return None
         try:
-            tensors = external_tensors(model_path)
             data = model_path.with_name(model_path.name + ".data")
-            tensors = [t for t in tensors if t.location == data.name]
-            if not tensors or not data.is_file():
-                return None
-            return cls(data, tensors)
+            key = (_identity(model_path), _identity(data))
+            with _OPEN_LOCK:
+                _forget_stale()
+                if key in _OPEN:
+                    return _OPEN[key]
+                tensors = [t for t in external_tensors(model_path) if t.location == data.name]
+                if not tensors:
+                    return None
+                _OPEN[key] = cls(data, tensors)
+                return _OPEN[key]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             logger.debug("weights of %s left to onnxruntime: %s", model_path, e)
             return None
@@ -199,6 +236,17 @@ class MappedWeights:
         """Make every mapped tensor an initializer of sessions made with ``options``."""
         for name, value in self.values.items():
             options.add_initializer(name, value)
+
+    def serve(self, session: Any) -> None:
+        """Count ``session`` as reading this mapping until it is gone; then give back its pages."""
+        with _OPEN_LOCK:
+            self.sessions += 1
+        weakref.finalize(session, self._session_gone)
+
+    def _session_gone(self) -> None:
+        with _OPEN_LOCK:
+            self.sessions -= 1
+        self.release()
 
     def _madvise(self, advice: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
