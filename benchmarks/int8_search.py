@@ -1,9 +1,9 @@
 """Search for the x86-avx512 int8 scheme: KL vs size on the default model (issue 16's int8 goals).
 
 The question: can an int8 scheme keep llama.cpp Q8_0's KL (0.0037) with fewer stored and packed
-bytes than int8 block 32 asymmetric (the profile's scheme; 10+ bits per weight once onnxruntime has
-packed it)? Larger blocks cost less (int8/b64/asym 8.625 bits stored, int8/b128/sym 8.25), but rounded
-to nearest they lose KL (b64: 0.0064). Candidates: GPTQ at 8 bits (error feedback with the
+bytes than int8 block 32 asymmetric (x86-avx512's scheme until 2026-12-07; 10+ bits per weight once
+onnxruntime has packed it)? The profile now ships the variant ``alloc-gptq-8.9``. Larger blocks cost
+less (int8/b64/asym 8.625 bits stored, int8/b128/sym 8.25), but rounded to nearest they lose KL (b64: 0.0064). Candidates: GPTQ at 8 bits (error feedback with the
 calibration Hessian), and a Fisher allocation over int8 formats only, at or below Q8_0's 8.5 bits.
 
 Every variant is quantized from edgepipe's fp32 export with :func:`edgepipe.quantize.quantize` and
@@ -132,7 +132,7 @@ def allocated(formats: tuple[str, ...], algorithm: str, bits_per_weight: float) 
 
 INT8_FORMATS = ("int8/b32/asym", "int8/b64/asym", "int8/b64/sym", "int8/b128/sym", "int8/b128/asym")
 VARIANTS: dict[str, Callable[[Any], Any]] = {
-    "rtn-b32-asym": uniform("rtn", 32, False),  # the profile (KL 0.0037)
+    "rtn-b32-asym": uniform("rtn", 32, False),  # x86-avx512 until 2026-12-07 (KL 0.0037)
     "gptq-b32-asym": uniform("gptq", 32, False),
     "rtn-b64-asym": uniform("rtn", 64, False),
     "gptq-b64-asym": uniform("gptq", 64, False),

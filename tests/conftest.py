@@ -35,6 +35,17 @@ VOCAB = 384
 # the "lm_head" and the export is silently wrong (logits from layer 0).
 assert 2 * INTERMEDIATE != VOCAB
 TRAIN_STEPS = 60
+# Profiles only the tests use, passed to build by path under these names (the artifact's folder name):
+# "int8-rtn" is int8 block 32 rounded everywhere, no calibration or sensitivity pass, the cheapest build
+# (x86-avx512 itself allocates int8 formats by Fisher sensitivity and GPTQs them).
+TEST_PROFILES = {"int8-rtn": Path(__file__).resolve().parent / "data" / "profiles" / "int8-rtn.yaml"}
+
+
+def load_profile(target: str) -> Any:
+    """The Target of a shipped profile's name or of one of :data:`TEST_PROFILES`."""
+    from edgepipe.targets import load_target
+
+    return load_target(str(TEST_PROFILES.get(target, target)))
 
 _created_cache: str | None = None
 
@@ -188,13 +199,14 @@ class TinyZoo:
         return self._memo[key]
 
     def artifact(self, arch: str, target: str) -> tuple[Path, Any]:
-        """(artifact folder, BuildResult) of ``edgepipe.build.build`` for the tiny ``arch`` model."""
+        """(artifact folder, BuildResult) of ``edgepipe.build.build`` for the tiny ``arch`` model; ``target``
+        is a shipped profile's name or one of :data:`TEST_PROFILES`."""
         key = ("artifact", arch, target)
         if key not in self._memo:
             from edgepipe.pipeline import build
 
             out = self.root / "artifacts" / f"{arch}-{target}"
-            res = build(target=target, out=out, model=self.model(arch))
+            res = build(target=str(TEST_PROFILES.get(target, target)), out=out, model=self.model(arch))
             self._memo[key] = (out, res)
         return self._memo[key]
 
@@ -204,7 +216,7 @@ class TinyZoo:
         if key not in self._memo:
             found = find_export(self.model(arch))
             if found is None:
-                self.artifact(arch, "x86-avx512")  # the cheapest build; its export stage fills the cache
+                self.artifact(arch, "int8-rtn")  # the cheapest build; its export stage fills the cache
                 found = find_export(self.model(arch))
             assert found is not None, "the build's export stage left no fp32 export in the stage cache"
             self._memo[key] = found

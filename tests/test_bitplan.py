@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ARCHS, HIDDEN, TIED, VOCAB
+from conftest import ARCHS, HIDDEN, TIED, VOCAB, load_profile
 
 from edgepipe.errors import InputError, ModelError
 from edgepipe.estimate import artifact_size, estimate
@@ -33,7 +33,7 @@ from edgepipe.quantize.blockwise import quantize_matrix
 from edgepipe.runtime.model import CausalLM
 from edgepipe.targets import load_target
 
-BUILT = ("raspberrypi5", "x86-avx512")  # the artifacts test_quantized_models builds too (shared zoo)
+BUILT = ("raspberrypi5", "int8-rtn")  # the artifacts test_quantized_models builds too (shared zoo)
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
 
@@ -104,10 +104,12 @@ def test_config_plan_equals_graph_plan(zoo, arch):
         assert a == b and a.bytes() == b.bytes() and a.formats() == b.formats(), name
 
 
+@pytest.mark.parametrize(("arch", "target"), [(a, t) for a in ARCHS for t in BUILT] + [("llama", "x86-avx512")])
 def test_plan_bytes_are_the_artifacts_quantized_tensors(zoo, arch, target):
-    """Byte for byte, MatMulNBits data + fp32 scales + packed zero points (the tied table once)."""
+    """Byte for byte, MatMulNBits data + fp32 scales + packed zero points (the tied table once); the int4
+    and the int8 allocations (raspberrypi5, x86-avx512) and the rounded int8 everywhere (int8-rtn)."""
     art, res = zoo.artifact(arch, target)
-    plan = built_plan(zoo.fp32(arch) / "model.onnx", load_target(target).quantization, res.manifest.to_dict()["quantization"])
+    plan = built_plan(zoo.fp32(arch) / "model.onnx", load_profile(target).quantization, res.manifest.to_dict()["quantization"])
     names = quantized_weights(art)
     assert stored_bytes(art, names) == plan.bytes() == res.manifest.to_dict()["quantization"]["bit_plan"]["bytes"]
     assert res.manifest.to_dict()["quantization"]["bit_plan"]["parameters"] == plan.parameters()
@@ -167,7 +169,7 @@ def test_estimate_counts_every_weight_byte_of_the_artifact(zoo, arch, target):
     """estimate's size before export = the built artifact's initializers (the graph itself excluded):
     the plan's matrices (an untied input table among them), everything else fp32 (norms, biases), the rotary caches."""
     info = inspect_model(zoo.model(arch))
-    tgt = load_target(target)
+    tgt = load_profile(target)
     size = artifact_size(info.config, info.num_parameters, tgt)
     art, _ = zoo.artifact(arch, target)
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)

@@ -189,9 +189,14 @@ def test_the_shipped_profiles_schemes():
     assert pi.table == pi.default  # the int4 table is GPTQ'd like the body
     assert pi.eight_bit == Rtn(bits=8, block_size=64, accuracy_level=4)  # 8-bit blocks: rounded, blocks of 64
     assert pi.needs_calibration and pi.needs_hessian and pi.algorithm == "gptq"
-    avx512 = scheme_from_target(load_target("x86-avx512").quantization)
-    assert avx512 == MixedPrecision(default=Rtn(bits=8, block_size=32), table=Rtn(bits=8, block_size=32))
-    assert not avx512.needs_calibration
+    # x86-avx512: int8 formats only, chosen per matrix within 8.9 bits/weight, every one GPTQ'd (the table too)
+    q512 = load_target("x86-avx512").quantization
+    avx512 = scheme_from_target(q512)
+    gptq8 = Gptq(bits=8, block_size=32, accuracy_level=4)
+    assert avx512 == MixedPrecision(default=gptq8, table=gptq8, eight_bit=gptq8)
+    assert avx512.needs_calibration and avx512.needs_hessian
+    assert q512.bits_per_weight == 8.9 and q512.sensitivity == "fisher" and {f.split("/")[0] for f in q512.formats} == {"int8"}
+    assert config_for_format(Format(8, 128, True), q512) == Gptq(bits=8, block_size=128, symmetric=True, accuracy_level=4)
     # x86-avx2: the Pi scheme (GPTQ, an int4 table) and a size budget over int4 / int8 formats chosen per matrix
     avx2 = load_target("x86-avx2").quantization
     assert scheme_from_target(avx2) == pi and avx2.embedding_bits == 4 and avx2.sensitivity == "fisher"

@@ -77,7 +77,7 @@ def test_session_gives_back_the_weight_pages_and_outputs_are_unchanged(zoo):
     """After loading, none of the weight file's pages stay resident (prepacking read all of them);
     generation reads back only what it needs, and its logits are bit-identical to a session that
     kept them."""
-    art = zoo.artifact("llama", "x86-avx512")[0]
+    art = zoo.artifact("llama", "int8-rtn")[0]
     data = art / "model.onnx.data"
     lm = CausalLM(art, threads=1)
     assert lm.released_bytes > 0
@@ -95,7 +95,7 @@ def test_session_gives_back_the_weight_pages_and_outputs_are_unchanged(zoo):
     assert np.array_equal(ref.logits(prompt), logits)
 
 
-@pytest.mark.parametrize("target", ["x86-avx512", "raspberrypi5"])
+@pytest.mark.parametrize("target", ["int8-rtn", "raspberrypi5"])
 def test_tied_table_is_not_folded_into_a_copy(zoo, target, tmp_path):
     """onnxruntime folds a Reshape of a constant into a new initializer, a heap copy of the whole
     table; the table's shape is a graph input so that the lookup reads the mapped table itself."""
