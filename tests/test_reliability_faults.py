@@ -88,6 +88,10 @@ def test_disk_full_in_quantize_keeps_cache_consistent(tmp_path, mountable):
         export = find_export(tiny_model())  # only this model's export: the shared cache holds other models' too
         assert export is not None
         shutil.copytree(export.parent, cache / "export" / export.parent.name)
+        from edgepipe.pipeline import run_stages
+
+        with env(EDGEPIPE_CACHE=str(cache)):  # the size budget's statistics (the Fisher diagonal: more than quantize's margin)
+            run_stages(target=TARGET, stop_after="sensitivity", model=tiny_model())
         fill_disk(fs, 170 << 10)  # more than the stage's up-front estimate, less than it writes
         res = _cli("build", "--model", str(tiny_model()), "--target", TARGET, "--out", str(prev), cache=cache)
         assert res.exit_code == 1, res.output
@@ -95,9 +99,9 @@ def test_disk_full_in_quantize_keeps_cache_consistent(tmp_path, mountable):
         assert line.startswith("error: quantize: the disk is full at"), line
         assert "KB free" in line and "needs about" in line
         entries = _entries(cache)
-        # what came before quantize stays, complete (the export, and the size budget's sensitivity and
+        # what came before quantize stays, complete (the export, and the size budget's statistics, sensitivity and
         # allocation); nothing of quantize
-        assert sorted(e["stage"] for e in entries) == ["allocate", "export", "sensitivity"], entries
+        assert sorted(e["stage"] for e in entries) == ["allocate", "calib-stats", "export", "sensitivity"], entries
         assert all(e["complete"] for e in entries), entries
         assert not list((cache / "quantize").glob(".tmp-*"))
         (fs / "filler.bin").unlink()

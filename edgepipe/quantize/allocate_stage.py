@@ -1,8 +1,10 @@
 """The stages between calibration and quantize when a profile states a size budget.
 
-``sensitivity`` (cached by the export, the calibration text and the allowed formats, so every budget
-of a search shares it): one fp32 pass over the calibration text for each input channel's mean square,
-then the proxy for every matrix in every allowed format. ``allocate`` (cached by that and the budget):
+``calib-stats`` (:mod:`edgepipe.quantize.calib_stats`, cached by the export and the calibration text
+alone): the statistics the proxy reads (the Fisher pass, activation moments). ``sensitivity`` (cached
+by those, the allowed formats, the algorithms and the proxy, so every budget of a search shares it):
+the proxy for every matrix in every allowed format, priced from the statistics, so a changed format
+list does not rerun the calibration passes. ``allocate`` (cached by that and the budget):
 the format of each matrix, within the budget exactly in bytes. :func:`preflight_budget` refuses an
 unreachable budget from ``config.json`` alone, before any export.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from edgepipe.export.stage import ExportResult
 from edgepipe.quantize.allocate import Allocation, Budget, allocate, check_reachable, graph_bytes, options_for, plan_from_labels
 from edgepipe.quantize.bitplan import BitPlan
+from edgepipe.quantize.calib_stats import StatisticsConfig
 from edgepipe.quantize.configs import allowed_formats, scheme_from_target
 from edgepipe.quantize.kernel_time import KernelTimes, allocate_within_time
 from edgepipe.quantize.sensitivity import Sensitivity
@@ -34,13 +36,16 @@ __all__ = ["AllocateConfig", "SensitivityConfig", "built_plan", "exported_other_
 
 @dataclass(frozen=True)
 class SensitivityConfig:
-    VERSION = 2
+    # v3: priced from the calib-stats stage's entries (edgepipe.quantize.calib_stats); the fisher-output proxy
+    VERSION = 3
 
     export_key: str
-    calib_key: str
+    calib_key: str  # with export_key and statistics_version: the calib-stats entries it reads
     formats: tuple[str, ...]  # the allowed formats' labels
-    algorithm: str  # the 4-bit algorithm (the options' configs; the proxy itself rounds to nearest)
+    algorithm: str  # the 4-bit algorithm (fisher-output prices its error; the other proxies round to nearest)
     proxy: str  # edgepipe.quantize.sensitivity.PROXIES: what the profile asks for
+    eight_bit_algorithm: str = "rtn"
+    statistics_version: int = StatisticsConfig.VERSION
 
 
 @dataclass(frozen=True)
@@ -114,12 +119,14 @@ def run_allocation(
     plan = plan_from_onnx(source.model_dir / "model.onnx", scheme_from_target(q))
     formats = allowed_formats(q)
     options = options_for(plan, formats, q, _pinned(plan))
-    scfg = SensitivityConfig(source.key, calib_key, tuple(f.label for f in formats), q.algorithm, q.sensitivity)
+    scfg = SensitivityConfig(
+        source.key, calib_key, tuple(f.label for f in formats), q.algorithm, q.sensitivity, q.eight_bit_algorithm,
+    )
 
     def measure(tmp: Path) -> dict[str, Any]:
-        sens = _measure(source, info, options_for(plan, formats, q), calib_windows, scfg.proxy, tmp, ctx)
+        sens, keys = _measure(source, info, options_for(plan, formats, q), calib_windows, calib_key, scfg.proxy, ctx)
         sens.write(tmp / "sensitivity.json")
-        return {"proxy": sens.proxy, "matrices": len(sens.losses)}
+        return {"proxy": sens.proxy, "matrices": len(sens.losses), "statistics": keys}
 
     sens_out = run_cached("sensitivity", scfg, measure, ctx)
     sens = Sensitivity.read(sens_out.dir / "sensitivity.json")
@@ -146,28 +153,23 @@ def run_allocation(
     return Allocation(allocated, budget, budget_bytes, float(record["predicted_loss"]), record["proxy"], record.get("kernel_time"))
 
 
-def _measure(source: ExportResult, info: Any, options: Any, windows: list[np.ndarray], proxy: str, tmp: Path, ctx: StageContext) -> Sensitivity:
-    """The sensitivity of every matrix by ``proxy``; Fisher falls back to the relative output error
-    (logged) when a matrix of the export matches no linear of the checkpoint."""
-    from edgepipe.quantize.calibrate import collect_importance
-    from edgepipe.quantize.sensitivity import FISHER, measure_sensitivity
+def _measure(
+    source: ExportResult, info: Any, options: Any, windows: list[np.ndarray], calib_key: str, proxy: str, ctx: StageContext,
+) -> tuple[Sensitivity, dict[str, str]]:
+    """The sensitivity of every matrix by ``proxy`` and the calib-stats entries (kind -> key) it was
+    priced from; a Fisher proxy falls back to the relative output error (logged) when a matrix of the
+    export matches no linear of the checkpoint."""
+    from edgepipe.quantize.calib_stats import run_statistics
+    from edgepipe.quantize.sensitivity import NEEDS, PROXY, measure_sensitivity
 
-    if proxy == FISHER:
-        from edgepipe.export.normalize import normalized_folder
-        from edgepipe.quantize.fisher import fisher_statistics
-
-        ctx.progress("sensitivity: Fisher statistics (one forward and backward pass per calibration window)")
-        src, _rows = normalized_folder(info.path, tmp / "hf")
-        stats, index = fisher_statistics(src, windows, num_parameters=info.num_parameters, threads=ctx.threads, progress=ctx.progress)
-        shutil.rmtree(tmp / "hf", ignore_errors=True)
-        try:
-            return measure_sensitivity(source.model_dir, options, None, ctx.progress, fisher=(stats, index))
-        except LookupError as e:
-            logger.warning("Fisher sensitivity not measurable (%s); using the relative output error", e)
-            ctx.progress("sensitivity: the export does not match the checkpoint's linears; using the relative output error")
-    ctx.progress("sensitivity: activation statistics on the calibration text")
-    importance = collect_importance(source.model_dir, windows, threads=ctx.threads, progress=ctx.progress)
-    return measure_sensitivity(source.model_dir, options, importance, ctx.progress)
+    stats, keys = run_statistics(NEEDS[proxy], source, info, windows, calib_key, ctx)
+    try:
+        return measure_sensitivity(source.model_dir, options, stats, proxy, ctx.progress), keys
+    except LookupError as e:
+        logger.warning("Fisher sensitivity not measurable (%s); using the relative output error", e)
+        ctx.progress("sensitivity: the export does not match the checkpoint's linears; using the relative output error")
+    stats, keys = run_statistics(NEEDS[PROXY], source, info, windows, calib_key, ctx)
+    return measure_sensitivity(source.model_dir, options, stats, PROXY, ctx.progress), keys
 
 
 def built_plan(model: Any, q: Any, quantization: dict[str, Any]) -> BitPlan:

@@ -55,6 +55,10 @@ class Importance(Mapping):
     def __len__(self) -> int:
         return len(self._diag) + len(self._hessians)
 
+    def stored_hessians(self) -> dict[str, Path]:
+        """``weight -> .npy file`` of the Hessians written to a ``store`` folder (one per distinct input)."""
+        return {k.removesuffix("@H"): h for k, h in self._hessians.items() if isinstance(h, Path)}
+
 
 def _hessian_activations(acts: dict[str, str], hessians: bool | Collection[str]) -> set[str]:
     """The activations whose x^T x calibration keeps: all, or those of the named weights."""

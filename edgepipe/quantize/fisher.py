@@ -100,7 +100,7 @@ def fisher_statistics(
                 _embedding_grads(acc[lookup[0]], ids[0], emb.grad[0])
             tokens += ids.shape[1]
             if progress:
-                progress(f"sensitivity: gradients of window {i + 1}")
+                progress(f"calib-stats: gradients of window {i + 1}")
     finally:
         for h in hooks:
             h.remove()

@@ -16,8 +16,13 @@ absolute Hessian-weighted error (benchmarks/RESULTS.md, "Hessian greedy") ranked
 o_proj / down_proj first because the residual stream grows ~100x with depth, while each next norm
 divides that growth out; it lost to the measured KL ranking.
 
-dW is round-to-nearest's in every format (one cheap pass per format, no Hessian), not the final
-algorithm's: the proxy ranks matrices and formats, it does not predict the artifact's error.
+For ``fisher`` and ``relative-output-error``, dW is round-to-nearest's in every format (one cheap pass
+per format, no Hessian), not the final algorithm's: the proxy ranks matrices and formats, it does not
+predict the artifact's error. ``fisher-output`` prices the error the profile's own algorithm makes
+(GPTQ's, which is 0.06-0.6x rounding's by a factor that differs per matrix and format) in output space:
+0.5 sum_n b_n dW_n^T H dW_n, H the input's second moment (GPTQ's Hessian), b_n the output's mean squared
+gradient (the Fisher factor); see :func:`realised_losses`. Each proxy's statistics come from the
+``calib-stats`` stage (:mod:`edgepipe.quantize.calib_stats`, the kinds ``NEEDS`` names).
 """
 
 from __future__ import annotations
@@ -27,19 +32,26 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgepipe.quantize.configs import WeightOnlyConfig
 
-__all__ = ["PROXIES", "PROXY", "Sensitivity", "matrix_losses", "measure_sensitivity"]
+if TYPE_CHECKING:
+    from edgepipe.quantize.calib_stats import MatrixStats
+    from edgepipe.quantize.handlers import WeightStats
+
+__all__ = ["FISHER", "FISHER_OUTPUT", "NEEDS", "PROXIES", "PROXY", "Sensitivity", "matrix_losses", "measure_sensitivity", "realised_losses"]
 
 logger = logging.getLogger(__name__)
 
 PROXY = "relative-output-error"
 FISHER = "fisher"  # edgepipe.quantize.fisher: 0.5 sum_kn F_kn dW_kn^2, a predicted KL in nats
-PROXIES = (FISHER, PROXY)
+FISHER_OUTPUT = "fisher-output"  # 0.5 sum_n b_n dW_n^T H dW_n, dW the profile's own algorithm's error
+PROXIES = (FISHER, FISHER_OUTPUT, PROXY)
+# the calibration statistics (edgepipe.quantize.calib_stats kinds) each proxy reads
+NEEDS: dict[str, tuple[str, ...]] = {FISHER: ("fisher",), FISHER_OUTPUT: ("fisher", "hessians"), PROXY: ("activations",)}
 
 
 @dataclass(frozen=True)
@@ -90,44 +102,65 @@ def matrix_losses(
     return out
 
 
+def realised_losses(
+    w: np.ndarray, configs: tuple[WeightOnlyConfig | None, ...], outputs: np.ndarray, stats: WeightStats,
+) -> dict[str, float]:
+    """The ``fisher-output`` proxy for one weight ``w`` [K, N]: 0.5 sum_n b_n dW_n^T H dW_n with dW the
+    error each config's own algorithm makes (GPTQ's, with the calibration Hessian ``stats`` holds), H
+    the input's second moment and b (``outputs``) each output's mean squared gradient. In output space
+    because GPTQ's error is correlated across input channels (it compensates one channel's rounding
+    on the others): the element-wise Fisher diagonal would price that compensation as extra error."""
+    from edgepipe.quantize.handlers import quantize_weight
+
+    w = np.asarray(w, dtype=np.float32)
+    h = np.asarray(stats.hessian, dtype=np.float32)
+    b = np.asarray(outputs, dtype=np.float64)
+    out = {}
+    for cfg in configs:
+        if cfg is None:
+            out["fp32"] = 0.0
+            continue
+        d = w - quantize_weight(cfg, w, stats).dequantize()
+        hd = h @ d
+        out[cfg.format.label] = 0.5 * float(np.einsum("kn,kn->n", hd, d, dtype=np.float64) @ b)
+    return out
+
+
 def measure_sensitivity(
     model_dir: Path,
     options: Mapping[str, tuple[WeightOnlyConfig | None, ...]],
-    importance: Mapping[str, np.ndarray] | None,
+    stats: MatrixStats,
+    proxy: str,
     progress: Callable[[str], None] | None = None,
-    fisher: tuple[Any, Any] | None = None,
 ) -> Sensitivity:
-    """The proxy for every matrix of the fp32 export in ``model_dir`` with more than one option, each
-    weight read from the external data on its own (a 2.5B model never sits in RAM whole). With
-    ``fisher`` (:func:`edgepipe.quantize.fisher.fisher_statistics`' two results) the Fisher proxy,
-    and LookupError when a matrix matches no checkpoint linear (the caller then measures the other proxy)."""
+    """The ``proxy`` for every matrix of the fp32 export in ``model_dir`` with more than one option,
+    each weight read from the external data on its own (a 2.5B model never sits in RAM whole), from
+    the calibration statistics ``stats`` (the kinds ``NEEDS[proxy]`` names). LookupError when a Fisher
+    proxy meets a matrix that matched no checkpoint linear (the caller then measures the fallback)."""
     import onnx
     from onnx import numpy_helper
 
     from edgepipe.quantize.bitplan import matrices_from_onnx
+    from edgepipe.quantize.handlers import WeightStats
 
+    if proxy != PROXY and (missing := stats.unmatched()):
+        raise LookupError(f"matrix {missing} matches no linear of the checkpoint")
     model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     matrices = {m.name: m for m in matrices_from_onnx(model).matrices}
+    importance = stats.as_importance() if proxy == FISHER_OUTPUT else None
     losses: dict[str, dict[str, float]] = {}
     todo = [n for n, cfgs in options.items() if len(cfgs) > 1]
     for i, name in enumerate(todo):
         w = matrices[name].oriented(numpy_helper.to_array(inits[name], base_dir=str(model_dir)))
-        if fisher is None:
-            losses[name] = matrix_losses(w, (importance or {}).get(name), options[name])
+        if proxy == PROXY:
+            losses[name] = matrix_losses(w, stats.importance(name), options[name])
         else:
-            a_b = _fisher_pair(fisher, w)
-            if a_b is None:
-                raise LookupError(f"matrix {name} matches no linear of the checkpoint")
-            losses[name] = matrix_losses(w, a_b[0], options[name], a_b[1], a_b[2])
+            a, b, full = stats.fisher(name) or (None, None, None)
+            if importance is not None and b is not None and f"{name}@H" in importance:
+                losses[name] = realised_losses(w, options[name], b, WeightStats(importance, name))
+            else:  # fisher, or a matrix no MatMul reads (an untied input embedding: GPTQ rounds it too)
+                losses[name] = matrix_losses(w, a, options[name], b, full)
         if progress and (i + 1) % 25 == 0:
             progress(f"sensitivity: {i + 1}/{len(todo)} matrices")
-    return Sensitivity(FISHER if fisher else PROXY, losses)
-
-
-def _fisher_pair(fisher: tuple[Any, Any], w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    from edgepipe.quantize.fisher import fisher_pair
-
-    stats, index = fisher
-    parts = index.split(w)
-    return None if parts is None else fisher_pair(stats, parts)
+    return Sensitivity(proxy, losses)

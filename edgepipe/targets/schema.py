@@ -59,7 +59,7 @@ class Quantization:
     formats: tuple[str, ...] = ()  # what the allocator may choose: "int4/b32/asym", "int8/b64/asym" (default: bits and 8-bit blocks above)
     bits_per_weight: float | None = None  # size budget: mean stored bits per quantized weight
     max_mb: float | None = None  # size budget: the artifact in MiB (one of the two)
-    sensitivity: Literal["fisher", "relative-output-error"] = "fisher"  # the allocator's proxy (edgepipe.quantize.sensitivity)
+    sensitivity: Literal["fisher", "fisher-output", "relative-output-error"] = "fisher"  # the allocator's proxy (edgepipe.quantize.sensitivity)
     kernel_time: tuple[KernelTime, ...] = ()  # per format, measured on the device: what the allocation costs in time
     max_decode_time: float | None = None  # time budget: decode kernel time as a fraction of the base format's everywhere
 
