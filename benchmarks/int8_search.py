@@ -4,7 +4,7 @@ The question: can an int8 scheme keep llama.cpp Q8_0's KL (0.0037) with fewer st
 bytes than int8 block 32 asymmetric (x86-avx512's scheme until 2026-12-07; 10+ bits per weight once
 onnxruntime has packed it)? The profile now ships the variant ``alloc-gptq-8.9``. Larger blocks cost
 less (int8/b64/asym 8.625 bits stored, int8/b128/sym 8.25), but rounded to nearest they lose KL (b64: 0.0064). Candidates: GPTQ at 8 bits (error feedback with the
-calibration Hessian), and a Fisher allocation over int8 formats only, at or below Q8_0's 8.5 bits.
+calibration Hessian), and a Fisher allocation over int8 formats only, at or below Q8_0's 8.5 bits (the profile now ships the 8.9-bit one).
 
 Every variant is quantized from edgepipe's fp32 export with :func:`edgepipe.quantize.quantize` and
 scored as ``edgepipe build`` scores it: the same calibration windows (24 of the packaged text for this
