@@ -18,7 +18,7 @@ onnxruntime-genai from the graph, so neither needs to be told. Tensors are never
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import onnx_ir as ir
@@ -27,7 +27,7 @@ from edgepipe.optimize.manager import PassReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GQA", "KVCacheFp16Pass"]
+__all__ = ["GQA", "KVCacheFp16Pass", "attention_nodes"]
 
 GQA = "GroupQueryAttention"
 _PAST = (3, 4)  # past_key, past_value
@@ -61,6 +61,21 @@ def _why_not(node: ir.Node) -> str | None:
     return None
 
 
+def attention_nodes(graph: ir.Graph, pass_name: str, why_not: Callable[[ir.Node], str | None]) -> list[ir.Node]:
+    """The graph's GroupQueryAttention nodes when ``why_not`` finds none it cannot change, else none (the
+    cache has one dtype for all layers: a KV pass changes every node or none), saying why in the log."""
+    nodes = [n for n in graph if n.op_type == GQA and n.domain == "com.microsoft"]
+    if not nodes:
+        logger.info("%s: no GroupQueryAttention; not applied", pass_name)
+        return []
+    reasons = {n.name: r for n in nodes if (r := why_not(n)) is not None}
+    if reasons:
+        name, why = next(iter(reasons.items()))
+        logger.warning("%s: %s: %s; not applied", pass_name, name, why)
+        return []
+    return nodes
+
+
 def _cast(value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
     out = ir.val(name, to, value.shape)
     return ir.node("Cast", [value], {"to": to}, outputs=[out], name=f"{name}/Cast")
@@ -82,14 +97,8 @@ class KVCacheFp16Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
-        nodes = [n for n in graph if n.op_type == GQA and n.domain == "com.microsoft"]
+        nodes = attention_nodes(graph, self.name, _why_not)
         if not nodes:
-            logger.info("kv_cache_fp16: no GroupQueryAttention; not applied")
-            return PassReport(model, False)
-        reasons = {n.name: r for n in nodes if (r := _why_not(n)) is not None}
-        if reasons:
-            name, why = next(iter(reasons.items()))
-            logger.warning("kv_cache_fp16: %s: %s; not applied", name, why)
             return PassReport(model, False)
         casts: dict[ir.Value, ir.Value] = {}  # a float input -> its float16 copy, shared by all its readers
         for node in nodes:

@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from edgepipe.optimize.kv_cache_fp16 import _PAST, _PRESENT, GQA, _value_at
+from edgepipe.optimize.kv_cache_fp16 import _PAST, _PRESENT, GQA, _value_at, attention_nodes
 from edgepipe.optimize.logits_slice import _initializer
 from edgepipe.optimize.manager import PassReport
 
@@ -104,14 +104,8 @@ class KVCacheInt8Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
-        nodes = [n for n in graph if n.op_type == GQA and n.domain == "com.microsoft"]
+        nodes = attention_nodes(graph, self.name, lambda n: _why_not(n, self.scales))
         if not nodes:
-            logger.info("kv_cache_int8: no GroupQueryAttention; not applied")
-            return PassReport(model, False)
-        reasons = {n.name: r for n in nodes if (r := _why_not(n, self.scales)) is not None}
-        if reasons:
-            name, why = next(iter(reasons.items()))
-            logger.warning("kv_cache_int8: %s: %s; not applied", name, why)
             return PassReport(model, False)
         for node in nodes:
             self._to_int8(graph, node)
