@@ -207,13 +207,13 @@ class MappedWeights:
         """The model's external weights mapped, or None (off Linux, no external data, tensors in
         another file, or a file this reader cannot follow: onnxruntime then loads them itself).
 
-        A mapping, once made, lives until the process exits and is shared by every later session of
-        the same two files: onnxruntime keeps raw pointers to user initializers in the options of each
+        A mapping outlives the session that asked for it and is shared by every later session of the
+        same two files: onnxruntime keeps raw pointers to user initializers in the options of each
         session made with them, and ``session.get_session_options()`` hands those options on, so a
         mapping closed with the session that asked for it could leave another reading freed memory.
-        What a dead session leaves resident is given back (``release``); a mapping whose file is gone
-        or was replaced and that no live session uses is closed, so a long-lived process (a matrix
-        worker) does not keep deleted files' disk space."""
+        What a dead session leaves resident is given back (``release``). A mapping is closed only when
+        its file is gone or was replaced and no session made by the runtime reads it, so a long-lived
+        process (a matrix worker) keeps no deleted file's disk space."""
         if not sys.platform.startswith("linux"):
             return None
         try:
