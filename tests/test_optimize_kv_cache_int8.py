@@ -238,3 +238,19 @@ def test_int8_cache_artifact_end_to_end(int8_artifact):
     got = ask_server([sys.executable, "-m", "edgepipe.runtime", "serve", str(art), "--port", "0"], prompt)
     assert got["completion"] and got["chat_status"] == 200, got
     assert got["completion"] in greedy.output, (got, greedy.output)
+
+
+def test_only_graphs_with_attention_nodes_are_calibrated(tmp_path):
+    """A build asks for the cache's ranges only when the graph keeps its cache in GroupQueryAttention
+    (the generic exporter's graphs do not: nothing to convert, so no pass over the calibration text)."""
+    from edgepipe.optimize.kv_ranges import has_attention_cache
+
+    with_gqa, plain = tmp_path / "gqa", tmp_path / "plain"
+    with_gqa.mkdir()
+    plain.mkdir()
+    onnx.save(tiny_attention_graph(layers=1), str(with_gqa / "model.onnx"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(plain / "model.onnx"))
+    assert has_attention_cache(with_gqa) and not has_attention_cache(plain)

@@ -131,10 +131,13 @@ def _optimize(quant: Any, kv_cache_dtype: str, calib_windows: list[Any], calib_k
     import dataclasses
 
     from edgepipe.optimize.decoder import NEEDS_KV_RANGES
-    from edgepipe.optimize.kv_ranges import KVRangesConfig, run_kv_ranges
+    from edgepipe.optimize.kv_ranges import KVRangesConfig, has_attention_cache, run_kv_ranges
     from edgepipe.optimize.stage import OptimizeConfig, passes_for, run_optimize
 
     passes = passes_for(kv_cache_dtype)
+    if any(p in NEEDS_KV_RANGES for p in passes) and not has_attention_cache(quant.model_dir):
+        ctx.progress("int8 KV cache: this graph has no GroupQueryAttention (a generic export); its cache stays float32")
+        passes = {n: v for n, v in passes.items() if n not in NEEDS_KV_RANGES}
     if not any(p in NEEDS_KV_RANGES for p in passes):
         return run_optimize(quant.model_dir, OptimizeConfig(quant.key, passes), ctx)
     ranges = run_kv_ranges(quant.model_dir, calib_windows, KVRangesConfig(quant.key, calib_key), ctx)

@@ -60,6 +60,16 @@ def measure_ranges(model_dir: Path, windows: Sequence[np.ndarray], threads: int 
     return amax
 
 
+def has_attention_cache(model_dir: Path) -> bool:
+    """Whether the decoder in ``model_dir`` keeps its cache in GroupQueryAttention nodes, the only cache
+    an int8 pass can convert (the generic exporter's graphs attend with plain ops): without them there
+    is nothing to calibrate, and measuring would cost a pass over the calibration text for nothing."""
+    import onnx
+
+    model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
+    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in model.graph.node)
+
+
 def load_ranges(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
