@@ -22,6 +22,7 @@ processes lost the cached file too.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -59,6 +60,18 @@ def file_mappings(path: Path | str) -> list[tuple[int, int, int, bool]]:
     return [(a, b, rss, bool(w)) for a, b, rss, w in maps]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def madvise(address: int, length: int, advice: int) -> bool:
+    """``madvise(2)`` on ``length`` bytes from ``address`` (Linux); True when the kernel accepted it."""
+    return bool(_libc().madvise(address, length, advice) == 0)
+
+
 def release_file_pages(path: Path | str) -> int:
     """Drop this process's resident pages of its mappings of ``path`` (see the module docstring);
     return how many bytes were resident in the mappings released. Does nothing (0) off Linux or
@@ -67,14 +80,11 @@ def release_file_pages(path: Path | str) -> int:
         return 0
     try:
         maps = file_mappings(path)
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         released = 0
         for start, end, rss, written in maps:
             if written:
                 continue
-            if madvise(start, end - start, MADV_DONTNEED) == 0:
+            if madvise(start, end - start, MADV_DONTNEED):
                 released += rss
                 madvise(start, end - start, MADV_RANDOM)
     except (OSError, AttributeError, ValueError) as e:

@@ -26,7 +26,6 @@ onnxruntime's own loading, which also reports a malformed model in its own words
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import sys
@@ -41,12 +40,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgepipe.runtime.pages import MADV_DONTNEED, MADV_RANDOM, madvise
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExternalTensor", "MappedWeights", "external_tensors"]
 
-MADV_RANDOM = 1
-MADV_DONTNEED = 4
 RELEASE_EVERY_S = 0.01
 _OPEN: dict[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], MappedWeights] = {}
 _OPEN_LOCK = threading.Lock()
@@ -248,14 +247,9 @@ class MappedWeights:
             self.sessions -= 1
         self.release()
 
-    def _madvise(self, advice: int) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(self._address, len(self._map), advice)
-
     def release(self) -> None:
         """Drop the mapping's resident pages (they come back from the page cache when read)."""
-        self._madvise(MADV_DONTNEED)
+        madvise(self._address, len(self._map), MADV_DONTNEED)
 
     @contextmanager
     def released_while(self) -> Iterator[None]:
@@ -277,4 +271,4 @@ class MappedWeights:
             done.set()
             thread.join()
             self.release()
-            self._madvise(MADV_RANDOM)
+            madvise(self._address, len(self._map), MADV_RANDOM)
