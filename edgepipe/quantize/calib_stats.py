@@ -19,6 +19,7 @@ Kinds (what :data:`edgepipe.quantize.sensitivity.NEEDS` says each proxy reads):
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Iterator, Mapping
@@ -46,15 +47,27 @@ class StatisticsConfig:
 
 @dataclass(frozen=True)
 class MatrixStats:
-    """The statistics of every kind a proxy asked for, read from their stage folders on demand."""
+    """The statistics of every kind a proxy asked for, read from their stage folders on demand (the
+    small indexes and per-channel vectors once; the large arrays per matrix, when asked for)."""
 
     dirs: Mapping[str, Path]  # kind -> its stage folder
+
+    @functools.cached_property
+    def _indexes(self) -> dict[str, dict[str, Any]]:
+        return {kind: json.loads((d / "index.json").read_text(encoding="utf-8")) for kind, d in self.dirs.items()}
+
+    @functools.cached_property
+    def _channel_means(self) -> dict[str, np.ndarray]:
+        d = self.dirs.get("hessians") or self.dirs.get("activations")
+        if d is None:
+            return {}
+        with np.load(d / "importance.npz") as z:
+            return {k: z[k] for k in z.files}
 
     def fisher(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """(a, b, F or None) of matrix ``name``; None when it matched no linear of the checkpoint."""
         d = self.dirs["fisher"]
-        index = _index(d)
-        i = index["matrices"].get(name)
+        i = self._indexes["fisher"]["matrices"].get(name)
         if i is None:
             return None
         full = d / f"m{i:04d}.F.npy"
@@ -62,19 +75,17 @@ class MatrixStats:
 
     def unmatched(self) -> str | None:
         """A matrix the Fisher pass could not find in the checkpoint (None: every one was found)."""
-        return _index(self.dirs["fisher"]).get("unmatched")
+        found: str | None = self._indexes["fisher"].get("unmatched")
+        return found
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean square of each input channel of matrix ``name``."""
-        d = self.dirs.get("hessians") or self.dirs["activations"]
-        with np.load(d / "importance.npz") as z:
-            return z[name] if name in z.files else None
+        return self._channel_means.get(name)
 
     def hessian(self, name: str) -> np.ndarray | None:
         """E[x x^T] of matrix ``name``'s input (memory-mapped)."""
-        d = self.dirs["hessians"]
-        f = _index(d)["hessians"].get(name)
-        return None if f is None else np.load(d / f, mmap_mode="r")
+        f = self._indexes["hessians"]["hessians"].get(name)
+        return None if f is None else np.load(self.dirs["hessians"] / f, mmap_mode="r")
 
     def as_importance(self) -> Mapping[str, np.ndarray]:
         """The ``weight`` / ``weight@H`` mapping the quantizer's handlers read (:class:`WeightStats`)."""
@@ -93,19 +104,12 @@ class _Importance(Mapping[str, np.ndarray]):
         return got
 
     def __iter__(self) -> Iterator[str]:
-        d = self._s.dirs.get("hessians") or self._s.dirs["activations"]
-        with np.load(d / "importance.npz") as z:
-            names = list(z.files)
-        yield from names
+        yield from self._s._channel_means
         if "hessians" in self._s.dirs:
-            yield from (f"{n}@H" for n in _index(self._s.dirs["hessians"])["hessians"])
+            yield from (f"{n}@H" for n in self._s._indexes["hessians"]["hessians"])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
-
-
-def _index(d: Path) -> dict[str, Any]:
-    return json.loads((d / "index.json").read_text(encoding="utf-8"))
 
 
 def run_statistics(
