@@ -48,16 +48,6 @@ def _variant(src: Path, dst: Path, scales: dict[str, np.ndarray]) -> Path:
     return dst
 
 
-def _lsm(x: np.ndarray) -> np.ndarray:
-    from edgepipe.runtime.evaluate import log_softmax
-
-    return log_softmax(x)
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float((np.exp(p) * (p - q)).sum())
-
-
 def _decode_logits(lm: Any, win: np.ndarray, start: int) -> np.ndarray:
     """Logits of positions start-1 .. end-2 as generation computes them: a chunked prefill, then steps."""
     st = lm.stepper(len(win))
@@ -70,6 +60,7 @@ def _decode_logits(lm: Any, win: np.ndarray, start: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from edgepipe.optimize.kv_cache_int8 import scales_from_ranges
     from edgepipe.optimize.kv_ranges import load_ranges
+    from edgepipe.runtime.evaluate import compare_logits
     from edgepipe.runtime.model import CausalLM
     from edgepipe.texts import EVAL_WINDOWS, read_text_file, token_windows
 
@@ -99,18 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         for w, win in enumerate(windows):
             pos = np.arange(score_from, len(win) - 1)
             targets = win[1:][pos]
-            r = _lsm(ref.logits(win)[:-1][pos])
-            ref_nll -= float(r[np.arange(len(pos)), targets].sum())
+            r = ref.logits(win)[:-1][pos]
             f32 = None
             for name, lm in lms.items():
-                lp = _lsm(lm.logits(win)[:-1][pos])
-                f32 = lp if f32 is None else f32
+                got = lm.logits(win)[:-1][pos]
+                f32 = got if f32 is None else f32
+                c, n = compare_logits(r, got, targets), len(pos)  # the build's own figures, per window
                 s = sums[name]
-                s["kl"] += _kl(r, lp)
-                s["kl_vs_f32cache"] += _kl(f32, lp)
-                s["nll"] -= float(lp[np.arange(len(pos)), targets].sum())
-                s["agree"] += int((r.argmax(-1) == lp.argmax(-1)).sum())
-                s["tokens"] += len(pos)
+                s["kl"] += c["kl_divergence"] * n
+                s["kl_vs_f32cache"] += compare_logits(f32, got, targets)["kl_divergence"] * n
+                s["nll"] += np.log(c["perplexity"]) * n
+                s["agree"] += c["top1_agreement"] * n
+                s["tokens"] += n
+            ref_nll += np.log(c["reference_perplexity"]) * n
             print(f"window {w + 1}/{len(windows)}: " + ", ".join(f"{n} KL {s['kl'] / s['tokens']:.5f}" for n, s in sums.items()), flush=True)
         n_tok = sums["f32cache"]["tokens"]
         ref_ppl = float(np.exp(ref_nll / n_tok))
@@ -127,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             first = f"int8 x{(1.0 if 1.0 in margins else margins[0]):g}"
             kl = n = 0.0
             for win in windows[: args.decode]:
-                a = _lsm(_decode_logits(lms["f32cache"], win, score_from))
-                b = _lsm(_decode_logits(lms[first], win, score_from))
-                kl += _kl(a, b)
+                a = _decode_logits(lms["f32cache"], win, score_from)
+                b = _decode_logits(lms[first], win, score_from)
+                kl += compare_logits(a, b, win[score_from:])["kl_divergence"] * len(a)
                 n += len(a)
             out["decode_kl_vs_f32cache"] = {"variant": first, "windows": args.decode, "tokens": int(n), "kl": kl / n}
             print(f"\nstep by step ({args.decode} windows, {int(n)} steps): KL({first} || float32 cache) {kl / n:.5f}")
